@@ -1,0 +1,21 @@
+"""The errors cnnkit raises for things a user can fix.
+
+The CLI prints a `CnnkitError` as one line (`cnnkit: error: ...`) and exits with code 2. Each message
+names the file or argument at fault and says what was expected.
+"""
+
+
+class CnnkitError(Exception):
+    """Base class: an error caused by input the user controls (a file, an argument, a dataset)."""
+
+
+class FileError(CnnkitError):
+    """A file is missing, unreadable, truncated, or not in the expected format."""
+
+
+class DatasetError(CnnkitError):
+    """A dataset source is unknown, malformed, or cannot be obtained (e.g. no network for a download)."""
+
+
+class CheckpointError(CnnkitError):
+    """A checkpoint is missing, corrupt, or does not fit the model or data it is used with."""
