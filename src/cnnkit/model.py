@@ -1,0 +1,218 @@
+"""The chapter's CNN, built twice: from explicit weight tensors and functional ops, and from torch.nn layers.
+
+    conv 5x5x32 (VALID) -> ReLU -> max-pool 2x2 -> conv 5x5x64 (VALID) -> ReLU -> max-pool 2x2
+    -> dense 1024 -> ReLU -> dropout 0.5 -> dense 10 (logits; softmax gives probabilities)
+
+Both builds take images (N, C, H, W) and return logits (N, num_classes). Pooling is TensorFlow's SAME
+(output ceil(n / 2)), as in the chapter. The low-level build keeps the chapter's weight layout
+(conv weights (kh, kw, in, out), dense weights (in, out), features flattened in H, W, C order); the
+layer build keeps torch's. `convert_state` moves weights between the two, so the same weights give the
+same outputs in either build.
+"""
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cnnkit.errors import CheckpointError
+
+BUILDS = ("layers", "lowlevel")
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """The shapes that define the network: everything needed to rebuild it from a checkpoint."""
+
+    input_shape: tuple[int, int, int] = (1, 28, 28)  # (C, H, W)
+    num_classes: int = 10
+    conv_channels: tuple[int, int] = (32, 64)
+    kernel_size: int = 5
+    hidden_units: int = 1024
+    dropout_rate: float = 0.5
+
+    def __post_init__(self):
+        object.__setattr__(self, "input_shape", tuple(int(v) for v in self.input_shape))
+        object.__setattr__(self, "conv_channels", tuple(int(v) for v in self.conv_channels))
+        if len(self.input_shape) != 3 or min(self.input_shape) < 1:
+            raise ValueError(f"input_shape must be (C, H, W) with positive sizes, got {self.input_shape}")
+        if self.num_classes < 2:
+            raise ValueError(f"num_classes must be at least 2, got {self.num_classes}")
+        if not 0.0 <= self.dropout_rate < 1.0:
+            raise ValueError(f"dropout_rate must be in [0, 1), got {self.dropout_rate}")
+        self.feature_shape  # validates that the image is large enough
+
+    @property
+    def feature_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the second pooling layer's output, the input of the first dense layer."""
+        _, h, w = self.input_shape
+        for stage in (1, 2):
+            h, w = h - self.kernel_size + 1, w - self.kernel_size + 1
+            if h < 1 or w < 1:
+                need = _min_input_size(self.kernel_size)
+                raise ValueError(
+                    f"input_shape {self.input_shape} is too small: convolution {stage} "
+                    f"({self.kernel_size}x{self.kernel_size}, VALID) needs images of at least {need}x{need}"
+                )
+            h, w = math.ceil(h / 2), math.ceil(w / 2)
+        return (self.conv_channels[1], h, w)
+
+    @property
+    def flat_features(self) -> int:
+        return math.prod(self.feature_shape)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Architecture":
+        return cls(**d)
+
+
+def _min_input_size(k: int) -> int:
+    # smallest n with ceil((n - k + 1) / 2) - k + 1 >= 1
+    return 3 * k - 2
+
+
+# --- the low-level build: explicit tensors and the chapter's conv_layer / fc_layer ---
+
+
+def conv_layer(x, weights, biases):
+    """The chapter's conv_layer: VALID convolution, bias, ReLU. weights (kh, kw, in, out), x (N, in, H, W)."""
+    return F.relu(F.conv2d(x, weights.permute(3, 2, 0, 1), biases))
+
+
+def max_pool_same(x):
+    """2x2 max pooling with stride 2 and TensorFlow's SAME padding: (N, C, H, W) -> (N, C, ceil(H/2), ceil(W/2))."""
+    return F.max_pool2d(x, kernel_size=2, stride=2, ceil_mode=True)
+
+
+def fc_layer(x, weights, biases, activation=None):
+    """The chapter's fc_layer: flatten to (N, in) in H, W, C order, then x @ weights + biases."""
+    if x.dim() > 2:
+        x = x.permute(0, 2, 3, 1).reshape(x.shape[0], -1)
+    out = torch.addmm(biases, x, weights)
+    return out if activation is None else activation(out)
+
+
+class LowLevelCNN(nn.Module):
+    """The chapter's first build: named weight tensors in its layout, and functional ops."""
+
+    def __init__(self, arch: Architecture = Architecture()):
+        super().__init__()
+        self.arch = arch
+        c_in = arch.input_shape[0]
+        c1, c2 = arch.conv_channels
+        k = arch.kernel_size
+        self.conv_1_weights = nn.Parameter(torch.empty(k, k, c_in, c1))
+        self.conv_1_biases = nn.Parameter(torch.zeros(c1))
+        self.conv_2_weights = nn.Parameter(torch.empty(k, k, c1, c2))
+        self.conv_2_biases = nn.Parameter(torch.zeros(c2))
+        self.fc_3_weights = nn.Parameter(torch.empty(arch.flat_features, arch.hidden_units))
+        self.fc_3_biases = nn.Parameter(torch.zeros(arch.hidden_units))
+        self.fc_4_weights = nn.Parameter(torch.empty(arch.hidden_units, arch.num_classes))
+        self.fc_4_biases = nn.Parameter(torch.zeros(arch.num_classes))
+
+    def forward(self, x):
+        h1 = max_pool_same(conv_layer(x, self.conv_1_weights, self.conv_1_biases))
+        h2 = max_pool_same(conv_layer(h1, self.conv_2_weights, self.conv_2_biases))
+        h3 = fc_layer(h2, self.fc_3_weights, self.fc_3_biases, activation=F.relu)
+        h3 = F.dropout(h3, p=self.arch.dropout_rate, training=self.training)
+        return fc_layer(h3, self.fc_4_weights, self.fc_4_biases)
+
+
+# --- the layer build: torch.nn modules ---
+
+
+class LayerCNN(nn.Module):
+    """The chapter's second build, from layers (its tf.layers version), with torch's weight layout."""
+
+    def __init__(self, arch: Architecture = Architecture()):
+        super().__init__()
+        self.arch = arch
+        c_in = arch.input_shape[0]
+        c1, c2 = arch.conv_channels
+        k = arch.kernel_size
+        self.features = nn.Sequential(
+            nn.Conv2d(c_in, c1, k),
+            nn.ReLU(),
+            nn.MaxPool2d(2, 2, ceil_mode=True),
+            nn.Conv2d(c1, c2, k),
+            nn.ReLU(),
+            nn.MaxPool2d(2, 2, ceil_mode=True),
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(arch.flat_features, arch.hidden_units),
+            nn.ReLU(),
+            nn.Dropout(arch.dropout_rate),
+            nn.Linear(arch.hidden_units, arch.num_classes),
+        )
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+def build_model(arch: Architecture = Architecture(), build: str = "layers", seed: int | None = None) -> nn.Module:
+    """A freshly initialized network: Glorot-uniform weights and zero biases, as TensorFlow's defaults.
+
+    The same `seed` gives the same initial weights in both builds.
+    """
+    if build not in BUILDS:
+        raise ValueError(f"build must be one of {BUILDS}, got {build!r}")
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    layers = LayerCNN(arch)
+    for module in layers.modules():
+        if isinstance(module, nn.Conv2d | nn.Linear):
+            nn.init.xavier_uniform_(module.weight, generator=generator)
+            nn.init.zeros_(module.bias)
+    if build == "layers":
+        return layers
+    lowlevel = LowLevelCNN(arch)
+    lowlevel.load_state_dict(convert_state(layers.state_dict(), arch, "layers", "lowlevel"))
+    return lowlevel
+
+
+# Parameter names in the two builds, in matching order: (layers name, lowlevel name, kind).
+_PARAMS = (
+    ("features.0.weight", "conv_1_weights", "conv"),
+    ("features.0.bias", "conv_1_biases", "bias"),
+    ("features.3.weight", "conv_2_weights", "conv"),
+    ("features.3.bias", "conv_2_biases", "bias"),
+    ("classifier.1.weight", "fc_3_weights", "flat_dense"),
+    ("classifier.1.bias", "fc_3_biases", "bias"),
+    ("classifier.4.weight", "fc_4_weights", "dense"),
+    ("classifier.4.bias", "fc_4_biases", "bias"),
+)
+
+
+def convert_state(state: dict, arch: Architecture, source: str, target: str) -> dict:
+    """Re-lay a state dict from one build's weight layout to the other's; same numbers, same outputs.
+
+    source and target are "layers" or "lowlevel". Tensors come back contiguous.
+    """
+    for name, value in (("source", source), ("target", target)):
+        if value not in BUILDS:
+            raise ValueError(f"{name} must be one of {BUILDS}, got {value!r}")
+    if source == target:
+        return {k: v.clone() for k, v in state.items()}
+    c, h, w = arch.feature_shape
+    out = {}
+    for layers_name, lowlevel_name, kind in _PARAMS:
+        src_name, dst_name = (layers_name, lowlevel_name) if source == "layers" else (lowlevel_name, layers_name)
+        if src_name not in state:
+            raise CheckpointError(f"weights have no tensor {src_name!r}: not a {source} build of this network")
+        t = state[src_name]
+        if kind == "conv":  # (out, in, kh, kw) <-> (kh, kw, in, out)
+            t = t.permute(2, 3, 1, 0) if source == "layers" else t.permute(3, 2, 0, 1)
+        elif kind == "dense":  # (out, in) <-> (in, out)
+            t = t.t()
+        elif kind == "flat_dense":  # also reorder the inputs: C, H, W (torch) <-> H, W, C (chapter)
+            if source == "layers":
+                t = t.reshape(-1, c, h, w).permute(2, 3, 1, 0).reshape(c * h * w, -1)
+            else:
+                t = t.reshape(h, w, c, -1).permute(3, 2, 0, 1).reshape(-1, c * h * w)
+        out[dst_name] = t.contiguous()
+    return out

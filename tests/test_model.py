@@ -1,0 +1,104 @@
+"""The chapter's CNN, both builds: shapes, identical outputs from identical weights, weight layouts."""
+
+import pytest
+import torch
+
+from cnnkit.model import Architecture, LayerCNN, LowLevelCNN, build_model, convert_state
+
+
+def test_lowlevel_build_has_the_chapters_weight_shapes():
+    model = build_model(Architecture(), "lowlevel", seed=0)
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    assert shapes == {
+        "conv_1_weights": (5, 5, 1, 32),
+        "conv_1_biases": (32,),
+        "conv_2_weights": (5, 5, 32, 64),
+        "conv_2_biases": (64,),
+        "fc_3_weights": (1024, 1024),
+        "fc_3_biases": (1024,),
+        "fc_4_weights": (1024, 10),
+        "fc_4_biases": (10,),
+    }
+
+
+@pytest.mark.parametrize(
+    ("input_shape", "num_classes", "flat"),
+    [((1, 28, 28), 10, 1024), ((3, 32, 32), 4, 1600), ((1, 29, 31), 7, 1600), ((2, 13, 13), 3, 64)],
+)
+def test_both_builds_give_the_same_outputs_for_the_same_weights(input_shape, num_classes, flat):
+    arch = Architecture(input_shape=input_shape, num_classes=num_classes)
+    assert arch.flat_features == flat
+    layers = build_model(arch, "layers", seed=3).double().eval()
+    lowlevel = LowLevelCNN(arch).double().eval()
+    lowlevel.load_state_dict(convert_state(layers.state_dict(), arch, "layers", "lowlevel"))
+    x = torch.randn(6, *input_shape, dtype=torch.float64)
+    out_layers, out_lowlevel = layers(x), lowlevel(x)
+    assert out_layers.shape == (6, num_classes)
+    torch.testing.assert_close(out_lowlevel, out_layers, rtol=1e-12, atol=1e-12)
+
+
+def test_same_seed_gives_same_initial_weights_in_both_builds():
+    arch = Architecture()
+    layers = build_model(arch, "layers", seed=7)
+    lowlevel = build_model(arch, "lowlevel", seed=7)
+    back = convert_state(lowlevel.state_dict(), arch, "lowlevel", "layers")
+    for name, tensor in layers.state_dict().items():
+        assert torch.equal(back[name], tensor), name
+    assert not torch.equal(build_model(arch, "layers", seed=8).state_dict()["features.0.weight"], layers.features[0].weight)
+
+
+def test_initialization_is_glorot_uniform_with_zero_biases():
+    model = build_model(Architecture(), "layers", seed=0)
+    fc = model.classifier[1]
+    bound = (6 / (fc.in_features + fc.out_features)) ** 0.5
+    assert fc.weight.abs().max() <= bound
+    assert fc.weight.abs().max() > 0.9 * bound
+    assert all(torch.count_nonzero(m.bias) == 0 for m in model.modules() if hasattr(m, "bias") and m.bias is not None)
+
+
+def test_pooling_is_tensorflow_same_padding():
+    # 29x31: conv 25x27 -> pool ceil -> 13x14 -> conv 9x10 -> pool ceil -> 5x5
+    assert Architecture(input_shape=(1, 29, 31)).feature_shape == (64, 5, 5)
+    model = LayerCNN(Architecture(input_shape=(1, 29, 31)))
+    assert model.features(torch.zeros(1, 1, 29, 31)).shape == (1, 64, 5, 5)
+
+
+def test_dropout_only_in_training_mode():
+    model = build_model(Architecture(), seed=0)
+    x = torch.randn(4, 1, 28, 28)
+    model.eval()
+    assert torch.equal(model(x), model(x))
+    model.train()
+    torch.manual_seed(0)
+    a = model(x)
+    assert not torch.equal(a, model(x))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"input_shape": (1, 11, 28)}, "too small"),
+        ({"input_shape": (28, 28)}, "input_shape"),
+        ({"num_classes": 1}, "num_classes"),
+        ({"dropout_rate": 1.0}, "dropout_rate"),
+    ],
+)
+def test_bad_architectures_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Architecture(**kwargs)
+
+
+def test_smallest_input_that_fits():
+    assert Architecture(input_shape=(1, 13, 13)).feature_shape == (64, 1, 1)
+    with pytest.raises(ValueError, match="at least 13x13"):
+        Architecture(input_shape=(1, 12, 40))
+
+
+def test_architecture_round_trips_through_a_dict():
+    arch = Architecture(input_shape=(3, 32, 32), num_classes=4, dropout_rate=0.25)
+    assert Architecture.from_dict(arch.to_dict()) == arch
+
+
+def test_unknown_build_is_refused():
+    with pytest.raises(ValueError, match="build"):
+        build_model(Architecture(), "keras")
