@@ -44,7 +44,9 @@ def test_same_seed_gives_same_initial_weights_in_both_builds():
     back = convert_state(lowlevel.state_dict(), arch, "lowlevel", "layers")
     for name, tensor in layers.state_dict().items():
         assert torch.equal(back[name], tensor), name
-    assert not torch.equal(build_model(arch, "layers", seed=8).state_dict()["features.0.weight"], layers.features[0].weight)
+    assert not torch.equal(
+        build_model(arch, "layers", seed=8).state_dict()["features.0.weight"], layers.features[0].weight
+    )
 
 
 def test_initialization_is_glorot_uniform_with_zero_biases():
@@ -53,7 +55,9 @@ def test_initialization_is_glorot_uniform_with_zero_biases():
     bound = (6 / (fc.in_features + fc.out_features)) ** 0.5
     assert fc.weight.abs().max() <= bound
     assert fc.weight.abs().max() > 0.9 * bound
-    assert all(torch.count_nonzero(m.bias) == 0 for m in model.modules() if hasattr(m, "bias") and m.bias is not None)
+    assert all(
+        torch.count_nonzero(m.bias) == 0 for m in model.modules() if hasattr(m, "bias") and m.bias is not None
+    )
 
 
 def test_pooling_is_tensorflow_same_padding():

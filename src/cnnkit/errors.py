@@ -19,3 +19,7 @@ class DatasetError(CnnkitError):
 
 class CheckpointError(CnnkitError):
     """A checkpoint is missing, corrupt, or does not fit the model or data it is used with."""
+
+
+class ArgumentError(CnnkitError, ValueError):
+    """An argument has a value that cannot work (an unknown choice, a device that is not there)."""

@@ -42,7 +42,7 @@ class Architecture:
             raise ValueError(f"num_classes must be at least 2, got {self.num_classes}")
         if not 0.0 <= self.dropout_rate < 1.0:
             raise ValueError(f"dropout_rate must be in [0, 1), got {self.dropout_rate}")
-        self.feature_shape  # validates that the image is large enough
+        _ = self.feature_shape  # raises ValueError if the images are too small for the network
 
     @property
     def feature_shape(self) -> tuple[int, int, int]:
@@ -155,7 +155,9 @@ class LayerCNN(nn.Module):
         return self.classifier(self.features(x))
 
 
-def build_model(arch: Architecture = Architecture(), build: str = "layers", seed: int | None = None) -> nn.Module:
+def build_model(
+    arch: Architecture = Architecture(), build: str = "layers", seed: int | None = None
+) -> nn.Module:
     """A freshly initialized network: Glorot-uniform weights and zero biases, as TensorFlow's defaults.
 
     The same `seed` gives the same initial weights in both builds.
@@ -201,9 +203,13 @@ def convert_state(state: dict, arch: Architecture, source: str, target: str) -> 
     c, h, w = arch.feature_shape
     out = {}
     for layers_name, lowlevel_name, kind in _PARAMS:
-        src_name, dst_name = (layers_name, lowlevel_name) if source == "layers" else (lowlevel_name, layers_name)
+        src_name, dst_name = (
+            (layers_name, lowlevel_name) if source == "layers" else (lowlevel_name, layers_name)
+        )
         if src_name not in state:
-            raise CheckpointError(f"weights have no tensor {src_name!r}: not a {source} build of this network")
+            raise CheckpointError(
+                f"weights have no tensor {src_name!r}: not a {source} build of this network"
+            )
         t = state[src_name]
         if kind == "conv":  # (out, in, kh, kw) <-> (kh, kw, in, out)
             t = t.permute(2, 3, 1, 0) if source == "layers" else t.permute(3, 2, 0, 1)

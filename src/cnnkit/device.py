@@ -1,0 +1,53 @@
+"""Where and in what precision the network runs: device, bf16 autocast, memory format."""
+
+import contextlib
+
+import torch
+
+from cnnkit.errors import ArgumentError
+
+PRECISIONS = ("auto", "fp32", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """ "auto" is CUDA when a GPU is present, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in DEVICES:
+        raise ArgumentError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ArgumentError("--device cuda: no CUDA GPU is available to PyTorch here; use --device cpu")
+    return torch.device(device)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True where the CPU multiplies bf16 natively (AVX512-BF16 or AMX), so bf16 autocast pays off."""
+    try:
+        caps = torch.cpu.get_capabilities()
+    except (AttributeError, RuntimeError):
+        return False
+    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """ "auto" picks bf16 only where the hardware has native bf16 matrix units; otherwise fp32."""
+    if precision not in PRECISIONS:
+        raise ArgumentError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_has_fast_bf16() else "fp32"
+
+
+def autocast(device: torch.device, precision: str):
+    """A context in which matrix ops run in bf16 (weights and gradients stay fp32) or a no-op for fp32."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def memory_format(device: torch.device):
+    """channels_last lets oneDNN's CPU convolutions skip layout reorders; CUDA is fine either way."""
+    return torch.channels_last if device.type == "cpu" else torch.contiguous_format
