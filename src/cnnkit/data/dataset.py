@@ -1,0 +1,246 @@
+"""The dataset object, the validation split, standardization and mini-batches.
+
+Images are always (N, C, H, W): uint8 0..255 for image sources, float32 for arrays that arrive
+already scaled. Labels are int64 indices into `Dataset.class_names`.
+"""
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+
+from cnnkit.errors import CnnkitError, DatasetError
+
+SPLIT_NAMES = ("train", "valid", "test")
+
+# The chapter keeps the last 10,000 of MNIST's 60,000 training images for validation.
+CHAPTER_VALID_SIZE = 10_000
+
+
+@dataclass(frozen=True, eq=False)
+class Split:
+    """One part of a dataset: `images` (N, C, H, W), `labels` (N,) int64, `name` "train", "valid" or "test"."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    name: str
+
+    def __post_init__(self):
+        if self.name not in SPLIT_NAMES:
+            raise DatasetError(f"split name {self.name!r} is not one of {', '.join(SPLIT_NAMES)}")
+        object.__setattr__(self, "images", np.asarray(self.images))
+        if self.images.ndim != 4:
+            raise DatasetError(f"{self.name} images have shape {self.images.shape}; expected (N, C, H, W)")
+        labels = np.asarray(self.labels)
+        if labels.ndim != 1 or len(labels) != len(self.images):
+            raise DatasetError(
+                f"{self.name} split has {len(self.images)} images but labels of shape {labels.shape}"
+            )
+        object.__setattr__(self, "labels", labels.astype(np.int64, copy=False))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass(frozen=True, eq=False)
+class Dataset:
+    """Images with labels in up to three splits, and the names of the classes the labels index.
+
+    `name` is the source string the dataset was loaded from (e.g. "mnist-5k", "idx:data/mnist").
+    A missing split is None; at least one is present, and all share one image shape.
+    """
+
+    name: str
+    class_names: list[str]
+    train: Split | None = None
+    valid: Split | None = None
+    test: Split | None = None
+
+    def __post_init__(self):
+        splits = self.splits
+        if not splits:
+            raise DatasetError(f"{self.name}: dataset has no train, valid or test split")
+        for split in splits:
+            if split.images.shape[1:] != splits[0].images.shape[1:]:
+                raise DatasetError(
+                    f"{self.name}: {split.name} images are {_shape_text(split.images.shape[1:])} but "
+                    f"{splits[0].name} images are {_shape_text(splits[0].images.shape[1:])}"
+                )
+            if len(split) and (split.labels.min() < 0 or split.labels.max() >= len(self.class_names)):
+                raise DatasetError(
+                    f"{self.name}: {split.name} labels range {split.labels.min()}..{split.labels.max()} "
+                    f"but there are {len(self.class_names)} class names"
+                )
+
+    @property
+    def splits(self) -> list[Split]:
+        """The splits present, in the order train, valid, test."""
+        return [split for split in (self.train, self.valid, self.test) if split is not None]
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of every image."""
+        return tuple(int(d) for d in self.splits[0].images.shape[1:])
+
+    def split_validation(self, valid_size=None) -> "Dataset":
+        """Return a new Dataset whose `valid` split is the last `valid_size` images of `train`.
+
+        `valid_size` is a count (int), a fraction of the training split (float in (0, 1)), or 0 for
+        no validation split. None means the chapter's 10,000, or a sixth of the training split when
+        that is smaller: min(10000, len(train) // 6). The split is deterministic: no shuffling here
+        (sources whose files are sorted by class are shuffled once, with a fixed seed, at load).
+        """
+        if self.train is None:
+            raise DatasetError(f"{self.name}: no training split to take a validation split from")
+        if self.valid is not None:
+            raise DatasetError(f"{self.name}: the dataset already has a validation split")
+        n = len(self.train)
+        n_valid = _valid_count(valid_size, n)
+        if n_valid == 0:
+            return self
+        keep = n - n_valid
+        images, labels = self.train.images, self.train.labels
+        return dataclasses.replace(
+            self,
+            train=Split(images[:keep], labels[:keep], "train"),
+            valid=Split(images[keep:], labels[keep:], "valid"),
+        )
+
+
+def _valid_count(valid_size, n: int) -> int:
+    if valid_size is None:
+        return min(CHAPTER_VALID_SIZE, n // 6)
+    if isinstance(valid_size, bool) or not isinstance(valid_size, int | float | np.integer | np.floating):
+        raise DatasetError(f"valid_size must be a count or a fraction, got {valid_size!r}")
+    if isinstance(valid_size, float | np.floating):
+        if not 0 < valid_size < 1:
+            raise DatasetError(f"valid_size={valid_size}: a fraction must lie strictly between 0 and 1")
+        count = round(valid_size * n)
+        if count == 0:
+            raise DatasetError(f"valid_size={valid_size} of {n} training images is less than one image")
+    else:
+        count = int(valid_size)
+        if count < 0:
+            raise DatasetError(f"valid_size={count}: must not be negative")
+    if count >= n and count > 0:
+        raise DatasetError(
+            f"valid_size={valid_size} leaves no training images (the training split has {n:,}); "
+            "use a smaller count or a fraction such as 0.1"
+        )
+    return count
+
+
+@dataclass(frozen=True)
+class Standardization:
+    """Per-channel mean and standard deviation, fitted on the training split and reused everywhere.
+
+    `apply` maps images to float32 (x - mean) / std. A channel whose std is 0 uses 1, so a constant
+    channel becomes 0 instead of NaN. `to_dict`/`from_dict` make it JSON-able for checkpoints.
+    """
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __post_init__(self):
+        mean = tuple(float(m) for m in self.mean)
+        std = tuple(float(s) for s in self.std)
+        if not mean or len(mean) != len(std):
+            raise DatasetError(
+                f"standardization needs one mean and one std per channel, got {mean} and {std}"
+            )
+        if not all(np.isfinite(mean)) or not all(np.isfinite(s) and s > 0 for s in std):
+            raise DatasetError(f"standardization needs finite means and positive stds, got {mean} and {std}")
+        object.__setattr__(self, "mean", mean)
+        object.__setattr__(self, "std", std)
+
+    @classmethod
+    def fit(cls, images) -> "Standardization":
+        """Compute each channel's mean and std over (N, H, W) of `images` (N, C, H, W), in float64.
+
+        Pass the training images only: validation and test data must not influence the statistics.
+        """
+        images = np.asarray(images)
+        if images.ndim != 4 or images.shape[0] == 0:
+            raise DatasetError(f"cannot fit a standardization to images of shape {images.shape}")
+        means, stds = [], []
+        for c in range(images.shape[1]):
+            mean, std = _mean_std(images[:, c])
+            means.append(mean)
+            stds.append(std if std > 0 else 1.0)
+        return cls(tuple(means), tuple(stds))
+
+    def apply(self, images) -> np.ndarray:
+        """Return `images` (..., C, H, W) standardized as a new float32 array of the same shape."""
+        images = np.asarray(images)
+        if images.ndim < 3 or images.shape[-3] != len(self.mean):
+            raise DatasetError(
+                f"images of shape {images.shape} do not have the {len(self.mean)} channel(s) "
+                "this standardization was fitted on"
+            )
+        out = images.astype(np.float32)
+        out -= np.array(self.mean, dtype=np.float32)[:, None, None]
+        out /= np.array(self.std, dtype=np.float32)[:, None, None]
+        return out
+
+    def to_dict(self) -> dict:
+        """{"mean": [...], "std": [...]}, one float per channel."""
+        return {"mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, d) -> "Standardization":
+        """The inverse of `to_dict`."""
+        try:
+            return cls(tuple(d["mean"]), tuple(d["std"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DatasetError(f"standardization data {d!r} is malformed ({exc!r})") from None
+
+
+def _mean_std(channel: np.ndarray) -> tuple[float, float]:
+    # Two passes in float64 over chunks of about a million values: exact enough for any data, and
+    # never a float64 copy of the whole array (60,000 MNIST images would need 376 MB).
+    n = channel.size
+    chunk = max(1, 2**20 // max(1, channel[0].size))
+    total = 0.0
+    for start in range(0, len(channel), chunk):
+        total += channel[start : start + chunk].sum(dtype=np.float64)
+    mean = total / n
+    squares = 0.0
+    for start in range(0, len(channel), chunk):
+        squares += np.square(channel[start : start + chunk].astype(np.float64) - mean).sum()
+    return mean, float(np.sqrt(squares / n))
+
+
+def minibatch_indices(n: int, batch_size: int = 64, shuffle: bool = True, seed=None, epoch: int = 1):
+    """Split range(n) into mini-batches: a list of int64 index arrays, the last one possibly shorter.
+
+    With `shuffle`, the order of epoch k is a permutation that depends only on (seed, k), so a resumed
+    run sees the same batches; `seed=None` draws fresh entropy. Without `shuffle`, indices are in order.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) or batch_size < 1:
+        raise CnnkitError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if n < 0:
+        raise CnnkitError(f"cannot make mini-batches of {n} items")
+    if not shuffle:
+        order = np.arange(n, dtype=np.int64)
+    elif seed is None:
+        order = np.random.default_rng().permutation(n)
+    else:
+        if seed < 0 or epoch < 0:
+            raise CnnkitError(f"seed and epoch must not be negative, got seed={seed}, epoch={epoch}")
+        order = np.random.default_rng([seed, epoch]).permutation(n)
+    return [order[start : start + batch_size] for start in range(0, n, batch_size)]
+
+
+def iterate_minibatches(X, y, batch_size: int = 64, shuffle: bool = True, seed=None, epoch: int = 1):
+    """Yield (X[idx], y[idx]) for each index array of `minibatch_indices(len(y), ...)`.
+
+    The chapter's `batch_generator`, with a per-epoch order that depends only on (seed, epoch).
+    """
+    if len(X) != len(y):
+        raise CnnkitError(f"X has {len(X)} rows but y has {len(y)}")
+    for idx in minibatch_indices(len(y), batch_size, shuffle, seed, epoch):
+        yield X[idx], y[idx]
+
+
+def _shape_text(shape) -> str:
+    return " x ".join(str(d) for d in shape)
