@@ -2,5 +2,14 @@
 
 from cnnkit.data.dataset import Dataset, Split, Standardization, iterate_minibatches, minibatch_indices
 from cnnkit.data.idx import read_idx
+from cnnkit.data.sources import load_dataset
 
-__all__ = ["Dataset", "Split", "Standardization", "iterate_minibatches", "minibatch_indices", "read_idx"]
+__all__ = [
+    "Dataset",
+    "Split",
+    "Standardization",
+    "iterate_minibatches",
+    "load_dataset",
+    "minibatch_indices",
+    "read_idx",
+]

@@ -1,0 +1,145 @@
+"""The `folder:DIR` source: one sub-folder of image files per class, like torchvision's ImageFolder.
+
+Also home to `conform_images`, which brings uint8 images to one size and channel count for any source.
+"""
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from cnnkit.data.dataset import Dataset, Split
+from cnnkit.errors import DatasetError
+from cnnkit.images import read_image
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
+
+# Files sorted by class would put only the last classes in the last-N validation split.
+SHUFFLE_SEED = 0
+
+
+def load_image_folder(folder, *, image_size=None, channels=None, name=None) -> Dataset:
+    """Load DIR/CLASS/*.png (and .jpg, .jpeg, .bmp, .gif; other files are ignored) as a Dataset.
+
+    If DIR holds `train/` and/or `test/` folders of class folders, those are the splits; otherwise
+    every image is training data. Class names are the class folder names, sorted. Images are
+    brought to `image_size` (H, W) (default: the most common size) and `channels` 1 or 3 (default:
+    1 if every image is grayscale, else 3); RGBA is composited over white. The training split is
+    shuffled with a fixed seed (0), so its last images make a representative validation split.
+    Raises DatasetError for an empty folder or class, FileError naming any unreadable image.
+    """
+    root = Path(folder)
+    name = name or f"folder:{folder}"
+    if not root.is_dir():
+        raise DatasetError(
+            f"{root}: not a folder (folder:DIR needs a folder with one sub-folder of images per class)"
+        )
+    split_roots = {split: root / split for split in ("train", "test") if _class_folders(root / split)}
+    split_roots = split_roots or {"train": root}
+    files = {split: {c.name: _image_files(c) for c in _class_folders(r)} for split, r in split_roots.items()}
+    class_names = sorted({c for per_class in files.values() for c in per_class})
+    if not class_names:
+        raise DatasetError(
+            f"{root}: no class folders; put each class's images in a sub-folder, e.g. {root}/cat/1.png"
+        )
+    for split, per_class in files.items():
+        for class_name, paths in per_class.items():
+            if not paths:
+                raise DatasetError(
+                    f"{split_roots[split] / class_name}: class folder holds no {'/'.join(IMAGE_SUFFIXES)} images"
+                )
+
+    loaded = {
+        split: [(read_image(path), class_names.index(c)) for c, paths in per_class.items() for path in paths]
+        for split, per_class in files.items()
+    }
+    everything = [image for pairs in loaded.values() for image, _ in pairs]
+    if image_size is None:
+        image_size = Counter(image.shape[:2] for image in everything).most_common(1)[0][0]
+    if channels is None:
+        channels = 1 if all(image.shape[2] == 1 for image in everything) else 3
+    image_size, channels = check_image_size(image_size), check_channels(channels)
+
+    splits = {}
+    for split, pairs in loaded.items():
+        images = np.stack(
+            [conform_image(image, image_size, channels).transpose(2, 0, 1) for image, _ in pairs]
+        )
+        labels = np.array([label for _, label in pairs], dtype=np.int64)
+        if split == "train":
+            order = np.random.RandomState(SHUFFLE_SEED).permutation(len(labels))
+            images, labels = images[order], labels[order]
+        splits[split] = Split(images, labels, split)
+    return Dataset(name, class_names, **splits)
+
+
+def conform_images(images: np.ndarray, image_size=None, channels=None) -> np.ndarray:
+    """Bring uint8 images (N, C, H, W) to `image_size` (H, W) and `channels` (1 or 3); None keeps that part.
+
+    Returns `images` itself when nothing changes. Resizing is bilinear without keeping the aspect
+    ratio; RGB becomes gray by ITU-R 601-2 luma, gray becomes RGB by repetition.
+    """
+    n, c, h, w = images.shape
+    image_size = (h, w) if image_size is None else check_image_size(image_size)
+    channels = c if channels is None else check_channels(channels)
+    if (c, h, w) == (channels, *image_size):
+        return images
+    if images.dtype != np.uint8:
+        raise DatasetError(
+            f"cannot resize or convert {images.dtype} images (only uint8 images can be brought to "
+            f"image_size={image_size}, channels={channels})"
+        )
+    out = np.empty((n, channels, *image_size), dtype=np.uint8)
+    for i, image in enumerate(images):
+        out[i] = conform_image(image.transpose(1, 2, 0), image_size, channels).transpose(2, 0, 1)
+    return out
+
+
+def conform_image(image: np.ndarray, image_size: tuple[int, int], channels: int) -> np.ndarray:
+    """Bring one uint8 image (H, W, C) with C 1, 3 or 4 to (*image_size, channels); see conform_images."""
+    if image.shape[2] == 4:
+        rgb, alpha = image[..., :3].astype(np.float32), image[..., 3:].astype(np.float32) / 255
+        image = np.round(rgb * alpha + 255 * (1 - alpha)).astype(np.uint8)
+    if channels == 1 and image.shape[2] == 3:
+        image = np.asarray(Image.fromarray(image, "RGB").convert("L"))[..., None]
+    elif channels == 3 and image.shape[2] == 1:
+        image = np.repeat(image, 3, axis=2)
+    if image.shape[:2] != tuple(image_size):
+        pil = Image.fromarray(image[..., 0] if channels == 1 else image)
+        image = np.asarray(pil.resize((image_size[1], image_size[0]), Image.Resampling.BILINEAR))
+        image = image.reshape(*image_size, channels)
+    return image
+
+
+def check_image_size(image_size) -> tuple[int, int]:
+    """`image_size` as (H, W): an int n means (n, n). Raises DatasetError for anything else."""
+    size = (image_size, image_size) if isinstance(image_size, int | np.integer) else image_size
+    try:
+        h, w = (int(d) for d in size)
+        if h >= 1 and w >= 1 and (h, w) == tuple(size):
+            return h, w
+    except (TypeError, ValueError):
+        pass
+    raise DatasetError(f"image_size must be (height, width) in pixels, got {image_size!r}")
+
+
+def check_channels(channels) -> int:
+    """`channels` if it is 1 (grayscale) or 3 (RGB); otherwise DatasetError."""
+    if channels not in (1, 3) or isinstance(channels, bool):
+        raise DatasetError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
+    return int(channels)
+
+
+def _class_folders(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()
+    )
