@@ -1,13 +1,21 @@
-"""Datasets for cnnkit: files -> arrays (N, C, H, W) with labels -> standardized float32 -> mini-batches."""
+"""Datasets for cnnkit: files -> arrays (N, C, H, W) with labels -> standardized float32 -> mini-batches.
+
+`load_dataset(source)` reads one of: mnist-5k, mnist, fashion-mnist, idx:DIR, npz:FILE, folder:DIR
+(see `cnnkit.data.sources`). The Dataset it returns holds train/valid/test Splits and class names;
+`split_validation` carves the validation split, `Standardization` holds the training statistics,
+`minibatch_indices` / `iterate_minibatches` make the batches.
+"""
 
 from cnnkit.data.dataset import Dataset, Split, Standardization, iterate_minibatches, minibatch_indices
 from cnnkit.data.idx import read_idx
+from cnnkit.data.info import info_table
 from cnnkit.data.sources import load_dataset
 
 __all__ = [
     "Dataset",
     "Split",
     "Standardization",
+    "info_table",
     "iterate_minibatches",
     "load_dataset",
     "minibatch_indices",
