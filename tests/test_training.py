@@ -1,0 +1,121 @@
+"""The training loop and run folders: true mean loss, validation on the validation split, exact resume."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cnnkit.checkpoint import list_checkpoints, load_checkpoint, load_model
+from cnnkit.data import Standardization, load_dataset
+from cnnkit.errors import CheckpointError
+from cnnkit.inference import evaluate
+from cnnkit.model import Architecture, build_model
+from cnnkit.runs import resume_run, start_run
+from cnnkit.training import TrainConfig, train_epoch
+
+quiet = {"log": lambda line: None, "show_progress": False}
+
+
+def _weights(run_dir, epoch):
+    return load_file(run_dir / "checkpoints" / f"epoch-{epoch:03d}.safetensors")
+
+
+def test_epoch_loss_is_the_true_mean_over_images_partial_batch_included(mnist_5k):
+    # With a zero learning rate and no dropout the weights never move, so the epoch's mean loss must
+    # equal the loss of the whole set at once; 100 images in batches of 64 leaves a partial batch of 36.
+    split = mnist_5k.train
+    std = Standardization.fit(split.images)
+    images = torch.from_numpy(std.apply(split.images[:100]))
+    labels = torch.from_numpy(split.labels[:100])
+    model = build_model(Architecture(dropout_rate=0.0), seed=0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    batches = [np.arange(0, 64), np.arange(64, 100)]
+    mean_loss = train_epoch(model, optimizer, images, labels, batches)
+    assert mean_loss == pytest.approx(evaluate(model, images, labels).loss, rel=1e-5)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_resume_2_plus_1_epochs_is_bit_identical_to_3_straight(tmp_path, small_npz, precision):
+    config = TrainConfig(epochs=3, seed=5, precision=precision)
+    start_run(small_npz, config, tmp_path / "straight", device="cpu", **quiet)
+    start_run(
+        small_npz,
+        TrainConfig(**{**config.to_dict(), "epochs": 2}),
+        tmp_path / "resumed",
+        device="cpu",
+        **quiet,
+    )
+    resume_run(tmp_path / "resumed", 3, device="cpu", **quiet)
+    straight, resumed = _weights(tmp_path / "straight", 3), _weights(tmp_path / "resumed", 3)
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
+    history = [json.loads(line) for line in (tmp_path / "resumed" / "history.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert load_checkpoint(tmp_path / "resumed").meta["hyperparameters"]["epochs"] == 3
+
+
+def test_a_different_seed_learns_different_weights(tmp_path, small_npz):
+    for seed in (1, 2):
+        start_run(small_npz, TrainConfig(epochs=1, seed=seed), tmp_path / str(seed), device="cpu", **quiet)
+    a, b = _weights(tmp_path / "1", 1), _weights(tmp_path / "2", 1)
+    assert not torch.equal(a["classifier.4.weight"], b["classifier.4.weight"])
+
+
+def test_each_epoch_checkpoints_and_reports_validation_measured_on_the_validation_split(tmp_path, small_npz):
+    run = start_run(
+        small_npz, TrainConfig(epochs=2, seed=0, precision="fp32"), tmp_path, valid_size=128, **quiet
+    )
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["epoch-001.safetensors", "epoch-002.safetensors"]
+    lines = [json.loads(line) for line in (tmp_path / "history.jsonl").read_text().splitlines()]
+    assert lines == run.history
+    dataset = load_dataset(small_npz).split_validation(128)
+    assert len(dataset.valid) == 128 and len(dataset.train) == 512
+    for epoch in (1, 2):
+        model, ckpt = load_model(tmp_path / "checkpoints" / f"epoch-{epoch:03d}.safetensors")
+        std = Standardization.from_dict(ckpt.meta["standardization"])
+        result = evaluate(model, std.apply(dataset.valid.images), dataset.valid.labels)
+        assert lines[epoch - 1]["valid_accuracy"] == pytest.approx(result.accuracy)
+        assert lines[epoch - 1]["valid_loss"] == pytest.approx(result.loss, rel=1e-5)
+        assert lines[epoch - 1]["images_per_s"] > 0
+    meta = ckpt.meta
+    assert meta["class_names"] == [str(d) for d in range(10)]
+    assert meta["architecture"]["input_shape"] == [1, 28, 28]
+    assert meta["standardization"] == Standardization.fit(dataset.train.images).to_dict()
+    assert meta["hyperparameters"]["batch_size"] == 64 and meta["valid_size"] == 128
+    assert meta["preprocessing"] == "digit" and meta["epoch"] == 2 and len(meta["history"]) == 2
+
+
+def test_keep_prunes_old_checkpoints(tmp_path, small_npz):
+    start_run(small_npz, TrainConfig(epochs=3, seed=0), tmp_path, keep=1, **quiet)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["epoch-003.safetensors"]
+
+
+def test_lowlevel_build_trains_and_resumes_too(tmp_path, small_npz):
+    start_run(small_npz, TrainConfig(epochs=1, seed=0, build="lowlevel"), tmp_path, **quiet)
+    resume_run(tmp_path, 2, **quiet)
+    model, ckpt = load_model(tmp_path)
+    assert ckpt.meta["build"] == "lowlevel" and ckpt.epoch == 2
+    assert tuple(model.conv_1_weights.shape) == (5, 5, 1, 32)
+
+
+def test_training_refuses_to_overwrite_a_run_and_resume_refuses_an_old_checkpoint(tmp_path, small_npz):
+    start_run(small_npz, TrainConfig(epochs=2, seed=0), tmp_path / "run", **quiet)
+    with pytest.raises(CheckpointError, match="already holds checkpoints"):
+        start_run(small_npz, TrainConfig(epochs=2), tmp_path / "run", **quiet)
+    old = tmp_path / "run" / "checkpoints" / "epoch-001.safetensors"
+    with pytest.raises(CheckpointError, match="not the newest"):
+        resume_run(old, 3, **quiet)
+    branch = resume_run(old, 2, run_dir=tmp_path / "branch", **quiet)
+    assert [h["epoch"] for h in branch.history] == [1, 2]
+    with pytest.raises(CheckpointError, match="already at epoch 2"):
+        resume_run(tmp_path / "run", **quiet)
+
+
+def test_the_network_learns(trained_run):
+    history = load_checkpoint(trained_run).meta["history"]
+    losses = [h["train_loss"] for h in history]
+    assert losses == sorted(losses, reverse=True), "training loss should fall every epoch"
+    assert history[-1]["valid_accuracy"] > 0.9
