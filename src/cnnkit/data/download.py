@@ -8,15 +8,14 @@ a good one. A file already in the cache is checked against its checksum each tim
 Checksums are strings "ALGORITHM:HEXDIGEST" with any hashlib algorithm, e.g. "sha256:440fcab...".
 """
 
-import contextlib
 import hashlib
 import http.client
 import os
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
 
+from cnnkit.atomic import atomic_write
 from cnnkit.errors import DatasetError, FileError
 from cnnkit.progress import ProgressBar
 
@@ -61,6 +60,8 @@ def download(
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise FileError(f"{folder}: cannot create the cache folder ({exc.strerror or exc})") from None
+    if not os.access(folder, os.W_OK):
+        raise FileError(f"{folder}: cannot write to the cache folder (permission denied)")
     failures, unreachable = [], True
     for mirror in mirrors:
         url = mirror.rstrip("/") + "/" + filename
@@ -113,34 +114,19 @@ def _save(response, path: Path, checksum: str, progress) -> Path:
     hasher = hashlib.new(algorithm)
     length = response.headers.get("Content-Length")
     total = int(length) if length and length.isdigit() else None
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    except OSError as exc:
-        raise FileError(f"{path.parent}: cannot write to the cache folder ({exc.strerror or exc})") from None
-    try:
-        with os.fdopen(fd, "wb") as out:
-            bar = ProgressBar(total, desc=path.name, unit="MB", scale=1e6, enabled=progress)
-            with bar:
-                received = 0
-                while chunk := response.read(_CHUNK):
-                    hasher.update(chunk)
-                    _write(out, chunk, path)
-                    received += len(chunk)
-                    bar.update(len(chunk))
-            if total is not None and received != total:
-                raise _BadDownload(f"connection closed after {received:,} of {total:,} bytes")
-            if hasher.hexdigest() != expected:
-                raise _BadDownload(
-                    f"checksum mismatch ({algorithm} {hasher.hexdigest()}, expected {expected})"
-                )
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
+    # Raising inside atomic_write removes the temporary file and leaves `path` as it was.
+    bar = ProgressBar(total, desc=path.name, unit="MB", scale=1e6, enabled=progress)
+    with atomic_write(path) as out, bar:
+        received = 0
+        while chunk := response.read(_CHUNK):
+            hasher.update(chunk)
+            _write(out, chunk, path)
+            received += len(chunk)
+            bar.update(len(chunk))
+        if total is not None and received != total:
+            raise _BadDownload(f"connection closed after {received:,} of {total:,} bytes")
+        if hasher.hexdigest() != expected:
+            raise _BadDownload(f"checksum mismatch ({algorithm} {hasher.hexdigest()}, expected {expected})")
     return path
 
 
@@ -149,16 +135,6 @@ def _write(out, chunk: bytes, path: Path):
         out.write(chunk)
     except OSError as exc:
         raise FileError(f"{path.parent}: cannot write to the cache folder ({exc.strerror or exc})") from None
-
-
-def _fsync_dir(folder: Path):
-    # Makes the rename itself durable; not every platform can open a directory.
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _parse_checksum(checksum: str) -> tuple[str, str]:
