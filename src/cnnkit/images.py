@@ -1,4 +1,4 @@
-"""Reading image files with Pillow, exactly as stored."""
+"""Reading image files with Pillow, exactly as stored, and turning a photo of a digit into an MNIST digit."""
 
 from pathlib import Path
 
@@ -29,9 +29,109 @@ def read_image(path) -> np.ndarray:
             img.load()
             return _to_array(img)
     except UnidentifiedImageError:
-        raise FileError(f"{path}: not an image file Pillow can read (PNG, JPEG, BMP, GIF, TIFF, ...)") from None
+        raise FileError(
+            f"{path}: not an image file Pillow can read (PNG, JPEG, BMP, GIF, TIFF, ...)"
+        ) from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise FileError(f"{path}: cannot read image ({_one_line(exc)}); is the file truncated?") from None
+
+
+def load_digit(path, size=28, box=20) -> np.ndarray:
+    """Read an image file of one digit and prepare it like MNIST: `prepare_digit(read_image(path))`.
+
+    Returns float32 (size, size) with values 0..255. Raises FileError for an unreadable file and
+    ValueError when the image shows no digit.
+    """
+    return prepare_digit(read_image(path), size=size, box=box)
+
+
+def prepare_digit(image: np.ndarray, size: int = 28, box: int = 20) -> np.ndarray:
+    """Turn an image of one digit into an MNIST-style digit: bright ink on a black field.
+
+    image: uint8 (H, W, C) as `read_image` returns it (C = 1, 3 or 4), or (H, W) grayscale.
+    The steps follow LeCun's MNIST: grayscale (a transparent canvas is background, so a black digit on
+    a transparent PNG comes out as a digit); invert when the border is lighter than the ink; cut away
+    the background and faint noise (below 20% of the ink's contrast) and crop to the ink; scale to fit a
+    box x box square keeping the aspect ratio (Lanczos); paste into a size x size field so the center of
+    mass lands on its center (size / 2, size / 2), shifted back where the digit would fall off the edge.
+
+    Returns float32 (size, size), background 0 and the strongest ink 255, like MNIST's raw pixels.
+    Raises ValueError when the image has no visible digit (a blank or nearly uniform image).
+    """
+    if not (_is_int(size) and _is_int(box) and 1 <= box <= size):
+        raise ValueError(f"need whole numbers 1 <= box <= size; got size={size!r}, box={box!r}")
+    gray = _grayscale(np.asarray(image))
+    background = float(np.median(_border(gray)))
+    if background > 127.5:  # a light background: make the ink the bright part, as in MNIST
+        gray, background = 255.0 - gray, 255.0 - background
+    contrast = float(gray.max()) - background
+    if contrast < _MIN_CONTRAST:
+        raise ValueError(
+            f"image has no visible digit (blank): its strongest ink differs from the background by "
+            f"{contrast:.0f} of 255 gray levels"
+        )
+    ink = np.clip((gray - background) / contrast, 0.0, 1.0)
+    ink[ink < _INK_THRESHOLD] = 0.0
+    rows, cols = np.nonzero(ink)
+    ink = ink[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+
+    scale = box / max(ink.shape)
+    height, width = (max(1, round(n * scale)) for n in ink.shape)
+    cropped = Image.fromarray(ink.astype(np.float32))
+    digit = np.clip(np.asarray(cropped.resize((width, height), Image.Resampling.LANCZOS), np.float64), 0, 1)
+    if digit.max() == 0:  # Lanczos's negative lobes cancelled a lone faint stroke; an area average cannot
+        digit = np.asarray(cropped.resize((width, height), Image.Resampling.BOX), np.float64)
+    digit /= digit.max()  # thin strokes shrunk to gray: the strongest ink is 255 again, as in MNIST
+
+    grid_rows, grid_cols = np.indices(digit.shape)
+    total = digit.sum()
+    center = ((digit * grid_rows).sum() / total, (digit * grid_cols).sum() / total)
+    field = np.zeros((size, size), dtype=np.float32)
+    top, left = (min(max(round(size / 2 - c), 0), size - n) for c, n in zip(center, digit.shape, strict=True))
+    field[top : top + height, left : left + width] = digit * 255.0
+    return field
+
+
+# Ink weaker than this, as a fraction of the strongest ink's contrast, is noise (JPEG artefacts, paper).
+_INK_THRESHOLD = 0.2
+# Fewer gray levels than this between background and ink: nothing is drawn.
+_MIN_CONTRAST = 24.0
+
+
+def _grayscale(image: np.ndarray) -> np.ndarray:
+    """(H, W) or (H, W, C) with C in 1, 2, 3, 4 -> float64 (H, W) gray 0..255, alpha composited away."""
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.ndim != 3 or image.shape[2] not in (1, 2, 3, 4) or min(image.shape[:2]) < 1:
+        raise ValueError(f"image must have shape (H, W) or (H, W, C) with C in 1..4; got {image.shape}")
+    pixels = image.astype(np.float64)
+    has_alpha = pixels.shape[2] in (2, 4)
+    color = pixels[..., :-1] if has_alpha else pixels
+    # ITU-R 601-2 luma, the weights Pillow uses to convert RGB to L
+    gray = color[..., 0] if color.shape[2] == 1 else color @ np.array([0.299, 0.587, 0.114])
+    if not has_alpha:
+        return gray
+    alpha = pixels[..., -1] / 255.0
+    if np.median(_border(alpha)) < 0.5:
+        # A transparent canvas shows whatever lies behind it, which is background: pick one that the
+        # (opaque) ink stands out from, e.g. white behind a black digit.
+        ink = np.average(gray, weights=alpha) if alpha.sum() > 0 else 0.0
+        behind = 255.0 if ink < 127.5 else 0.0
+    else:
+        # An opaque frame: transparent holes show the same background as the frame.
+        behind = np.average(_border(gray), weights=_border(alpha))
+    return alpha * gray + (1.0 - alpha) * behind
+
+
+def _border(array: np.ndarray) -> np.ndarray:
+    """The outermost rows and columns of a 2-D array, each pixel once."""
+    return (
+        np.concatenate([array[0], array[-1], array[1:-1, 0], array[1:-1, -1]]) if len(array) > 1 else array[0]
+    )
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
 
 def _to_array(img: Image.Image) -> np.ndarray:

@@ -1,0 +1,237 @@
+"""cnnkit.images: reading image files exactly, and preparing a drawn digit the way MNIST's were made."""
+
+import re
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image, ImageDraw
+from scipy import ndimage
+
+from cnnkit.errors import FileError
+from cnnkit.images import load_digit, prepare_digit, read_image
+
+# --- read_image ----------------------------------------------------------------------------------------
+
+
+def pixels(shape, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, size=shape, dtype=np.uint8)
+
+
+@pytest.mark.parametrize(
+    ("mode", "shape"),
+    [("L", (13, 17)), ("RGB", (13, 17, 3)), ("RGBA", (13, 17, 4)), ("RGBA", (252, 221, 4))],
+)
+def test_read_image_returns_png_pixels_exactly_as_h_w_c(tmp_path, mode, shape):
+    array = pixels(shape)
+    path = tmp_path / "image.png"
+    Image.fromarray(array, mode=mode).save(path)
+    out = read_image(path)
+    assert out.dtype == np.uint8
+    assert out.shape == (*shape[:2], 1 if mode == "L" else shape[2])
+    assert np.array_equal(out, array.reshape(out.shape))
+
+
+def test_read_image_expands_a_palette_png_to_rgb(tmp_path):
+    palette_image = Image.fromarray(pixels((9, 11, 3))).quantize(colors=16)
+    path = tmp_path / "palette.png"
+    palette_image.save(path)
+    expected = np.asarray(palette_image.convert("RGB"))
+    out = read_image(path)
+    assert out.shape == (9, 11, 3)
+    assert np.array_equal(out, expected)
+
+
+def test_read_image_gives_rgba_for_a_palette_png_with_transparency(tmp_path):
+    palette_image = Image.fromarray(pixels((9, 11, 3))).quantize(colors=8)
+    palette_image.info["transparency"] = 0
+    path = tmp_path / "palette-alpha.png"
+    palette_image.save(path, transparency=0)
+    out = read_image(path)
+    assert out.shape == (9, 11, 4)
+    index = np.asarray(palette_image)
+    assert np.array_equal(out[..., 3], np.where(index == 0, 0, 255))
+    assert np.array_equal(out[..., :3], np.asarray(palette_image.convert("RGB")))
+
+
+@pytest.mark.parametrize(("mode", "channels"), [("L", 1), ("RGB", 3)])
+def test_read_image_decodes_jpeg_as_pillow_does(tmp_path, mode, channels):
+    shape = (20, 30) if mode == "L" else (20, 30, 3)
+    path = tmp_path / "photo.jpg"
+    Image.fromarray(pixels(shape), mode=mode).save(path, quality=90)
+    out = read_image(path)
+    assert out.shape == (20, 30, channels)
+    with Image.open(path) as img:
+        assert np.array_equal(out, np.asarray(img).reshape(out.shape))
+
+
+def test_read_image_reports_a_missing_file(tmp_path):
+    path = tmp_path / "nope.png"
+    with pytest.raises(FileError, match=re.escape(str(path)) + ": does not exist"):
+        read_image(path)
+
+
+def test_read_image_reports_a_directory(tmp_path):
+    with pytest.raises(FileError, match=re.escape(str(tmp_path)) + ": is a directory"):
+        read_image(tmp_path)
+
+
+def test_read_image_reports_a_file_that_is_not_an_image(tmp_path):
+    path = tmp_path / "notes.png"
+    path.write_text("this is not a PNG\n")
+    with pytest.raises(FileError, match=re.escape(str(path)) + ": not an image file"):
+        read_image(path)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_read_image_reports_a_truncated_file(tmp_path, fmt):
+    whole = tmp_path / f"whole.{fmt.lower()}"
+    Image.fromarray(pixels((64, 64, 3))).save(whole, fmt)
+    data = whole.read_bytes()
+    half = tmp_path / f"half.{fmt.lower()}"
+    half.write_bytes(data[: len(data) // 2])
+    with pytest.raises(FileError, match=re.escape(str(half)) + ": cannot read image .*truncated"):
+        read_image(half)
+
+
+# --- prepare_digit -------------------------------------------------------------------------------------
+
+
+def draw_digit(shape="0", canvas=(120, 100), box=(30, 20, 70, 100), width=9, ink=0, paper=255, mode="L"):
+    """A Pillow drawing of a digit in `box` = (left, top, right, bottom), as read_image would return it."""
+    img = Image.new(mode, canvas[::-1], paper)
+    pen = ImageDraw.Draw(img)
+    left, top, right, bottom = box
+    if shape == "0":
+        pen.ellipse(box, outline=ink, width=width)
+    elif shape == "1":
+        middle = (left + right) // 2
+        pen.line([(middle, top), (middle, bottom)], fill=ink, width=width)
+    elif shape == "7":
+        pen.line([(left, top), (right, top), (left + (right - left) // 3, bottom)], fill=ink, width=width)
+    array = np.asarray(img)
+    return array[..., None] if array.ndim == 2 else array
+
+
+def center_of_mass(digit):
+    return np.array(ndimage.center_of_mass(digit))
+
+
+def check_mnist_like(digit, centered_box=True):
+    """The properties every prepared digit must have, as in MNIST."""
+    assert digit.shape == (28, 28) and digit.dtype == np.float32
+    assert digit.min() >= 0 and digit.max() == pytest.approx(255, abs=0.5)
+    assert np.all(np.abs(center_of_mass(digit) - 14) <= 1.0)
+    rows, cols = np.nonzero(digit > 0)
+    height, width = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
+    assert max(height, width) in (20, 21)  # the long side fills the 20x20 box (+1 for resampling's halo)
+    if centered_box:
+        assert rows.min() >= 4 - 1 and rows.max() <= 23 + 1 and cols.min() >= 4 - 1 and cols.max() <= 23 + 1
+    # the background is black: the frame outside the digit's box holds no ink
+    outside = np.ones_like(digit, dtype=bool)
+    outside[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1] = False
+    assert np.all(digit[outside] == 0)
+
+
+@pytest.mark.parametrize("shape", ["0", "1", "7"])
+def test_prepare_digit_makes_a_centered_mnist_digit(shape):
+    digit = prepare_digit(draw_digit(shape))
+    check_mnist_like(digit, centered_box=shape != "7")
+
+
+def test_prepare_digit_inverts_dark_ink_on_light_paper_to_light_on_dark():
+    dark_on_light = prepare_digit(draw_digit("7", ink=0, paper=255))
+    light_on_dark = prepare_digit(draw_digit("7", ink=255, paper=0))
+    assert dark_on_light.max() == 255 and dark_on_light[0, 0] == 0
+    np.testing.assert_allclose(dark_on_light, light_on_dark, atol=1e-3)
+
+
+def test_prepare_digit_handles_colored_ink_and_paper_in_either_polarity():
+    blue_on_cream = prepare_digit(draw_digit("0", ink=(20, 40, 160), paper=(250, 240, 200), mode="RGB"))
+    cream_on_blue = prepare_digit(draw_digit("0", ink=(250, 240, 200), paper=(20, 40, 160), mode="RGB"))
+    check_mnist_like(blue_on_cream)
+    np.testing.assert_allclose(blue_on_cream, cream_on_blue, atol=1e-2)
+    np.testing.assert_allclose(blue_on_cream, prepare_digit(draw_digit("0")), atol=1e-2)
+
+
+@pytest.mark.parametrize("transparent", [(0, 0, 0, 0), (255, 255, 255, 0), (0, 255, 0, 0)])
+@pytest.mark.parametrize("ink", [(0, 0, 0, 255), (255, 255, 255, 255)])
+def test_prepare_digit_treats_a_transparent_canvas_as_background(transparent, ink):
+    # a black digit on transparent black (0, 0, 0, 0) is all black once alpha is dropped: it must still work
+    drawn = draw_digit("1", ink=ink, paper=transparent, mode="RGBA")
+    reference = prepare_digit(draw_digit("1", ink=0, paper=255))
+    np.testing.assert_allclose(prepare_digit(drawn), reference, atol=1e-2)
+
+
+def test_prepare_digit_keeps_the_aspect_ratio():
+    wide_zero = prepare_digit(draw_digit("0", canvas=(100, 200), box=(20, 30, 180, 70), width=6))
+    rows, cols = np.nonzero(wide_zero)
+    assert cols.max() - cols.min() + 1 in (20, 21)
+    assert 4 <= rows.max() - rows.min() + 1 <= 7  # 40 x 160 scaled to 5 x 20, plus resampling's halo
+
+
+def test_prepare_digit_survives_jpeg_noise(tmp_path):
+    path = tmp_path / "digit.jpg"
+    Image.fromarray(draw_digit("7")[..., 0]).save(path, quality=40)
+    digit = load_digit(path)
+    check_mnist_like(digit, centered_box=False)
+    # JPEG ringing can widen the crop by a pixel, which moves edges; on average the digits agree closely
+    assert np.abs(digit - prepare_digit(draw_digit("7"))).mean() < 12
+
+
+def test_prepare_digit_ignores_faint_noise_and_specks():
+    clean = draw_digit("1", canvas=(200, 200), box=(80, 40, 120, 160))
+    noise = np.random.default_rng(5).integers(-15, 16, clean.shape)
+    noisy = np.clip(clean.astype(int) + noise, 0, 255)
+    noisy[5:9, 5:9] = 220  # a faint smudge in the corner, 14% of the ink's contrast
+    digit = prepare_digit(noisy.astype(np.uint8))
+    check_mnist_like(digit)
+    assert np.abs(digit - prepare_digit(clean)).mean() < 5
+
+
+def test_load_digit_reads_and_prepares_a_file(tmp_path):
+    path = tmp_path / "seven.png"
+    Image.fromarray(draw_digit("7", mode="RGBA", ink=(0, 0, 0, 255), paper=(0, 0, 0, 0))).save(path)
+    np.testing.assert_array_equal(load_digit(path), prepare_digit(read_image(path)))
+    with pytest.raises(FileError, match=r"missing\.png: does not exist"):
+        load_digit(tmp_path / "missing.png")
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    shape=st.sampled_from("017"),
+    left=st.integers(0, 150),
+    top=st.integers(0, 150),
+    width=st.integers(12, 100),
+    height=st.integers(12, 100),
+    stroke=st.integers(2, 12),
+    light_paper=st.booleans(),
+)
+def test_prepare_digit_centers_any_size_and_position(shape, left, top, width, height, stroke, light_paper):
+    ink, paper = (0, 255) if light_paper else (255, 0)
+    drawn = draw_digit(shape, canvas=(260, 260), box=(left, top, left + width, top + height), width=stroke,
+                       ink=ink, paper=paper)  # fmt: skip
+    check_mnist_like(prepare_digit(drawn), centered_box=False)
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        np.full((40, 40, 1), 255, np.uint8),
+        np.zeros((40, 40, 3), np.uint8),
+        np.zeros((40, 40, 4), np.uint8),  # fully transparent
+        np.clip(200 + np.random.default_rng(0).integers(-6, 7, (40, 40, 1)), 0, 255).astype(np.uint8),
+    ],
+    ids=["white", "black", "transparent", "noisy-gray"],
+)
+def test_prepare_digit_rejects_a_blank_image(image):
+    with pytest.raises(ValueError, match=r"image has no visible digit \(blank\)"):
+        prepare_digit(image)
+
+
+def test_prepare_digit_rejects_bad_shapes_and_sizes():
+    with pytest.raises(ValueError, match=r"image must have shape \(H, W\) or \(H, W, C\)"):
+        prepare_digit(np.zeros((4, 4, 5), np.uint8))
+    with pytest.raises(ValueError, match=r"1 <= box <= size"):
+        prepare_digit(draw_digit("1"), size=28, box=30)
