@@ -184,7 +184,11 @@ def run_evaluate(args) -> int:
     source = args.dataset or meta["dataset"]
     if source == "arrays":
         raise CnnkitError(f"{ckpt.path}: trained on arrays (ConvNN.fit); name a dataset with --dataset")
-    dataset = load_dataset(source)
+    input_shape = tuple(meta["architecture"]["input_shape"])
+    if source.startswith("folder:"):  # bring the images to the model's input, as training did
+        dataset = load_dataset(source, image_size=input_shape[1:], channels=input_shape[0])
+    else:
+        dataset = load_dataset(source)
     if args.split != "test":
         dataset = dataset.split_validation(meta.get("valid_size"))
     split = getattr(dataset, args.split)
@@ -192,7 +196,7 @@ def run_evaluate(args) -> int:
         raise CnnkitError(
             f"dataset {source!r} has no {args.split} split; try --split valid or another --dataset"
         )
-    _check_fits(model, meta, tuple(split.images.shape[1:]), dataset.class_names, source)
+    _check_fits(model, input_shape, tuple(split.images.shape[1:]), dataset.class_names, source)
     images = Standardization.from_dict(meta["standardization"]).apply(split.images)
     result = evaluate(model, images, split.labels, batch_size=args.batch_size)
     report = {"checkpoint": str(ckpt.path), "dataset": source, "split": args.split}
@@ -256,8 +260,7 @@ def run_data_info(args) -> int:
     return 0
 
 
-def _check_fits(model, meta, image_shape, class_names, source):
-    expected = tuple(meta["architecture"]["input_shape"])
+def _check_fits(model, expected, image_shape, class_names, source):
     if image_shape != expected:
         raise CnnkitError(
             f"dataset {source!r} has images of shape {image_shape} (C, H, W) but the model takes {expected}"

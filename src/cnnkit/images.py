@@ -60,6 +60,97 @@ def prepare_digit(image: np.ndarray, size: int = 28, box: int = 20) -> np.ndarra
     """
     if not (_is_int(size) and _is_int(box) and 1 <= box <= size):
         raise ValueError(f"need whole numbers 1 <= box <= size; got size={size!r}, box={box!r}")
+    ink = _ink(image, "digit")
+    ink[ink < _INK_THRESHOLD] = 0.0
+    digit = _fit(_crop(ink, ink), (box, box))
+    digit /= digit.max()  # thin strokes shrunk to gray: the strongest ink is 255 again, as in MNIST
+
+    grid_rows, grid_cols = np.indices(digit.shape)
+    total = digit.sum()
+    center = ((digit * grid_rows).sum() / total, (digit * grid_cols).sum() / total)
+    field = np.zeros((size, size), dtype=np.float32)
+    height, width = digit.shape
+    top, left = (min(max(round(size / 2 - c), 0), size - n) for c, n in zip(center, digit.shape, strict=True))
+    field[top : top + height, left : left + width] = digit * 255.0
+    return field
+
+
+def prepare_object(image: np.ndarray, size=(28, 28)) -> np.ndarray:
+    """Turn a photo of one object into a Fashion-MNIST-style image: bright object on a black field.
+
+    As Fashion-MNIST was made: grayscale (alpha composited as in `prepare_digit`), inverted when the
+    background is light, trimmed to the object (ignoring faint noise, but keeping the object's own
+    faint texture), scaled so its longest side fills the field keeping the aspect ratio, centered.
+    Returns float32 `size` (H, W), background 0 and the strongest value 255. Raises ValueError when
+    the image is blank.
+    """
+    height, width = (size, size) if _is_int(size) else size
+    ink = _ink(image, "object")
+    obj = np.clip(_fit(_crop(ink, ink >= _INK_THRESHOLD), (height, width)), 0, 1)
+    field = np.zeros((height, width), dtype=np.float32)
+    top, left = (height - obj.shape[0]) // 2, (width - obj.shape[1]) // 2
+    field[top : top + obj.shape[0], left : left + obj.shape[1]] = obj / max(obj.max(), 1e-12) * 255.0
+    return field
+
+
+def resize_image(image: np.ndarray, size, channels: int) -> np.ndarray:
+    """Bring a uint8 image (H, W, C), C 1, 3 or 4, to uint8 (*size, channels) with channels 1 or 3.
+
+    RGBA is composited over white, RGB becomes gray by ITU-R 601-2 luma, gray becomes RGB by
+    repetition; resizing is bilinear and does not keep the aspect ratio.
+    """
+    if image.shape[2] == 4:
+        rgb, alpha = image[..., :3].astype(np.float32), image[..., 3:].astype(np.float32) / 255
+        image = np.round(rgb * alpha + 255 * (1 - alpha)).astype(np.uint8)
+    if channels == 1 and image.shape[2] == 3:
+        image = np.asarray(Image.fromarray(image, "RGB").convert("L"))[..., None]
+    elif channels == 3 and image.shape[2] == 1:
+        image = np.repeat(image, 3, axis=2)
+    if image.shape[:2] != tuple(size):
+        pil = Image.fromarray(image[..., 0] if channels == 1 else image)
+        image = np.asarray(pil.resize((size[1], size[0]), Image.Resampling.BILINEAR))
+        image = image.reshape(*size, channels)
+    return image
+
+
+PREPROCESSING = ("digit", "object", "resize")
+
+
+def prepare_for_model(image: np.ndarray, input_shape, style: str = "digit") -> np.ndarray:
+    """Bring a uint8 image (H, W, C) to a network's input: float32 (C, H, W), values 0..255.
+
+    style "digit" prepares it as MNIST's digits were made (`prepare_digit`), "object" as Fashion-MNIST's
+    images (`prepare_object`), and "resize" just converts channels and resizes (`resize_image`), as the
+    `folder:` dataset source does. Standardize the result with the checkpoint's statistics.
+    """
+    channels, height, width = input_shape
+    if style == "digit":
+        gray = prepare_digit(image)
+        if gray.shape != (height, width):
+            gray = np.asarray(Image.fromarray(gray).resize((width, height), Image.Resampling.BILINEAR))
+    elif style == "object":
+        gray = prepare_object(image, (height, width))
+    elif style == "resize":
+        return resize_image(image, (height, width), channels).transpose(2, 0, 1).astype(np.float32)
+    else:
+        raise ValueError(f"style must be one of {', '.join(PREPROCESSING)}, got {style!r}")
+    return np.repeat(gray[None], channels, axis=0).astype(np.float32)
+
+
+def load_for_model(path, input_shape, style: str = "digit") -> np.ndarray:
+    """Read an image file and bring it to a network's input: `prepare_for_model(read_image(path), ...)`.
+
+    Raises FileError naming the file when it cannot be read or shows nothing (blank).
+    """
+    image = read_image(path)
+    try:
+        return prepare_for_model(image, input_shape, style)
+    except ValueError as exc:
+        raise FileError(f"{path}: {exc}") from None
+
+
+def _ink(image: np.ndarray, what: str) -> np.ndarray:
+    """Gray float64 (H, W) in 0..1: background 0, the strongest ink 1 (inverted if the background is light)."""
     gray = _grayscale(np.asarray(image))
     background = float(np.median(_border(gray)))
     if background > 127.5:  # a light background: make the ink the bright part, as in MNIST
@@ -67,29 +158,27 @@ def prepare_digit(image: np.ndarray, size: int = 28, box: int = 20) -> np.ndarra
     contrast = float(gray.max()) - background
     if contrast < _MIN_CONTRAST:
         raise ValueError(
-            f"image has no visible digit (blank): its strongest ink differs from the background by "
+            f"image has no visible {what} (blank): its strongest ink differs from the background by "
             f"{contrast:.0f} of 255 gray levels"
         )
-    ink = np.clip((gray - background) / contrast, 0.0, 1.0)
-    ink[ink < _INK_THRESHOLD] = 0.0
-    rows, cols = np.nonzero(ink)
-    ink = ink[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+    return np.clip((gray - background) / contrast, 0.0, 1.0)
 
-    scale = box / max(ink.shape)
-    height, width = (max(1, round(n * scale)) for n in ink.shape)
-    cropped = Image.fromarray(ink.astype(np.float32))
-    digit = np.clip(np.asarray(cropped.resize((width, height), Image.Resampling.LANCZOS), np.float64), 0, 1)
-    if digit.max() == 0:  # Lanczos's negative lobes cancelled a lone faint stroke; an area average cannot
-        digit = np.asarray(cropped.resize((width, height), Image.Resampling.BOX), np.float64)
-    digit /= digit.max()  # thin strokes shrunk to gray: the strongest ink is 255 again, as in MNIST
 
-    grid_rows, grid_cols = np.indices(digit.shape)
-    total = digit.sum()
-    center = ((digit * grid_rows).sum() / total, (digit * grid_cols).sum() / total)
-    field = np.zeros((size, size), dtype=np.float32)
-    top, left = (min(max(round(size / 2 - c), 0), size - n) for c, n in zip(center, digit.shape, strict=True))
-    field[top : top + height, left : left + width] = digit * 255.0
-    return field
+def _crop(array: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """`array` cut to the bounding box of `mask`'s nonzero pixels."""
+    rows, cols = np.nonzero(mask)
+    return array[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+
+
+def _fit(ink: np.ndarray, box) -> np.ndarray:
+    """Scale `ink` (values 0..1) to fit inside `box` (H, W) keeping its aspect ratio (Lanczos)."""
+    scale = min(box[0] / ink.shape[0], box[1] / ink.shape[1])
+    height, width = (min(max(1, round(n * scale)), b) for n, b in zip(ink.shape, box, strict=True))
+    source = Image.fromarray(ink.astype(np.float32))
+    fitted = np.clip(np.asarray(source.resize((width, height), Image.Resampling.LANCZOS), np.float64), 0, 1)
+    if fitted.max() == 0:  # Lanczos's negative lobes cancelled a lone faint stroke; an area average cannot
+        fitted = np.asarray(source.resize((width, height), Image.Resampling.BOX), np.float64)
+    return fitted
 
 
 # Ink weaker than this, as a fraction of the strongest ink's contrast, is noise (JPEG artefacts, paper).

@@ -7,11 +7,10 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from cnnkit.data.dataset import Dataset, Split
 from cnnkit.errors import DatasetError
-from cnnkit.images import read_image
+from cnnkit.images import read_image, resize_image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 
@@ -64,7 +63,7 @@ def load_image_folder(folder, *, image_size=None, channels=None, name=None) -> D
     splits = {}
     for split, pairs in loaded.items():
         images = np.stack(
-            [conform_image(image, image_size, channels).transpose(2, 0, 1) for image, _ in pairs]
+            [resize_image(image, image_size, channels).transpose(2, 0, 1) for image, _ in pairs]
         )
         labels = np.array([label for _, label in pairs], dtype=np.int64)
         if split == "train":
@@ -92,24 +91,8 @@ def conform_images(images: np.ndarray, image_size=None, channels=None) -> np.nda
         )
     out = np.empty((n, channels, *image_size), dtype=np.uint8)
     for i, image in enumerate(images):
-        out[i] = conform_image(image.transpose(1, 2, 0), image_size, channels).transpose(2, 0, 1)
+        out[i] = resize_image(image.transpose(1, 2, 0), image_size, channels).transpose(2, 0, 1)
     return out
-
-
-def conform_image(image: np.ndarray, image_size: tuple[int, int], channels: int) -> np.ndarray:
-    """Bring one uint8 image (H, W, C) with C 1, 3 or 4 to (*image_size, channels); see conform_images."""
-    if image.shape[2] == 4:
-        rgb, alpha = image[..., :3].astype(np.float32), image[..., 3:].astype(np.float32) / 255
-        image = np.round(rgb * alpha + 255 * (1 - alpha)).astype(np.uint8)
-    if channels == 1 and image.shape[2] == 3:
-        image = np.asarray(Image.fromarray(image, "RGB").convert("L"))[..., None]
-    elif channels == 3 and image.shape[2] == 1:
-        image = np.repeat(image, 3, axis=2)
-    if image.shape[:2] != tuple(image_size):
-        pil = Image.fromarray(image[..., 0] if channels == 1 else image)
-        image = np.asarray(pil.resize((image_size[1], image_size[0]), Image.Resampling.BILINEAR))
-        image = image.reshape(*image_size, channels)
-    return image
 
 
 def check_image_size(image_size) -> tuple[int, int]:

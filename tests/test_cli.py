@@ -1,0 +1,143 @@
+"""The cnnkit command line: train, evaluate, predict, and one-line errors with exit code 2."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cnnkit import __version__
+from cnnkit.cli import main
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, *fragments):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cnnkit: error: "), err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+def test_version_and_help(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.strip() == f"cnnkit {__version__}"
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for command in ("train", "evaluate", "predict", "data"):
+        assert command in out
+
+
+def test_train_then_resume_from_the_command_line(capsys, tmp_path, small_npz):
+    out_dir = tmp_path / "run"
+    code, out, _ = run(capsys, "train", "--dataset", small_npz, "--epochs", 1, "--out", out_dir, "--quiet")
+    assert code == 0
+    assert "epoch 1/1" in out and "valid_acc" in out and "img/s" in out
+    assert (out_dir / "checkpoints" / "epoch-001.safetensors").exists()
+    code, out, _ = run(capsys, "train", "--resume", out_dir, "--epochs", 2, "--quiet")
+    assert code == 0 and "epoch 2/2" in out
+    assert (out_dir / "checkpoints" / "epoch-002.safetensors").exists()
+    code, _, err = run(capsys, "train", "--resume", out_dir, "--epochs", 3, "--batch-size", 32)
+    assert_one_line_error(code, err, "--batch-size", "resuming")
+
+
+def test_evaluate_json_has_accuracy_loss_n_and_per_class(capsys, trained_run):
+    code, out, _ = run(capsys, "evaluate", trained_run, "--json")
+    assert code == 0
+    report = json.loads(out)
+    assert report["n"] == 500 and report["split"] == "test" and report["dataset"] == "mnist-5k"
+    assert report["accuracy"] > 0.9 and 0 < report["loss"] < 0.5
+    assert set(report["per_class"]) == {str(d) for d in range(10)}
+    assert sum(entry["n"] for entry in report["per_class"].values()) == 500
+    confusion = np.array(report["confusion_matrix"])
+    assert confusion.sum() == 500 and np.trace(confusion) / 500 == pytest.approx(report["accuracy"])
+
+
+def test_evaluate_table_and_other_splits(capsys, trained_run):
+    code, out, _ = run(capsys, "evaluate", trained_run, "--split", "valid")
+    assert code == 0
+    assert "(valid, 750 images)" in out and "confusion matrix" in out and "accuracy" in out
+
+
+def _digit_files(tmp_path, split, count):
+    paths = []
+    for i in range(count):
+        path = tmp_path / f"digit-{i}-label-{split.labels[i]}.png"
+        Image.fromarray(split.images[i, 0]).resize((140, 140), Image.Resampling.BILINEAR).save(path)
+        paths.append(path)
+    return paths
+
+
+def test_predict_json_reads_image_files(capsys, tmp_path, trained_run, mnist_5k):
+    paths = _digit_files(tmp_path, mnist_5k.test, 20)
+    code, out, _ = run(capsys, "predict", trained_run, *paths, "--json", "--proba")
+    assert code == 0
+    results = json.loads(out)
+    assert [r["file"] for r in results] == [str(p) for p in paths]
+    for r in results:
+        assert r["class_name"] == str(r["label"])
+        assert set(r["probabilities"]) == {str(d) for d in range(10)}
+        assert sum(r["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
+    correct = sum(r["label"] == int(p.stem.split("-")[-1]) for r, p in zip(results, paths, strict=True))
+    assert correct >= 18
+
+
+def test_predict_plain_output(capsys, tmp_path, trained_run, mnist_5k):
+    [path] = _digit_files(tmp_path, mnist_5k.test, 1)
+    code, out, _ = run(capsys, "predict", trained_run, path)
+    assert code == 0 and out.startswith(f"{path}: ") and "%" in out
+
+
+def test_errors_are_one_line_with_exit_code_2(capsys, tmp_path, trained_run):
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image")
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    rgb = tmp_path / "rgb.npz"
+    np.savez(rgb, x_test=np.zeros((4, 28, 28, 3), np.uint8), y_test=np.array([0, 1, 2, 3]))
+    cases = [
+        (["predict", trained_run, tmp_path / "missing.png"], ["missing.png", "does not exist"]),
+        (["predict", trained_run, text], ["notes.txt", "not an image"]),
+        (["predict", tmp_path / "nope.safetensors", text], ["nope.safetensors"]),
+        (["evaluate", corrupt], ["corrupt.safetensors", "corrupt"]),
+        (["evaluate", trained_run, "--dataset", "imagenet"], ["imagenet"]),
+        (["evaluate", trained_run, "--dataset", f"npz:{rgb}"], ["(3, 28, 28)", "(1, 28, 28)"]),
+        (["train", "--dataset", "no-such-set", "--out", tmp_path / "x"], ["no-such-set"]),
+        (["data", "info", f"npz:{tmp_path / 'missing.npz'}"], ["missing.npz"]),
+    ]
+    for argv, fragments in cases:
+        code, _, err = run(capsys, *argv)
+        assert_one_line_error(code, err, *fragments)
+
+
+def test_bad_option_values_are_refused_by_the_parser(capsys):
+    for argv, fragment in [
+        (["train", "--epochs", "0"], "positive whole number"),
+        (["train", "--lr", "-1"], "positive number"),
+        (["train", "--dropout", "1.5"], "[0, 1)"),
+        (["train", "--valid-size", "lots"], "count"),
+    ]:
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        assert info.value.code == 2 and fragment in capsys.readouterr().err
+
+
+def test_a_real_process_prints_no_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "cnnkit", "evaluate", str(tmp_path / "missing-run")],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("cnnkit: error: ") and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
