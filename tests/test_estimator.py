@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 from sklearn.model_selection import cross_val_score
@@ -97,3 +98,13 @@ def test_bad_inputs_raise_clear_errors(digits, fitted):
         ConvNN().fit(X[:4], [1, 1, 1, 1])
     with pytest.raises(ValueError, match=r"the model takes \(1, 28, 28\)"):
         fitted.predict(np.zeros((2, 3, 28, 28)))
+
+
+def test_a_saved_model_continues_training_exactly(tmp_path, digits):
+    X, y, _, _ = digits
+    straight = ConvNN(epochs=2, random_seed=4, precision="fp32").fit(X[:256], y[:256])
+    first = ConvNN(epochs=1, random_seed=4, precision="fp32").fit(X[:256], y[:256])
+    loaded = ConvNN.load(first.save(tmp_path / "one-epoch.safetensors"))
+    loaded.set_params(warm_start=True).fit(X[:256], y[:256])
+    for a, b in zip(straight.model_.parameters(), loaded.model_.parameters(), strict=True):
+        assert torch.equal(a, b)

@@ -106,3 +106,20 @@ def test_architecture_round_trips_through_a_dict():
 def test_unknown_build_is_refused():
     with pytest.raises(ValueError, match="build"):
         build_model(Architecture(), "keras")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_relu_after_pooling_is_bit_identical_to_the_chapters_order(dtype):
+    # The layer build pools before its ReLUs; the chapter's order (conv -> ReLU -> pool) must give
+    # exactly the same outputs and gradients, in bf16 too.
+    model = build_model(Architecture(), "layers", seed=1).to(dtype)
+    conv1, pool1, relu1, conv2, pool2, relu2 = model.features
+    chapter_order = torch.nn.Sequential(conv1, relu1, pool1, conv2, relu2, pool2)
+    x = torch.randn(8, 1, 28, 28, dtype=dtype)
+    ours, theirs = model.features(x), chapter_order(x)
+    assert torch.equal(ours, theirs)
+    grad = torch.randn_like(ours)
+    grads_ours = torch.autograd.grad(ours, list(model.features.parameters()), grad)
+    grads_theirs = torch.autograd.grad(theirs, list(chapter_order.parameters()), grad)
+    for a, b in zip(grads_ours, grads_theirs, strict=True):
+        assert torch.equal(a, b)

@@ -12,7 +12,7 @@ from cnnkit.data import Standardization
 from cnnkit.device import memory_format, resolve_device, resolve_precision
 from cnnkit.inference import predict_logits
 from cnnkit.model import Architecture, build_model
-from cnnkit.training import TrainConfig, make_optimizer, train
+from cnnkit.training import TrainConfig, make_optimizer, restore_optimizer, train
 
 
 class ConvNN(ClassifierMixin, BaseEstimator):
@@ -145,7 +145,7 @@ class ConvNN(ClassifierMixin, BaseEstimator):
         est.optimizer_ = make_optimizer(est.model_, est.learning_rate)
         opt_state = load_optimizer_state(ckpt.path, required=False)
         if opt_state is not None:
-            est.optimizer_.load_state_dict(opt_state)
+            restore_optimizer(est.optimizer_, opt_state)
         est.classes_ = np.asarray(meta.get("classes", meta["class_names"]))
         est.input_shape_ = arch.input_shape
         est.n_features_in_ = math.prod(arch.input_shape)

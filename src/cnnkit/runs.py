@@ -25,7 +25,7 @@ from cnnkit.data import Standardization, load_dataset
 from cnnkit.device import memory_format, resolve_device, resolve_precision
 from cnnkit.errors import CheckpointError
 from cnnkit.model import Architecture, build_model
-from cnnkit.training import TrainConfig, make_optimizer, train
+from cnnkit.training import TrainConfig, make_optimizer, restore_optimizer, train
 
 # How `cnnkit predict` should bring a user's image file to a model's input (see cnnkit.images).
 _PREPROCESSING = {"mnist": "digit", "mnist-5k": "digit", "fashion-mnist": "object"}
@@ -159,7 +159,7 @@ def resume_run(
     model = build_model(arch, meta["build"]).to(device, memory_format=memory_format(device))
     model.load_state_dict(ckpt.model_state)
     optimizer = make_optimizer(model, config.learning_rate)
-    optimizer.load_state_dict(load_optimizer_state(ckpt.path))
+    restore_optimizer(optimizer, load_optimizer_state(ckpt.path))
     history = list(meta["history"])
     log(f"resuming {ckpt.path} at epoch {ckpt.epoch + 1} of {epochs}; run folder {run_dir}")
     _write_history(run_dir, history)
