@@ -29,8 +29,8 @@ def small_npz(tmp_path_factory, mnist_5k):
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory):
     """A run folder holding the chapter's CNN trained for 6 epochs on mnist-5k (about 94% test accuracy)."""
+    from cnnkit.recipes import TrainConfig
     from cnnkit.runs import start_run
-    from cnnkit.training import TrainConfig
 
     run_dir = tmp_path_factory.mktemp("runs") / "mnist-5k"
     start_run("mnist-5k", TrainConfig(epochs=6, seed=0, precision="auto"), run_dir, log=lambda line: None)

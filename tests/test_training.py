@@ -12,8 +12,9 @@ from cnnkit.data import Standardization, load_dataset
 from cnnkit.errors import CheckpointError
 from cnnkit.inference import evaluate
 from cnnkit.model import Architecture, build_model
+from cnnkit.recipes import TrainConfig
 from cnnkit.runs import resume_run, start_run
-from cnnkit.training import TrainConfig, train_epoch
+from cnnkit.training import train_epoch
 
 quiet = {"log": lambda line: None, "show_progress": False}
 

@@ -12,7 +12,8 @@ from cnnkit.data import Standardization
 from cnnkit.device import memory_format, resolve_device, resolve_precision
 from cnnkit.inference import predict_logits
 from cnnkit.model import Architecture, build_model
-from cnnkit.training import TrainConfig, make_optimizer, restore_optimizer, train
+from cnnkit.recipes import TrainConfig
+from cnnkit.training import make_optimizer, restore_optimizer, train
 
 
 class ConvNN(ClassifierMixin, BaseEstimator):

@@ -25,7 +25,8 @@ from cnnkit.data import Standardization, load_dataset
 from cnnkit.device import memory_format, resolve_device, resolve_precision
 from cnnkit.errors import CheckpointError
 from cnnkit.model import Architecture, build_model
-from cnnkit.training import TrainConfig, make_optimizer, restore_optimizer, train
+from cnnkit.recipes import TrainConfig
+from cnnkit.training import make_optimizer, restore_optimizer, train
 
 # How `cnnkit predict` should bring a user's image file to a model's input (see cnnkit.images).
 _PREPROCESSING = {"mnist": "digit", "mnist-5k": "digit", "fashion-mnist": "object"}
@@ -142,6 +143,11 @@ def resume_run(
         )
     planned = meta["hyperparameters"]["epochs"]
     epochs = epochs or planned
+    if epochs != planned and meta["hyperparameters"].get("lr_schedule") == "one-cycle":
+        raise CheckpointError(
+            f"{ckpt.path}: a one-cycle run's schedule ends at epoch {planned}; it can be resumed "
+            f"to finish it, not extended to {epochs}"
+        )
     if epochs <= ckpt.epoch:
         raise CheckpointError(
             f"{ckpt.path}: already at epoch {ckpt.epoch}"

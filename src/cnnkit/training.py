@@ -7,7 +7,7 @@ continues exactly as if it had never stopped.
 
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -17,32 +17,7 @@ from cnnkit.data import minibatch_indices
 from cnnkit.device import autocast
 from cnnkit.inference import evaluate
 from cnnkit.progress import ProgressBar
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """The chapter's recipe as defaults: Adam at 1e-4, batch 64, dropout 0.5, 20 epochs, shuffled."""
-
-    epochs: int = 20
-    batch_size: int = 64
-    learning_rate: float = 1e-4
-    dropout_rate: float = 0.5
-    shuffle: bool = True
-    seed: int = 123
-    build: str = "layers"
-    precision: str = "fp32"  # "fp32" or "bf16" (resolved; see cnnkit.device.resolve_precision)
-
-    def __post_init__(self):
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
-        if not 0.0 <= self.dropout_rate < 1.0:
-            raise ValueError(f"dropout_rate must be in [0, 1), got {self.dropout_rate}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+from cnnkit.recipes import RECIPES, TrainConfig, learning_rate_at
 
 
 @dataclass
@@ -55,12 +30,9 @@ class EpochRecord:
     valid_accuracy: float | None
     images_per_s: float
     epoch_seconds: float
-    extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d.update(d.pop("extra"))
-        return d
+        return asdict(self)
 
     def log_line(self, epochs: int) -> str:
         width = len(str(epochs))
@@ -97,21 +69,35 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, 0xD80]).generate_state(1, np.uint64)[0] >> 1)
 
 
-def train_epoch(model, optimizer, images, labels, batches, precision="fp32", progress=None) -> float:
+def train_epoch(
+    model,
+    optimizer,
+    images,
+    labels,
+    batches,
+    precision="fp32",
+    progress=None,
+    learning_rates=None,
+    label_smoothing=0.0,
+) -> float:
     """One pass over `batches` (index arrays into images/labels); returns the mean loss per image.
 
     images (N, C, H, W) float32 and labels (N,) int64 are tensors already on the model's device.
-    Losses are summed on the device, so no step waits for the host.
+    `learning_rates`, if given, holds the learning rate of each step. Losses are summed on the
+    device, so no step waits for the host.
     """
     device = images.device
     model.train()
     total = torch.zeros((), dtype=torch.float64, device=device)
     seen = 0
     for step, idx in enumerate(batches, 1):
+        if learning_rates is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rates[step - 1]
         idx = torch.from_numpy(idx).to(device)
         x, y = images.index_select(0, idx), labels.index_select(0, idx)
         with autocast(device, precision):
-            loss = F.cross_entropy(model(x), y)
+            loss = F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -127,7 +113,7 @@ def train(
     optimizer,
     train_data,
     valid_data=None,
-    config: TrainConfig = TrainConfig(),
+    config: TrainConfig = RECIPES["chapter"],
     start_epoch: int = 1,
     on_epoch_end=None,
     log=None,
@@ -145,6 +131,8 @@ def train(
     records = []
     for epoch in range(start_epoch, config.epochs + 1):
         batches = minibatch_indices(len(labels), config.batch_size, config.shuffle, config.seed, epoch)
+        first_step, total_steps = (epoch - 1) * len(batches), config.epochs * len(batches)
+        learning_rates = [learning_rate_at(config, first_step + i, total_steps) for i in range(len(batches))]
         bar = (
             ProgressBar(len(batches), enabled=True, desc=f"epoch {epoch}/{config.epochs}", unit="batches")
             if show_progress
@@ -153,7 +141,17 @@ def train(
         start = time.perf_counter()
         with torch.random.fork_rng(devices=[images.device] if images.device.type == "cuda" else []):
             torch.manual_seed(epoch_seed(config.seed, epoch))
-            train_loss = train_epoch(model, optimizer, images, labels, batches, config.precision, bar)
+            train_loss = train_epoch(
+                model,
+                optimizer,
+                images,
+                labels,
+                batches,
+                config.precision,
+                bar,
+                learning_rates,
+                config.label_smoothing,
+            )
         train_seconds = time.perf_counter() - start
         if bar is not None:
             bar.close()
