@@ -63,6 +63,16 @@ def test_evaluate_json_has_accuracy_loss_n_and_per_class(capsys, trained_run):
     assert confusion.sum() == 500 and np.trace(confusion) / 500 == pytest.approx(report["accuracy"])
 
 
+def test_evaluate_int8_and_fp32_agree_closely(capsys, trained_run):
+    reports = {}
+    for precision in ("fp32", "int8"):
+        code, out, _ = run(capsys, "evaluate", trained_run, "--json", "--precision", precision)
+        assert code == 0
+        reports[precision] = json.loads(out)
+    assert reports["int8"]["precision"] == "int8"
+    assert reports["int8"]["accuracy"] == pytest.approx(reports["fp32"]["accuracy"], abs=0.01)
+
+
 def test_evaluate_table_and_other_splits(capsys, trained_run):
     code, out, _ = run(capsys, "evaluate", trained_run, "--split", "valid")
     assert code == 0

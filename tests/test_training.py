@@ -120,3 +120,12 @@ def test_the_network_learns(trained_run):
     losses = [h["train_loss"] for h in history]
     assert losses == sorted(losses, reverse=True), "training loss should fall every epoch"
     assert history[-1]["valid_accuracy"] > 0.9
+
+
+def test_fp32_training_is_bit_reproducible(tmp_path, small_npz):
+    for name in ("a", "b"):
+        start_run(
+            small_npz, TrainConfig(epochs=1, seed=9, precision="fp32"), tmp_path / name, device="cpu", **quiet
+        )
+    a, b = _weights(tmp_path / "a", 1), _weights(tmp_path / "b", 1)
+    assert all(torch.equal(a[name], b[name]) for name in a)

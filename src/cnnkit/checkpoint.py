@@ -26,6 +26,7 @@ from safetensors.torch import save as save_safetensors
 
 from cnnkit import __version__
 from cnnkit.atomic import atomic_write
+from cnnkit.device import memory_format
 from cnnkit.errors import CheckpointError
 from cnnkit.model import Architecture, build_model
 
@@ -202,4 +203,4 @@ def load_model(path, device="cpu"):
             f"{ckpt.path}: weights do not fit a {ckpt.meta.get('build', 'layers')} build of {arch} "
             "(a checkpoint of another architecture, or corrupt)"
         ) from None
-    return model.to(device).eval(), ckpt
+    return model.to(device, memory_format=memory_format(torch.device(device))).eval(), ckpt

@@ -11,7 +11,7 @@ import sys
 
 from cnnkit import __version__
 from cnnkit.errors import CnnkitError
-from cnnkit.recipes import FAST_RECIPE_VALID_SIZE, RECIPES
+from cnnkit.recipes import CALIBRATION_IMAGES, FAST_RECIPE_VALID_SIZE, RECIPES
 
 SOURCES_HELP = "mnist-5k (embedded), mnist, fashion-mnist, idx:DIR, npz:FILE or folder:DIR"
 
@@ -99,6 +99,13 @@ def _add_evaluate(commands):
     p.add_argument("--dataset", default=None, help=f"{SOURCES_HELP} (default: the one it was trained on)")
     p.add_argument("--split", choices=("test", "valid", "train"), default="test", help="default: test")
     p.add_argument("--batch-size", type=_positive_int, default=1000, help="default: 1000")
+    p.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16", "int8"),
+        default="auto",
+        help="auto: bf16 where the CPU has native bf16, else fp32; int8: quantized, calibrated on "
+        f"{CALIBRATION_IMAGES} training images (about 3x faster than bf16)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=run_evaluate)
 
@@ -120,6 +127,12 @@ def _add_predict(commands):
         default="auto",
         help="digit: MNIST-style; object: Fashion-MNIST-style (crop, fit, center); resize: plain resize "
         "(default: what the checkpoint's dataset needs)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        default="auto",
+        help="auto: bf16 where the CPU has native bf16, else fp32",
     )
     p.set_defaults(run=run_predict)
 
@@ -199,10 +212,13 @@ def run_train(args) -> int:
 
 def run_evaluate(args) -> int:
     import numpy as np
+    import torch
 
     from cnnkit.checkpoint import load_model
     from cnnkit.data import Standardization, load_dataset
+    from cnnkit.device import resolve_precision
     from cnnkit.inference import evaluate
+    from cnnkit.quantize import quantize_int8
 
     model, ckpt = load_model(args.checkpoint)
     meta = ckpt.meta
@@ -222,9 +238,20 @@ def run_evaluate(args) -> int:
             f"dataset {source!r} has no {args.split} split; try --split valid or another --dataset"
         )
     _check_fits(model, input_shape, tuple(split.images.shape[1:]), dataset.class_names, source)
-    images = Standardization.from_dict(meta["standardization"]).apply(split.images)
-    result = evaluate(model, images, split.labels, batch_size=args.batch_size)
-    report = {"checkpoint": str(ckpt.path), "dataset": source, "split": args.split}
+    standardization = Standardization.from_dict(meta["standardization"])
+    precision = resolve_precision(args.precision if args.precision != "int8" else "fp32", torch.device("cpu"))
+    if args.precision == "int8":
+        calibration = dataset.train or dataset.valid or split
+        model = quantize_int8(model, standardization.apply(calibration.images[:CALIBRATION_IMAGES]))
+    result = evaluate(
+        model, standardization.apply(split.images), split.labels, args.batch_size, precision=precision
+    )
+    report = {
+        "checkpoint": str(ckpt.path),
+        "dataset": source,
+        "split": args.split,
+        "precision": args.precision,
+    }
     report.update(result.to_dict(meta["class_names"]))
     if args.json:
         print(json.dumps(report))
@@ -248,9 +275,11 @@ def run_evaluate(args) -> int:
 
 def run_predict(args) -> int:
     import numpy as np
+    import torch
 
     from cnnkit.checkpoint import load_model
     from cnnkit.data import Standardization
+    from cnnkit.device import resolve_precision
     from cnnkit.images import load_for_model
     from cnnkit.inference import predict_proba
 
@@ -259,7 +288,10 @@ def run_predict(args) -> int:
     style = meta.get("preprocessing", "resize") if args.preprocess == "auto" else args.preprocess
     input_shape = tuple(meta["architecture"]["input_shape"])
     raw = np.stack([load_for_model(path, input_shape, style) for path in args.images])
-    proba = predict_proba(model, Standardization.from_dict(meta["standardization"]).apply(raw))
+    precision = resolve_precision(args.precision, torch.device("cpu"))
+    proba = predict_proba(
+        model, Standardization.from_dict(meta["standardization"]).apply(raw), precision=precision
+    )
     names = meta["class_names"]
     results = []
     for path, p in zip(args.images, proba, strict=True):

@@ -11,7 +11,7 @@ from cnnkit.device import autocast
 
 def predict_logits(model, images, batch_size=1000, device=None, precision="fp32") -> torch.Tensor:
     """Logits (N, K) float32 on the CPU for standardized images (N, C, H, W) (NumPy array or tensor)."""
-    device = device or next(model.parameters()).device
+    device = device or next(model.parameters(), torch.empty(0)).device
     images = torch.as_tensor(images)
     was_training = model.training
     model.eval()

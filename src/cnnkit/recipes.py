@@ -81,3 +81,7 @@ def learning_rate_at(config: TrainConfig, step: int, total_steps: int) -> float:
     else:
         start, end, t = peak, peak / 1e4, (progress - warmup) / (1 - warmup)
     return end + (start - end) * (1 + math.cos(math.pi * min(t, 1.0))) / 2
+
+
+# int8 inference observes activation ranges on this many (training) images.
+CALIBRATION_IMAGES = 512

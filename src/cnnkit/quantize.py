@@ -1,0 +1,62 @@
+"""int8 inference: post-training static quantization of the layer build for x86 CPUs.
+
+Weights are quantized per output channel, activations per tensor with ranges observed on calibration
+images; convolutions and matrix products then run on int8 (VNNI) kernels, about 3x the speed of bf16
+here (see the README's performance table). Predictions agree with fp32 on >= 99% of a test set (a test).
+It uses torch.ao.quantization's FX mode, which PyTorch marks deprecated but still ships (2.13).
+"""
+
+import warnings
+
+import torch
+
+from cnnkit.errors import ArgumentError
+from cnnkit.model import LayerCNN, LowLevelCNN, convert_state
+from cnnkit.recipes import CALIBRATION_IMAGES
+
+
+def quantize_int8(model, calibration_images) -> torch.nn.Module:
+    """An int8 copy of `model` (either build) for CPU inference; `model` itself is left as it is.
+
+    calibration_images: standardized images (N, C, H, W) like those it will see, e.g. a few hundred
+    training images; activation ranges are observed on them. Returns a module mapping images to
+    float32 logits.
+    """
+    try:
+        from torch.ao.quantization import get_default_qconfig_mapping
+        from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+    except ImportError:
+        raise ArgumentError(
+            "--precision int8 needs torch.ao.quantization, which this PyTorch does not ship; use bf16 or fp32"
+        ) from None
+    arch = model.arch
+    layers = LayerCNN(arch)
+    source = "lowlevel" if isinstance(model, LowLevelCNN) else "layers"
+    state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+    layers.load_state_dict(convert_state(state, arch, source, "layers"))
+    layers.eval()
+    images = torch.as_tensor(calibration_images, dtype=torch.float32)[:CALIBRATION_IMAGES].contiguous()
+    if len(images) == 0:
+        raise ArgumentError("int8 quantization needs calibration images; got none")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the deprecation notices of torch.ao.quantization
+        prepared = prepare_fx(layers, get_default_qconfig_mapping("x86"), example_inputs=(images[:1],))
+        with torch.inference_mode():
+            for start in range(0, len(images), 256):
+                prepared(images[start : start + 256])
+        quantized = convert_fx(prepared)
+    return Int8CNN(quantized, arch)
+
+
+class Int8CNN(torch.nn.Module):
+    """A quantized network: float32 images in, float32 logits out."""
+
+    def __init__(self, quantized: torch.nn.Module, arch):
+        super().__init__()
+        self.quantized = quantized
+        self.arch = arch
+
+    def forward(self, x):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # quantized kernels repeat torch.ao's deprecation notice
+            return self.quantized(x.contiguous())
