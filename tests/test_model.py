@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from cnnkit.model import Architecture, LayerCNN, LowLevelCNN, build_model, convert_state
+from cnnkit.model import Architecture, LayerCNN, LowLevelCNN, build_model, convert_state, dropout
 
 
 def test_lowlevel_build_has_the_chapters_weight_shapes():
@@ -65,6 +65,43 @@ def test_pooling_is_tensorflow_same_padding():
     assert Architecture(input_shape=(1, 29, 31)).feature_shape == (64, 5, 5)
     model = LayerCNN(Architecture(input_shape=(1, 29, 31)))
     assert model.features(torch.zeros(1, 1, 29, 31)).shape == (1, 64, 5, 5)
+
+
+@pytest.mark.parametrize("p", [0.5, 0.3, 0.1])
+def test_dropout_zeroes_a_fraction_p_and_scales_the_rest(p):
+    x = torch.ones(400, 1000, requires_grad=True)
+    torch.manual_seed(0)
+    y = dropout(x, p)
+    kept = y != 0
+    assert abs(1 - kept.float().mean().item() - p) < 0.005
+    assert torch.allclose(y[kept], torch.tensor(1 / (1 - p)))
+    y.sum().backward()
+    assert torch.equal(x.grad, kept.float() / (1 - p))
+    # each element independently: the mask is no pattern of rows or columns
+    assert kept.float().mean(0).std() < 0.05 and kept.float().mean(1).std() < 0.05
+    assert torch.equal(dropout(x, p, training=False), x) and torch.equal(dropout(x, 0.0), x)
+
+
+def test_dropout_masks_follow_the_torch_seed():
+    x = torch.ones(64, 1024)
+    torch.manual_seed(5)
+    a = dropout(x, 0.5)
+    torch.manual_seed(5)
+    assert torch.equal(dropout(x, 0.5), a)
+    assert not torch.equal(dropout(x, 0.5), a)
+
+
+def test_both_builds_agree_in_training_mode_given_the_same_seed():
+    arch = Architecture()
+    layers, lowlevel = (
+        build_model(arch, "layers", seed=2).double(),
+        build_model(arch, "lowlevel", seed=2).double(),
+    )
+    x = torch.randn(4, 1, 28, 28, dtype=torch.float64)
+    torch.manual_seed(11)
+    a = layers.train()(x)
+    torch.manual_seed(11)
+    torch.testing.assert_close(lowlevel.train()(x), a, rtol=1e-12, atol=1e-12)
 
 
 def test_dropout_only_in_training_mode():

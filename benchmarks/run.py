@@ -1,0 +1,322 @@
+"""cnnkit's training and inference speed, side by side with the chapter's TensorFlow 1 peer, in one run.
+
+    python3 benchmarks/run.py --peer-python /tmp/tf/bin/python           # throughput, inference, latency
+    python3 benchmarks/run.py --peer-python /tmp/tf/bin/python --full    # also 20-epoch runs (~40 min)
+
+The peer is ../shared/peers/seed_tf1.py run by --peer-python (a virtual environment with
+tensorflow-cpu: `python3 -m venv /tmp/tf && /tmp/tf/bin/pip install tensorflow-cpu mlxtend`); without
+--peer-python only cnnkit is measured. Each measurement is repeated --repeats times, cnnkit and the
+peer taking turns so that a busy neighbour slows both alike, and medians are compared.
+
+Measurements (on Fashion-MNIST, Debian's dataset-fashion-mnist):
+  train       images/s of the chapter's recipe (batch 64, Adam, dropout): cnnkit fp32, cnnkit's default
+              fast path (bf16 where native), and the peer
+  inference   images/s predicting batches of 1,000: cnnkit fp32, bf16, int8, and the peer
+  latency     one image at a time, p50 and p99, with a model loaded from a checkpoint
+  full        (--full) 20-epoch runs of the chapter's recipe (fp32 and the fast path), `--recipe fast`,
+              and the peer: test accuracy, training seconds, peak RSS of the training process
+
+Prints one JSON object per measurement (also appended to --out if given), then a summary table.
+"""
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cnnkit.checkpoint import load_model, save_checkpoint
+from cnnkit.data import Standardization, load_dataset, minibatch_indices
+from cnnkit.device import cpu_has_fast_bf16, memory_format, resolve_precision
+from cnnkit.inference import predict_logits
+from cnnkit.model import Architecture, build_model
+from cnnkit.quantize import quantize_int8
+from cnnkit.runs import to_tensors
+from cnnkit.training import make_optimizer, train_epoch
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_PEER = HERE.parent.parent / "shared" / "peers" / "seed_tf1.py"
+WARMUP_STEPS = 20  # as the peer's --throughput mode
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--peer-python", help="Python of a virtual environment with tensorflow-cpu")
+    ap.add_argument("--peer-script", default=str(DEFAULT_PEER), help="path of seed_tf1.py")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=300, help="training steps timed per repeat")
+    ap.add_argument("--only", default="train,inference,latency", help="comma-separated measurements")
+    ap.add_argument("--full", action="store_true", help="also the 20-epoch runs (about 40 minutes)")
+    ap.add_argument("--epochs", type=int, default=20, help="epochs of the --full chapter runs")
+    ap.add_argument("--out", help="append the JSON lines to this file too")
+    args = ap.parse_args(argv)
+    only = set(args.only.split(",")) | ({"full"} if args.full else set())
+    peer = args.peer_python and Path(args.peer_script).exists()
+    if args.peer_python and not peer:
+        sys.exit(f"benchmarks/run.py: --peer-script {args.peer_script} does not exist")
+
+    report = Reporter(args.out)
+    report.emit(machine())
+    dataset = load_dataset("fashion-mnist").split_validation()
+    standardization = Standardization.fit(dataset.train.images)
+    if "train" in only:
+        bench_training(dataset, standardization, args, report, peer)
+    if "inference" in only or "latency" in only:
+        bench_inference(dataset, standardization, args, report, peer, only)
+    if "full" in only:
+        bench_full_runs(args, report, peer)
+    report.summary()
+
+
+# --- training throughput ---
+
+
+def cnnkit_train_throughput(dataset, standardization, precision, steps, batch_size=64):
+    """Images/s of the production training step (cnnkit.training.train_epoch) over `steps` batches."""
+    device = torch.device("cpu")
+    images, labels = to_tensors(dataset.train, standardization, device)
+    model = build_model(Architecture(), seed=0).to(memory_format=memory_format(device))
+    optimizer = make_optimizer(model, 1e-4)
+    batches = minibatch_indices(len(labels), batch_size, True, 0, 1)
+    need = WARMUP_STEPS + steps
+    batches = (batches * (need // len(batches) + 1))[:need]
+    train_epoch(model, optimizer, images, labels, batches[:WARMUP_STEPS], precision)
+    start = time.perf_counter()
+    train_epoch(model, optimizer, images, labels, batches[WARMUP_STEPS:], precision)
+    return steps * batch_size / (time.perf_counter() - start)
+
+
+def bench_training(dataset, standardization, args, report, peer):
+    fast = resolve_precision("auto", torch.device("cpu"))
+    results = {"cnnkit fp32": [], f"cnnkit {fast} (default)": [], "peer": []}
+    for repeat in range(args.repeats):
+        results["cnnkit fp32"].append(cnnkit_train_throughput(dataset, standardization, "fp32", args.steps))
+        results[f"cnnkit {fast} (default)"].append(
+            cnnkit_train_throughput(dataset, standardization, fast, args.steps)
+        )
+        if peer:
+            out = run_json(
+                [args.peer_python, args.peer_script, "--data", "fashion", "--throughput", str(args.steps)]
+            )
+            results["peer"].append(out["images_per_s"])
+        print(
+            f"# train repeat {repeat + 1}: "
+            + ", ".join(f"{k} {v[-1]:,.0f}" for k, v in results.items() if v),
+            file=sys.stderr,
+        )
+    report.compare("train_images_per_s", results, batch_size=64, steps=args.steps)
+
+
+# --- inference throughput and latency ---
+
+
+def bench_inference(dataset, standardization, args, report, peer, only):
+    test = torch.from_numpy(standardization.apply(dataset.test.images))
+    calibration = standardization.apply(dataset.train.images[:512])
+    with tempfile.TemporaryDirectory() as tmp:
+        # A model as `cnnkit predict` gets it: saved, then loaded from its checkpoint.
+        trained = build_model(Architecture(), seed=0)
+        meta = {
+            "build": "layers",
+            "architecture": Architecture().to_dict(),
+            "class_names": dataset.class_names,
+        }
+        path = save_checkpoint(Path(tmp) / "model.safetensors", trained, {**meta, "epoch": 0, "history": []})
+        model, _ = load_model(path)
+    int8 = quantize_int8(model, calibration)
+    fast = resolve_precision("auto", torch.device("cpu"))
+    variants = {
+        "cnnkit fp32": (model, "fp32"),
+        f"cnnkit {fast} (default)": (model, fast),
+        "cnnkit int8": (int8, "fp32"),
+    }
+    throughput = {name: [] for name in variants} | {"peer": []}
+    p50 = {name: [] for name in variants} | {"peer": []}
+    p99 = {name: [] for name in variants} | {"peer": []}
+    for repeat in range(args.repeats):
+        for name, (net, precision) in variants.items():
+            predict_logits(net, test[:2000], batch_size=1000, precision=precision)  # warm-up
+            start = time.perf_counter()
+            predict_logits(net, test, batch_size=1000, precision=precision)
+            throughput[name].append(len(test) / (time.perf_counter() - start))
+            latencies = []
+            for i in range(300):
+                start = time.perf_counter()
+                predict_logits(net, test[i : i + 1], precision=precision)
+                latencies.append(time.perf_counter() - start)
+            latencies = np.array(latencies[20:]) * 1e3
+            p50[name].append(float(np.percentile(latencies, 50)))
+            p99[name].append(float(np.percentile(latencies, 99)))
+        if peer:
+            out = run_json(
+                [args.peer_python, str(HERE / "peer_tf1_inference.py"), "--peer", args.peer_script]
+            )
+            throughput["peer"].append(out["images_per_s"])
+            p50["peer"].append(out["p50_ms"])
+            p99["peer"].append(out["p99_ms"])
+        print(
+            f"# inference repeat {repeat + 1}: "
+            + ", ".join(f"{k} {v[-1]:,.0f}" for k, v in throughput.items() if v),
+            file=sys.stderr,
+        )
+    if "inference" in only:
+        report.compare("inference_images_per_s", throughput, batch_size=1000)
+    if "latency" in only:
+        report.compare("latency_p50_ms", p50, lower_is_better=True)
+        report.compare("latency_p99_ms", p99, lower_is_better=True)
+
+
+# --- full 20-epoch runs ---
+
+
+def bench_full_runs(args, report, peer):
+    epochs = str(args.epochs)
+    cnnkit = [sys.executable, "-m", "cnnkit", "train", "--dataset", "fashion-mnist", "--quiet"]
+    runs = {
+        "cnnkit chapter fp32": [*cnnkit, "--epochs", epochs, "--precision", "fp32"],
+        "cnnkit chapter default": [*cnnkit, "--epochs", epochs],
+        "cnnkit --recipe fast": [*cnnkit, "--recipe", "fast"],
+    }
+    results = {name: [] for name in [*runs, "peer"]}
+    for repeat in range(args.repeats):
+        for name, command in runs.items():
+            with tempfile.TemporaryDirectory() as tmp:
+                wall, rss_kb, _ = run_measured([*command, "--seed", str(123 + repeat), "--out", tmp])
+                history = [
+                    json.loads(line) for line in (Path(tmp) / "history.jsonl").read_text().splitlines()
+                ]
+                evaluation = run_json(
+                    [sys.executable, "-m", "cnnkit", "evaluate", tmp, "--json", "--precision", "fp32"]
+                )
+            results[name].append(
+                {
+                    "test_accuracy": evaluation["accuracy"],
+                    "train_seconds": sum(h["epoch_seconds"] for h in history),
+                    "process_seconds": wall,
+                    "peak_rss_mb": rss_kb / 1024,
+                    "epochs": len(history),
+                }
+            )
+            print(f"# full repeat {repeat + 1}: {name} {results[name][-1]}", file=sys.stderr)
+        if peer:
+            wall, rss_kb, out = run_measured(
+                [args.peer_python, args.peer_script, "--data", "fashion", "--epochs", epochs]
+            )
+            last = json.loads(out.strip().splitlines()[-1])
+            results["peer"].append(
+                {
+                    "test_accuracy": last["test_accuracy"],
+                    "train_seconds": last["train_seconds"],
+                    "process_seconds": wall,
+                    "peak_rss_mb": rss_kb / 1024,
+                    "epochs": last["epochs"],
+                }
+            )
+            print(f"# full repeat {repeat + 1}: peer {results['peer'][-1]}", file=sys.stderr)
+    for name, runs_of_name in results.items():
+        if runs_of_name:
+            medians = {key: statistics.median(r[key] for r in runs_of_name) for key in runs_of_name[0]}
+            report.emit({"measure": "full_run", "who": name, "median": medians, "runs": runs_of_name})
+
+
+# --- plumbing ---
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    with contextlib.suppress(OSError, StopIteration):
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
+    return {
+        "measure": "machine",
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "native_bf16": cpu_has_fast_bf16(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def run_json(command) -> dict:
+    """Run a command that prints a JSON object on its last line; return that object."""
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        sys.exit(f"benchmarks/run.py: {' '.join(command)} failed:\n{result.stderr[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def run_measured(command) -> tuple[float, int, str]:
+    """Run a command; return (wall seconds, peak RSS in KiB of that process, its standard output)."""
+    start = time.perf_counter()
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        process = subprocess.Popen(command, stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(process.pid, 0)
+        wall = time.perf_counter() - start
+        if os.waitstatus_to_exitcode(status) != 0:
+            err.seek(0)
+            sys.exit(f"benchmarks/run.py: {' '.join(command)} failed:\n{err.read()[-2000:]}")
+        out.seek(0)
+        return wall, usage.ru_maxrss, out.read()
+
+
+class Reporter:
+    """Prints JSON lines as they come and a table at the end."""
+
+    def __init__(self, path=None):
+        self.path = path
+        self.rows = []
+
+    def emit(self, record: dict):
+        line = json.dumps(record)
+        print(line, flush=True)
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(line + "\n")
+        self.rows.append(record)
+
+    def compare(self, measure: str, values: dict, lower_is_better=False, **context):
+        peer = statistics.median(values["peer"]) if values.get("peer") else None
+        for who, samples in values.items():
+            if not samples:
+                continue
+            median = statistics.median(samples)
+            record = {"measure": measure, "who": who, "median": median, "samples": samples, **context}
+            if peer and who != "peer":
+                record["ratio_vs_peer"] = peer / median if lower_is_better else median / peer
+            self.emit(record)
+
+    def summary(self):
+        print(
+            "\nmeasure                     who                          median     vs peer", file=sys.stderr
+        )
+        for row in self.rows:
+            if "median" in row and not isinstance(row["median"], dict):
+                ratio = f"{row['ratio_vs_peer']:.2f}x" if "ratio_vs_peer" in row else ""
+                print(
+                    f"{row['measure']:<27} {row['who']:<26} {row['median']:>10,.2f}  {ratio:>8}",
+                    file=sys.stderr,
+                )
+            elif row.get("measure") == "full_run":
+                m = row["median"]
+                print(
+                    f"{'full_run':<27} {row['who']:<26} acc {m['test_accuracy']:.4f}  {m['train_seconds']:.0f} s  "
+                    f"{m['peak_rss_mb']:.0f} MB",
+                    file=sys.stderr,
+                )
+
+
+if __name__ == "__main__":
+    main()
