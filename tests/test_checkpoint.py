@@ -73,7 +73,7 @@ def test_load_model_rebuilds_the_network(tmp_path):
     loaded, _ = load_model(tmp_path / "m.safetensors")
     assert not loaded.training
     x = torch.randn(2, *SMALL.input_shape)
-    torch.testing.assert_close(loaded(x), model.eval()(x), rtol=0, atol=0)
+    torch.testing.assert_close(loaded(x), model.eval()(x), rtol=1e-5, atol=1e-6)  # channels_last on a CPU
 
 
 def test_newest_checkpoint_is_chosen_by_epoch_number(tmp_path):
