@@ -44,7 +44,7 @@ def _add_train(commands):
         "--recipe",
         choices=tuple(RECIPES),
         default="chapter",
-        help="chapter: the chapter's schedule (the defaults below); fast: batch 256, one-cycle lr 3e-3, "
+        help="chapter: the chapter's schedule (the defaults below); fast: batch 256, one-cycle lr 4e-3, "
         "dropout 0.3, label smoothing 0.1, 7 epochs, 2,000 validation images (options below override it)",
     )
     p.add_argument("--epochs", type=_positive_int, default=None, help="epochs in all (default: 20)")

@@ -53,7 +53,7 @@ RECIPES = {
     "fast": TrainConfig(
         epochs=7,
         batch_size=256,
-        learning_rate=3e-3,
+        learning_rate=4e-3,
         dropout_rate=0.3,
         lr_schedule="one-cycle",
         label_smoothing=0.1,
