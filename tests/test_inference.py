@@ -81,3 +81,10 @@ def test_evaluation_metrics_on_a_hand_made_case():
     np.testing.assert_allclose(result.per_class_accuracy, [1.0, 1.0, 0.5])
     report = result.to_dict(["a", "b", "c"])
     assert report["per_class"]["c"] == {"accuracy": 0.5, "n": 2}
+
+
+def test_evaluate_takes_labels_as_a_tensor_too(model_and_test_set):
+    model, images, labels, _ = model_and_test_set
+    from_numpy = evaluate(model, images, labels)
+    from_tensor = evaluate(model, torch.from_numpy(images), torch.from_numpy(labels))
+    assert from_tensor.accuracy == from_numpy.accuracy and from_tensor.n == len(labels)

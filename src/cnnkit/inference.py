@@ -78,7 +78,7 @@ def evaluate(model, images, labels, batch_size=1000, device=None, precision="fp3
     """Mean cross-entropy, accuracy and confusion matrix of `model` on standardized images and labels."""
     num_classes = model.arch.num_classes
     logits = predict_logits(model, images, batch_size=batch_size, device=device, precision=precision)
-    labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
+    labels = torch.as_tensor(labels).to("cpu", torch.int64)  # a NumPy array, or a tensor on any device
     if len(labels) == 0:
         return Evaluation(float("nan"), float("nan"), 0, np.zeros((num_classes, num_classes), np.int64))
     loss = F.cross_entropy(logits, labels).item()
