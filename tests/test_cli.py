@@ -151,3 +151,69 @@ def test_a_real_process_prints_no_traceback(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().startswith("cnnkit: error: ") and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_convnn_checkpoint_is_evaluated_on_a_named_dataset(capsys, tmp_path, mnist_5k):
+    from cnnkit import ConvNN
+
+    train = mnist_5k.train
+    path = (
+        ConvNN(epochs=1, random_seed=0)
+        .fit(train.images[:300], train.labels[:300])
+        .save(tmp_path / "m.safetensors")
+    )
+    code, _, err = run(capsys, "evaluate", path)
+    assert_one_line_error(code, err, "trained on arrays", "--dataset")
+    code, out, _ = run(capsys, "evaluate", path, "--dataset", "mnist-5k", "--json")
+    assert code == 0 and json.loads(out)["n"] == 500
+
+
+def test_train_with_no_dataset_downloads_mnist_and_trains_the_chapters_recipe(capsys, tmp_path, monkeypatch):
+    # The default dataset is full MNIST, fetched when absent: here from a server on 127.0.0.1 that serves
+    # small IDX files this test makes, with their checksums standing in for the published ones.
+    import dataclasses
+    import functools
+    import hashlib
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    from cnnkit.checkpoint import load_checkpoint
+    from cnnkit.data import sources
+    from cnnkit.data.idx import write_idx
+
+    rng = np.random.default_rng(0)
+    served = tmp_path / "served"
+    served.mkdir()
+    for name, array in {
+        "train-images-idx3-ubyte.gz": rng.integers(0, 256, (120, 28, 28), dtype=np.uint8),
+        "train-labels-idx1-ubyte.gz": np.arange(120, dtype=np.uint8) % 10,
+        "t10k-images-idx3-ubyte.gz": rng.integers(0, 256, (30, 28, 28), dtype=np.uint8),
+        "t10k-labels-idx1-ubyte.gz": np.arange(30, dtype=np.uint8) % 10,
+    }.items():
+        write_idx(served / name, array)
+    checksums = {  # in the published order: train images, train labels, test images, test labels
+        name: "sha256:" + hashlib.sha256((served / name).read_bytes()).hexdigest()
+        for name in sources.MNIST.checksums
+    }
+    monkeypatch.setitem(sources.PUBLISHED, "mnist", dataclasses.replace(sources.MNIST, checksums=checksums))
+
+    class QuietHandler(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    handler = functools.partial(QuietHandler, directory=str(served))
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        monkeypatch.setenv("CNNKIT_MNIST_MIRRORS", f"http://127.0.0.1:{httpd.server_address[1]}/")
+        monkeypatch.setenv("CNNKIT_DATA", str(tmp_path / "cache"))
+        code, out, err = run(capsys, "train", "--epochs", "1", "--out", tmp_path / "run", "--quiet")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert code == 0 and "training on mnist: 100 train / 20 valid" in out, err
+    assert sorted(p.name for p in (tmp_path / "cache" / "mnist").iterdir()) == sorted(checksums)
+    meta = load_checkpoint(tmp_path / "run").meta
+    assert meta["dataset"] == "mnist" and meta["hyperparameters"]["batch_size"] == 64
+    assert meta["hyperparameters"]["learning_rate"] == 1e-4 and meta["architecture"]["dropout_rate"] == 0.5

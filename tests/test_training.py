@@ -129,3 +129,16 @@ def test_fp32_training_is_bit_reproducible(tmp_path, small_npz):
         )
     a, b = _weights(tmp_path / "a", 1), _weights(tmp_path / "b", 1)
     assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_overwrite_starts_a_run_folder_afresh(tmp_path, small_npz):
+    start_run(small_npz, TrainConfig(epochs=2, seed=0), tmp_path, **quiet)
+    (tmp_path / "checkpoints" / ".epoch-003.safetensors.x1y2.tmp").write_bytes(b"left by a killed writer")
+    start_run(small_npz, TrainConfig(epochs=1, seed=1), tmp_path, overwrite=True, **quiet)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["epoch-001.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "epoch-001.optimizer.safetensors",
+        "epoch-001.safetensors",
+    ]
+    assert load_checkpoint(tmp_path).meta["hyperparameters"]["seed"] == 1
+    assert len((tmp_path / "history.jsonl").read_text().splitlines()) == 1

@@ -129,10 +129,14 @@ def load_optimizer_state(weights_path, required: bool = True) -> dict | None:
 
 
 def prune_checkpoints(run_dir, keep: int) -> list[Path]:
-    """Delete all but the newest `keep` checkpoints (weights and optimizer files); returns what went."""
-    if keep < 1:
-        return []
-    removed = list_checkpoints(run_dir)[:-keep]
+    """Delete all but the newest `keep` checkpoints (weights and optimizer files; keep=0 deletes all).
+
+    Returns the weights files that went.
+    """
+    if keep < 0:
+        raise ValueError(f"keep must be >= 0, got {keep}")
+    found = list_checkpoints(run_dir)
+    removed = found[:-keep] if keep else found
     for weights in removed:
         optimizer_path(weights).unlink(missing_ok=True)
         weights.unlink(missing_ok=True)

@@ -89,6 +89,11 @@ def _add_train(commands):
     p.add_argument(
         "--keep", type=_positive_int, default=0, metavar="N", help="keep only the newest N checkpoints"
     )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh in an --out folder that holds checkpoints (deletes them)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=run_train)
 
@@ -168,6 +173,7 @@ def run_train(args) -> int:
             "--build": args.build,
             "--precision": args.precision,
             "--recipe": None if args.recipe == "chapter" else args.recipe,
+            "--overwrite": args.overwrite or None,
         }
         given = [name for name, value in fixed.items() if value is not None] + (
             ["--no-shuffle"] * args.no_shuffle
@@ -205,6 +211,7 @@ def run_train(args) -> int:
             args.keep,
             print,
             show_progress,
+            overwrite=args.overwrite,
         )
     print(f"checkpoint: {result.last_checkpoint}")
     return 0
@@ -215,21 +222,17 @@ def run_evaluate(args) -> int:
     import torch
 
     from cnnkit.checkpoint import load_model
-    from cnnkit.data import Standardization, load_dataset
+    from cnnkit.data import Standardization
     from cnnkit.device import resolve_precision
     from cnnkit.inference import evaluate
     from cnnkit.quantize import quantize_int8
+    from cnnkit.runs import load_dataset_for
 
     model, ckpt = load_model(args.checkpoint)
     meta = ckpt.meta
     source = args.dataset or meta["dataset"]
-    if source == "arrays":
-        raise CnnkitError(f"{ckpt.path}: trained on arrays (ConvNN.fit); name a dataset with --dataset")
     input_shape = tuple(meta["architecture"]["input_shape"])
-    if source.startswith("folder:"):  # bring the images to the model's input, as training did
-        dataset = load_dataset(source, image_size=input_shape[1:], channels=input_shape[0])
-    else:
-        dataset = load_dataset(source)
+    dataset = load_dataset_for(source, input_shape, ckpt.path)
     if args.split != "test":
         dataset = dataset.split_validation(meta.get("valid_size"))
     split = getattr(dataset, args.split)

@@ -4,6 +4,7 @@
 (the chapter's epoch 20 -> 40). Both write into a run folder (see cnnkit.checkpoint for its layout).
 """
 
+import dataclasses
 import json
 import re
 import time
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from cnnkit.atomic import atomic_write
+from cnnkit.atomic import atomic_write, remove_stale_temp_files
 from cnnkit.checkpoint import (
     checkpoint_path,
     list_checkpoints,
@@ -21,7 +22,7 @@ from cnnkit.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
 )
-from cnnkit.data import Standardization, load_dataset
+from cnnkit.data import Dataset, Standardization, load_dataset
 from cnnkit.device import memory_format, resolve_device, resolve_precision
 from cnnkit.errors import CheckpointError
 from cnnkit.model import Architecture, build_model
@@ -52,6 +53,18 @@ def preprocessing_for(source: str, image_shape) -> str:
     return "digit" if tuple(image_shape) == (1, 28, 28) and not source.startswith("folder:") else "resize"
 
 
+def load_dataset_for(source: str, input_shape, checkpoint_path) -> Dataset:
+    """Dataset `source` as a checkpoint's network takes it: `folder:` images brought to its input shape."""
+    if source == "arrays":
+        raise CheckpointError(
+            f"{checkpoint_path}: trained on arrays with ConvNN, so no dataset is recorded; use "
+            "ConvNN.load(...) in Python, or name one with --dataset"
+        )
+    if source.startswith("folder:"):  # bring the images to the network's input, as training did
+        return load_dataset(source, image_size=tuple(input_shape[1:]), channels=input_shape[0])
+    return load_dataset(source)
+
+
 def to_tensors(split, standardization, device):
     """A Split as (images, labels) tensors on `device`: images standardized float32 (N, C, H, W)."""
     images = torch.from_numpy(standardization.apply(split.images))
@@ -68,18 +81,24 @@ def start_run(
     keep: int = 0,
     log=print,
     show_progress=None,
+    overwrite: bool = False,
 ) -> RunResult:
-    """Train a new network on dataset `source` (see cnnkit.data.load_dataset), checkpointing each epoch."""
+    """Train a new network on dataset `source` (see cnnkit.data.load_dataset), checkpointing each epoch.
+
+    A run folder that already holds checkpoints is refused unless `overwrite`, which deletes them.
+    """
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(source)
-    if list_checkpoints(run_dir):
+    existing = list_checkpoints(run_dir)
+    if existing and not overwrite:
         raise CheckpointError(
-            f"{run_dir}: already holds checkpoints; continue it with --resume {run_dir}, or choose another --out"
+            f"{run_dir}: already holds checkpoints; continue it with --resume {run_dir}, choose another --out, "
+            "or pass --overwrite to start it afresh"
         )
     dataset = load_dataset(source).split_validation(valid_size)
     if dataset.train is None or len(dataset.train) == 0:
         raise CheckpointError(f"dataset {source!r} has no training images")
     device = resolve_device(device)
-    config = _with_precision(config, device)
+    config = dataclasses.replace(config, precision=resolve_precision(config.precision, device))
     arch = Architecture(
         input_shape=dataset.image_shape,
         num_classes=len(dataset.class_names),
@@ -103,21 +122,21 @@ def start_run(
         f"{arch.input_shape}, {arch.num_classes} classes; {config.build} build, {config.precision} on {device}; "
         f"run folder {run_dir}"
     )
-    _write_history(run_dir, [])
+    if existing:
+        prune_checkpoints(run_dir, keep=0)
     return _run(
         model,
         optimizer,
-        dataset,
-        standardization,
         config,
         meta,
         run_dir,
-        1,
-        [],
-        device,
-        keep,
-        log,
-        show_progress,
+        dataset,
+        standardization,
+        start_epoch=1,
+        history=[],
+        keep=keep,
+        log=log,
+        show_progress=show_progress,
     )
 
 
@@ -160,7 +179,9 @@ def resume_run(
     device = resolve_device(device)
     config = TrainConfig(**{**meta["hyperparameters"], "epochs": epochs})
     arch = Architecture.from_dict(meta["architecture"])
-    dataset = load_dataset(meta["dataset"]).split_validation(meta["valid_size"])
+    dataset = load_dataset_for(meta["dataset"], arch.input_shape, ckpt.path).split_validation(
+        meta["valid_size"]
+    )
     standardization = Standardization.from_dict(meta["standardization"])
     model = build_model(arch, meta["build"]).to(device, memory_format=memory_format(device))
     model.load_state_dict(ckpt.model_state)
@@ -168,43 +189,44 @@ def resume_run(
     restore_optimizer(optimizer, load_optimizer_state(ckpt.path))
     history = list(meta["history"])
     log(f"resuming {ckpt.path} at epoch {ckpt.epoch + 1} of {epochs}; run folder {run_dir}")
-    _write_history(run_dir, history)
     meta = {k: v for k, v in meta.items() if k not in ("epoch", "history", "format", "format_version")}
     meta["hyperparameters"] = config.to_dict()
     return _run(
         model,
         optimizer,
-        dataset,
-        standardization,
         config,
         meta,
         run_dir,
-        ckpt.epoch + 1,
-        history,
-        device,
-        keep,
-        log,
-        show_progress,
+        dataset,
+        standardization,
+        start_epoch=ckpt.epoch + 1,
+        history=history,
+        keep=keep,
+        log=log,
+        show_progress=show_progress,
     )
 
 
 def _run(
     model,
     optimizer,
-    dataset,
-    standardization,
     config,
     meta,
     run_dir,
+    dataset,
+    standardization,
     start_epoch,
     history,
-    device,
     keep,
     log,
     show_progress,
 ) -> RunResult:
+    """Train from `start_epoch`, writing a checkpoint and the history after every epoch."""
+    device = next(model.parameters()).device
     train_data = to_tensors(dataset.train, standardization, device)
     valid_data = to_tensors(dataset.valid, standardization, device) if dataset.valid is not None else None
+    remove_stale_temp_files(Path(run_dir) / "checkpoints")
+    _write_history(run_dir, history)
     last = None
 
     def on_epoch_end(record):
@@ -216,7 +238,7 @@ def _run(
             {**meta, "epoch": record.epoch, "history": history},
             optimizer,
         )
-        _append_history(run_dir, record.to_dict())
+        _write_history(run_dir, history)
         if keep:
             prune_checkpoints(run_dir, keep)
 
@@ -224,15 +246,7 @@ def _run(
     return RunResult(run_dir=Path(run_dir), model=model, history=history, last_checkpoint=last)
 
 
-def _with_precision(config: TrainConfig, device) -> TrainConfig:
-    return TrainConfig(**{**config.to_dict(), "precision": resolve_precision(config.precision, device)})
-
-
 def _write_history(run_dir, history):
+    # Rewritten whole (and atomically) each epoch: a killed run never leaves half a line.
     with atomic_write(Path(run_dir) / "history.jsonl", "w") as f:
         f.writelines(json.dumps(h) + "\n" for h in history)
-
-
-def _append_history(run_dir, record: dict):
-    with open(Path(run_dir) / "history.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
