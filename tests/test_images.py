@@ -10,7 +10,15 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 
 from cnnkit.errors import FileError
-from cnnkit.images import load_digit, prepare_digit, read_image
+from cnnkit.images import (
+    load_digit,
+    load_for_model,
+    prepare_digit,
+    prepare_for_model,
+    prepare_object,
+    read_image,
+    resize_image,
+)
 
 # --- read_image ----------------------------------------------------------------------------------------
 
@@ -235,3 +243,66 @@ def test_prepare_digit_rejects_bad_shapes_and_sizes():
         prepare_digit(np.zeros((4, 4, 5), np.uint8))
     with pytest.raises(ValueError, match=r"1 <= box <= size"):
         prepare_digit(draw_digit("1"), size=28, box=30)
+
+
+# --- prepare_object, resize_image, prepare_for_model ----------------------------------------------------
+
+
+def draw_shirt(canvas=(90, 160), paper=255, ink=30, mode="L"):
+    """A wide, shirt-like blob with a faint stripe: an object, not a digit."""
+    img = Image.new(mode, canvas[::-1], paper)
+    pen = ImageDraw.Draw(img)
+    pen.rectangle((40, 20, 120, 70), fill=ink)
+    pen.rectangle((20, 20, 140, 35), fill=ink)
+    pen.line((40, 50, 120, 50), fill=(ink + paper) // 2, width=2)
+    array = np.asarray(img)
+    return array[..., None] if array.ndim == 2 else array
+
+
+def test_prepare_object_fills_the_field_along_its_longest_side_centered():
+    out = prepare_object(draw_shirt(), (28, 28))
+    assert out.shape == (28, 28) and out.dtype == np.float32 and out.max() == pytest.approx(255)
+    rows, cols = np.nonzero(out > 10)
+    assert cols.min() <= 1 and cols.max() >= 26  # 120 px wide: the width fills the field
+    assert rows.max() - rows.min() + 1 < 20  # 50 px tall keeps its aspect ratio
+    assert abs((rows.min() + rows.max()) / 2 - 13.5) <= 1  # centered
+    assert out[0].max() == 0 and out[-1].max() == 0  # background stays black
+
+
+def test_prepare_object_reads_both_polarities_alike():
+    dark_on_light = prepare_object(draw_shirt(paper=255, ink=30))
+    light_on_dark = prepare_object(draw_shirt(paper=0, ink=225))
+    assert np.abs(dark_on_light - light_on_dark).max() < 2
+
+
+def test_resize_image_converts_channels_and_size():
+    rgba = np.zeros((10, 20, 4), np.uint8)
+    rgba[..., 3] = 0  # fully transparent: composited over white
+    gray = resize_image(rgba, (5, 8), 1)
+    assert gray.shape == (5, 8, 1) and np.all(gray == 255)
+    rgb = resize_image(np.full((4, 4, 1), 7, np.uint8), (4, 4), 3)
+    assert rgb.shape == (4, 4, 3) and np.all(rgb == 7)
+
+
+@pytest.mark.parametrize(
+    ("style", "shape"),
+    [("digit", (1, 28, 28)), ("digit", (3, 32, 32)), ("object", (1, 28, 28)), ("resize", (3, 16, 24))],
+)
+def test_prepare_for_model_gives_the_networks_input_shape(style, shape):
+    out = prepare_for_model(draw_digit("7", mode="RGB", ink=(0, 0, 0), paper=(255, 255, 255)), shape, style)
+    assert out.shape == shape and out.dtype == np.float32
+    assert out.min() >= 0 and out.max() <= 255
+    if shape[0] == 3 and style != "resize":
+        assert np.array_equal(out[0], out[1]) and np.array_equal(out[1], out[2])
+
+
+def test_prepare_for_model_refuses_an_unknown_style():
+    with pytest.raises(ValueError, match="style"):
+        prepare_for_model(draw_digit(), (1, 28, 28), "sketch")
+
+
+def test_load_for_model_names_the_file_of_a_blank_image(tmp_path):
+    path = tmp_path / "blank.png"
+    Image.new("L", (40, 40), 255).save(path)
+    with pytest.raises(FileError, match=r"blank\.png.*no visible digit"):
+        load_for_model(path, (1, 28, 28), "digit")
