@@ -1,7 +1,7 @@
 """cnnkit's training and inference speed, side by side with the chapter's TensorFlow 1 peer, in one run.
 
     python3 benchmarks/run.py --peer-python /tmp/tf/bin/python           # throughput, inference, latency
-    python3 benchmarks/run.py --peer-python /tmp/tf/bin/python --full    # also 20-epoch runs (~40 min)
+    python3 benchmarks/run.py --peer-python /tmp/tf/bin/python --only full   # 20-epoch runs (~45 min)
 
 The peer is ../shared/peers/seed_tf1.py run by --peer-python (a virtual environment with
 tensorflow-cpu: `python3 -m venv /tmp/tf && /tmp/tf/bin/pip install tensorflow-cpu mlxtend`); without
@@ -14,7 +14,9 @@ Measurements (on Fashion-MNIST, Debian's dataset-fashion-mnist):
   inference   images/s predicting batches of 1,000: cnnkit fp32, bf16, int8, and the peer
   latency     one image at a time, p50 and p99, with a model loaded from a checkpoint
   full        (--full) 20-epoch runs of the chapter's recipe (fp32 and the fast path), `--recipe fast`,
-              and the peer: test accuracy, training seconds, peak RSS of the training process
+              and the peer: test accuracy, training seconds, peak RSS of the training process.
+              Repeat r uses seed 123 + r on both sides (the peer through a copy of its script with
+              its seed replaced)
 
 Prints one JSON object per measurement (also appended to --out if given), then a summary table.
 """
@@ -55,7 +57,7 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--steps", type=int, default=300, help="training steps timed per repeat")
     ap.add_argument("--only", default="train,inference,latency", help="comma-separated measurements")
-    ap.add_argument("--full", action="store_true", help="also the 20-epoch runs (about 40 minutes)")
+    ap.add_argument("--full", action="store_true", help="also the 20-epoch runs (about 15 minutes a repeat)")
     ap.add_argument("--epochs", type=int, default=20, help="epochs of the --full chapter runs")
     ap.add_argument("--out", help="append the JSON lines to this file too")
     args = ap.parse_args(argv)
@@ -208,9 +210,11 @@ def bench_full_runs(args, report, peer):
             )
             print(f"# full repeat {repeat + 1}: {name} {results[name][-1]}", file=sys.stderr)
         if peer:
-            wall, rss_kb, out = run_measured(
-                [args.peer_python, args.peer_script, "--data", "fashion", "--epochs", epochs]
-            )
+            with tempfile.TemporaryDirectory() as tmp:
+                script = seeded_peer_script(args.peer_script, 123 + repeat, Path(tmp))
+                wall, rss_kb, out = run_measured(
+                    [args.peer_python, script, "--data", "fashion", "--epochs", epochs]
+                )
             last = json.loads(out.strip().splitlines()[-1])
             results["peer"].append(
                 {
@@ -226,6 +230,22 @@ def bench_full_runs(args, report, peer):
         if runs_of_name:
             medians = {key: statistics.median(r[key] for r in runs_of_name) for key in runs_of_name[0]}
             report.emit({"measure": "full_run", "who": name, "median": medians, "runs": runs_of_name})
+
+
+def seeded_peer_script(peer_script, seed: int, folder: Path) -> str:
+    """The peer with its fixed seed 123 (graph and batch order) replaced by `seed`, so that each full
+    repeat compares cnnkit and the peer on the same seed; the peer's own file is left untouched."""
+    if seed == 123:
+        return peer_script
+    text = Path(peer_script).read_text()
+    lines = ("tf.set_random_seed(123)", "np.random.RandomState(123)")
+    if not all(text.count(line) == 1 for line in lines):
+        sys.exit(f"benchmarks/run.py: {peer_script} no longer seeds with {' and '.join(lines)}")
+    for line in lines:
+        text = text.replace(line, line.replace("123", str(seed)))
+    path = folder / f"seed_tf1_seed{seed}.py"
+    path.write_text(text)
+    return str(path)
 
 
 # --- plumbing ---
