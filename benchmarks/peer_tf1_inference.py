@@ -1,7 +1,7 @@
 """Inference speed of the chapter's TensorFlow 1 peer, built with the peer's own layer functions.
 
 ../shared/peers/seed_tf1.py times training only; this script imports its `conv_layer` and `fc_layer`,
-builds the same graph, and times prediction: batches of 1,000 and single images. Run it with the
+builds the same graph, and times prediction: batches of 1,000 (--batch-size) and single images. Run it with the
 peer's Python (a virtual environment with tensorflow-cpu):
 
     /tmp/tf/bin/python benchmarks/peer_tf1_inference.py --peer ../shared/peers/seed_tf1.py
@@ -22,6 +22,7 @@ def main():
     ap.add_argument("--peer", required=True, help="path of seed_tf1.py")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--images", type=int, default=10000)
+    ap.add_argument("--batch-size", type=int, default=1000)
     ap.add_argument("--single", type=int, default=300, help="single-image predictions to time")
     args = ap.parse_args()
 
@@ -49,11 +50,12 @@ def main():
     X = np.random.RandomState(0).randn(args.images, 784).astype(np.float32)
     with tf.Session(graph=graph, config=config) as sess:
         sess.run(init)
-        for start in range(0, 3000, 1000):  # warm-up
-            sess.run(probabilities, {x: X[start : start + 1000], keep: 1.0})
+        bs = args.batch_size
+        for start in range(0, 3000, bs):  # warm-up
+            sess.run(probabilities, {x: X[start : start + bs], keep: 1.0})
         t0 = time.perf_counter()
-        for start in range(0, args.images, 1000):
-            sess.run(probabilities, {x: X[start : start + 1000], keep: 1.0})
+        for start in range(0, args.images, bs):
+            sess.run(probabilities, {x: X[start : start + bs], keep: 1.0})
         batch_s = time.perf_counter() - t0
         latencies = []
         for i in range(args.single):
@@ -66,7 +68,7 @@ def main():
             {
                 "peer": "seed-tf1",
                 "images_per_s": args.images / batch_s,
-                "batch_size": 1000,
+                "batch_size": bs,
                 "p50_ms": float(np.percentile(latencies, 50)),
                 "p99_ms": float(np.percentile(latencies, 99)),
             }

@@ -11,7 +11,8 @@ peer taking turns so that a busy neighbour slows both alike, and medians are com
 Measurements (on Fashion-MNIST, Debian's dataset-fashion-mnist):
   train       images/s of the chapter's recipe (batch 64, Adam, dropout): cnnkit fp32, cnnkit's default
               fast path (bf16 where native), and the peer
-  inference   images/s predicting batches of 1,000: cnnkit fp32, bf16, int8, and the peer
+  inference   images/s predicting batches of 1,000: cnnkit fp32, bf16, int8, and the peer (cnnkit
+              passes each batch through its network in chunks of its default_batch_size)
   latency     one image at a time, p50 and p99, with a model loaded from a checkpoint
   full        (--full) 20-epoch runs of the chapter's recipe (fp32 and the fast path), `--recipe fast`,
               and the peer: test accuracy, training seconds, peak RSS of the training process.
@@ -146,9 +147,10 @@ def bench_inference(dataset, standardization, args, report, peer, only):
     p99 = {name: [] for name in variants} | {"peer": []}
     for repeat in range(args.repeats):
         for name, (net, precision) in variants.items():
-            predict_logits(net, test[:2000], batch_size=1000, precision=precision)  # warm-up
+            predict_logits(net, test[:2000], precision=precision)  # warm-up
             start = time.perf_counter()
-            predict_logits(net, test, batch_size=1000, precision=precision)
+            for first in range(0, len(test), 1000):  # batches of 1,000 handed to cnnkit, as to the peer
+                predict_logits(net, test[first : first + 1000], precision=precision)
             throughput[name].append(len(test) / (time.perf_counter() - start))
             latencies = []
             for i in range(300):

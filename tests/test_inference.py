@@ -6,7 +6,16 @@ import torch
 
 from cnnkit.checkpoint import load_model
 from cnnkit.data import Standardization
-from cnnkit.inference import Evaluation, evaluate, predict_labels, predict_logits, predict_proba
+from cnnkit.inference import (
+    CPU_FLOAT_BATCH,
+    LARGE_BATCH,
+    Evaluation,
+    default_batch_size,
+    evaluate,
+    predict_labels,
+    predict_logits,
+    predict_proba,
+)
 from cnnkit.model import Architecture, build_model, convert_state
 from cnnkit.quantize import quantize_int8
 
@@ -63,6 +72,13 @@ def test_batching_does_not_change_logits():
         predict_logits(model, images, batch_size=7), predict_logits(model, images, batch_size=25)
     )
     assert predict_logits(model, images[:0]).shape == (0, 10)
+
+
+def test_default_batch_size_is_cache_sized_for_float_networks_on_a_cpu(model_and_test_set):
+    model, _, _, calibration = model_and_test_set
+    assert default_batch_size(model, "cpu") == CPU_FLOAT_BATCH < LARGE_BATCH
+    assert default_batch_size(model, torch.device("cuda")) == LARGE_BATCH
+    assert default_batch_size(quantize_int8(model, calibration[:64]), "cpu") == LARGE_BATCH
 
 
 def test_evaluation_metrics_on_a_hand_made_case():
