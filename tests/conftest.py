@@ -1,4 +1,9 @@
-"""Shared fixtures: small real datasets and one trained run, made once per test session."""
+"""Shared fixtures: small real datasets, one trained run, and a local HTTP server for download tests."""
+
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -35,3 +40,54 @@ def trained_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("runs") / "mnist-5k"
     start_run("mnist-5k", TrainConfig(epochs=6, seed=0, precision="auto"), run_dir, log=lambda line: None)
     return run_dir
+
+
+# --- a local HTTP server: no test reaches the network ---
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """Serves server.routes: path -> (behaviour, body), where behaviour is "ok", "truncate" or "stall"."""
+
+    def do_GET(self):
+        self.server.requests.append(self.path)
+        behaviour, body = self.server.routes.get(self.path, ("missing", b""))
+        if behaviour == "missing":
+            self.send_error(404)
+            return
+        if behaviour == "stall":
+            time.sleep(1.0)
+        try:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            # "truncate" promises the whole body, sends half of it, and closes the connection.
+            self.wfile.write(body[: len(body) // 2] if behaviour == "truncate" else body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up first (the stall test's timeout)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server():
+    """An HTTP server on 127.0.0.1: set `server.routes[path] = (behaviour, body)`; `server.url` is its base."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    httpd.daemon_threads = True
+    httpd.routes, httpd.requests = {}, []
+    httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.02,), daemon=True)
+    thread.start()
+    yield httpd
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join()
+
+
+@pytest.fixture
+def refused_url():
+    """A URL on a port nobody listens on: connections are refused, as with no network."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/"

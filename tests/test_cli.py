@@ -168,14 +168,13 @@ def test_a_convnn_checkpoint_is_evaluated_on_a_named_dataset(capsys, tmp_path, m
     assert code == 0 and json.loads(out)["n"] == 500
 
 
-def test_train_with_no_dataset_downloads_mnist_and_trains_the_chapters_recipe(capsys, tmp_path, monkeypatch):
+def test_train_with_no_dataset_downloads_mnist_and_trains_the_chapters_recipe(
+    capsys, tmp_path, monkeypatch, server
+):
     # The default dataset is full MNIST, fetched when absent: here from a server on 127.0.0.1 that serves
     # small IDX files this test makes, with their checksums standing in for the published ones.
     import dataclasses
-    import functools
     import hashlib
-    import threading
-    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
     from cnnkit.checkpoint import load_checkpoint
     from cnnkit.data import sources
@@ -196,22 +195,11 @@ def test_train_with_no_dataset_downloads_mnist_and_trains_the_chapters_recipe(ca
         for name in sources.MNIST.checksums
     }
     monkeypatch.setitem(sources.PUBLISHED, "mnist", dataclasses.replace(sources.MNIST, checksums=checksums))
-
-    class QuietHandler(SimpleHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-    handler = functools.partial(QuietHandler, directory=str(served))
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        monkeypatch.setenv("CNNKIT_MNIST_MIRRORS", f"http://127.0.0.1:{httpd.server_address[1]}/")
-        monkeypatch.setenv("CNNKIT_DATA", str(tmp_path / "cache"))
-        code, out, err = run(capsys, "train", "--epochs", "1", "--out", tmp_path / "run", "--quiet")
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    for name in checksums:
+        server.routes["/" + name] = ("ok", (served / name).read_bytes())
+    monkeypatch.setenv("CNNKIT_MNIST_MIRRORS", server.url + "/")
+    monkeypatch.setenv("CNNKIT_DATA", str(tmp_path / "cache"))
+    code, out, err = run(capsys, "train", "--epochs", "1", "--out", tmp_path / "run", "--quiet")
     assert code == 0 and "training on mnist: 100 train / 20 valid" in out, err
     assert sorted(p.name for p in (tmp_path / "cache" / "mnist").iterdir()) == sorted(checksums)
     meta = load_checkpoint(tmp_path / "run").meta

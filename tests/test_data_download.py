@@ -1,9 +1,5 @@
 import dataclasses
 import hashlib
-import socket
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -15,53 +11,6 @@ from cnnkit.data.sources import MNIST, default_cache_dir, load_published
 from cnnkit.errors import DatasetError
 
 FILE = "train-labels-idx1-ubyte.gz"
-
-
-class _Handler(BaseHTTPRequestHandler):
-    """Serves server.routes: path -> (behaviour, body), where behaviour is "ok", "truncate" or "stall"."""
-
-    def do_GET(self):
-        self.server.requests.append(self.path)
-        behaviour, body = self.server.routes.get(self.path, ("missing", b""))
-        if behaviour == "missing":
-            self.send_error(404)
-            return
-        if behaviour == "stall":
-            time.sleep(1.0)
-        try:
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            # "truncate" promises the whole body, sends half of it, and closes the connection.
-            self.wfile.write(body[: len(body) // 2] if behaviour == "truncate" else body)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the client gave up first (the stall test's timeout)
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def server():
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    httpd.daemon_threads = True
-    httpd.routes, httpd.requests = {}, []
-    httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
-    thread = threading.Thread(target=httpd.serve_forever, args=(0.02,), daemon=True)
-    thread.start()
-    yield httpd
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join()
-
-
-@pytest.fixture
-def refused_url():
-    """A URL on a port nobody listens on: connections are refused, as with no network."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}/"
 
 
 @pytest.fixture

@@ -1,5 +1,4 @@
 import dataclasses
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -72,14 +71,6 @@ def test_fashion_mnist_loads_from_the_debian_package(tmp_path):
     assert ds.train.images.shape == (60000, 1, 28, 28) and ds.test.images.shape == (10000, 1, 28, 28)
     assert np.bincount(ds.train.labels).tolist() == [6000] * 10
     assert list(tmp_path.iterdir()) == []
-
-
-@pytest.fixture
-def refused_url():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}/"
 
 
 def test_system_folder_is_used_as_is_when_the_cache_is_empty(tmp_path, refused_url):
