@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from cnnkit.data import Dataset, Split, Standardization, iterate_minibatches, minibatch_indices
+from cnnkit.data.dataset import images_as_nchw
 from cnnkit.errors import CnnkitError, DatasetError
 
 
@@ -224,3 +225,17 @@ def test_iterate_minibatches_keeps_images_and_labels_together():
 def test_iterate_minibatches_rejects_mismatched_lengths():
     with pytest.raises(CnnkitError, match="X has 3 rows but y has 2"):
         next(iterate_minibatches(np.zeros((3, 1)), np.zeros(2)))
+
+
+def test_images_as_nchw_accepts_the_usual_forms_and_names_what_is_wrong():
+    x = np.arange(2 * 28 * 28 * 3).reshape(2, 28, 28, 3)
+    np.testing.assert_array_equal(images_as_nchw(x, allow_nhwc=True), x.transpose(0, 3, 1, 2))
+    assert images_as_nchw(x).shape == (2, 28, 28, 3)  # without allow_nhwc, 4-D is taken as (N, C, H, W)
+    assert images_as_nchw(np.zeros((2, 784))).shape == (2, 1, 28, 28)
+    assert images_as_nchw(np.zeros((2, 5, 7))).shape == (2, 1, 5, 7)
+    with pytest.raises(ValueError, match="rows of 780 values are not square"):
+        images_as_nchw(np.zeros((2, 780)))
+    with pytest.raises(ValueError, match=r"has shape \(2, 5, 5, 5\); expected .*\(N, H, W, C\)"):
+        images_as_nchw(np.zeros((2, 5, 5, 5)), allow_nhwc=True)
+    with pytest.raises(ValueError, match="has dtype bool"):
+        images_as_nchw(np.zeros((2, 784), bool))

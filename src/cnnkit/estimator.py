@@ -9,6 +9,7 @@ from sklearn.exceptions import NotFittedError
 
 from cnnkit.checkpoint import load_checkpoint, load_optimizer_state, save_checkpoint
 from cnnkit.data import Standardization
+from cnnkit.data.dataset import images_as_nchw
 from cnnkit.device import memory_format, resolve_device, resolve_precision
 from cnnkit.inference import predict_logits
 from cnnkit.model import Architecture, build_model
@@ -190,21 +191,10 @@ class ConvNN(ClassifierMixin, BaseEstimator):
         return index.astype(np.int64)
 
     def _images(self, X, check_shape) -> np.ndarray:
-        X = np.asarray(X)
-        if X.dtype == object or not np.issubdtype(X.dtype, np.number):
-            raise ValueError(f"X must be numeric, got dtype {X.dtype}")
-        if X.ndim == 2:
-            side = math.isqrt(X.shape[1])
-            if side * side != X.shape[1]:
-                raise ValueError(
-                    f"X has rows of {X.shape[1]} values; rows must be square grayscale images (e.g. 784 = 28x28),"
-                    " or pass X as (N, H, W) or (N, C, H, W)"
-                )
-            X = X.reshape(len(X), 1, side, side)
-        elif X.ndim == 3:
-            X = X[:, None]
-        elif X.ndim != 4:
-            raise ValueError(f"X must be (N, H*W), (N, H, W) or (N, C, H, W), got shape {X.shape}")
+        try:
+            X = images_as_nchw(X)
+        except ValueError as exc:
+            raise ValueError(f"X {exc}") from None
         if check_shape and hasattr(self, "input_shape_") and tuple(X.shape[1:]) != tuple(self.input_shape_):
             raise ValueError(
                 f"X has images of shape {tuple(X.shape[1:])}, the model takes {tuple(self.input_shape_)}"

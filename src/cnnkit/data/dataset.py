@@ -5,6 +5,7 @@ already scaled. Labels are int64 indices into `Dataset.class_names`.
 """
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,6 +16,37 @@ SPLIT_NAMES = ("train", "valid", "test")
 
 # The chapter keeps the last 10,000 of MNIST's 60,000 training images for validation.
 CHAPTER_VALID_SIZE = 10_000
+
+
+def images_as_nchw(x, allow_nhwc: bool = False) -> np.ndarray:
+    """Numeric images given as rows of H*W values (square, one channel), (N, H, W) or (N, C, H, W), and
+    with `allow_nhwc` also (N, H, W, C) with 1 or 3 channels, as a view or reshape in (N, C, H, W).
+
+    Raises ValueError saying what was wrong; callers name the file or argument it came from.
+    """
+    x = np.asarray(x)
+    if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
+        raise ValueError(f"has dtype {x.dtype}; expected numbers")
+    if x.ndim == 2:
+        side = math.isqrt(x.shape[1])
+        if side * side != x.shape[1]:
+            raise ValueError(
+                f"rows of {x.shape[1]} values are not square images (784 = 28 x 28 is); "
+                "give (N, H, W) or (N, C, H, W) instead"
+            )
+        return x.reshape(len(x), 1, side, side)
+    if x.ndim == 3:
+        return x[:, None]
+    if x.ndim == 4 and allow_nhwc and x.shape[1] not in (1, 3) and x.shape[3] in (1, 3):
+        return x.transpose(0, 3, 1, 2)
+    if x.ndim == 4 and (not allow_nhwc or x.shape[1] in (1, 3)):
+        return x
+    forms = (
+        "(N, H*W), (N, H, W), (N, H, W, C) or (N, C, H, W)"
+        if allow_nhwc
+        else "(N, H*W), (N, H, W) or (N, C, H, W)"
+    )
+    raise ValueError(f"has shape {x.shape}; expected {forms}")
 
 
 @dataclass(frozen=True, eq=False)

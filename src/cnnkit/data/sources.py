@@ -8,7 +8,6 @@ npz:FILE        a NumPy archive with X_train, y_train, X_test, y_test (or x_trai
 folder:DIR      one sub-folder of images per class, optionally inside train/ and test/
 """
 
-import math
 import os
 import re
 import zipfile
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cnnkit.data.dataset import Dataset, Split
+from cnnkit.data.dataset import Dataset, Split, images_as_nchw
 from cnnkit.data.download import DEFAULT_TIMEOUT, DownloadError, fetch
 from cnnkit.data.idx import read_idx_pair
 from cnnkit.data.imagefolder import conform_images, load_image_folder
@@ -302,23 +301,10 @@ def _npz_array(archive, key: str, path: Path) -> np.ndarray:
 
 
 def _npz_images(x: np.ndarray, path: Path, key: str) -> np.ndarray:
-    if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
-        raise FileError(f"{path}: {key} has dtype {x.dtype}; expected numbers")
-    if x.ndim == 2:
-        side = math.isqrt(x.shape[1])
-        if side * side != x.shape[1]:
-            raise FileError(
-                f"{path}: {key} rows of {x.shape[1]} values are not square images; save (N, H, W)"
-            )
-        x = x.reshape(len(x), 1, side, side)
-    elif x.ndim == 3:
-        x = x[:, None]
-    elif x.ndim == 4 and x.shape[1] not in (1, 3) and x.shape[3] in (1, 3):
-        x = x.transpose(0, 3, 1, 2)
-    elif not (x.ndim == 4 and x.shape[1] in (1, 3)):
-        raise FileError(
-            f"{path}: {key} has shape {x.shape}; expected (N, H*W), (N, H, W), (N, H, W, C) or (N, C, H, W)"
-        )
+    try:
+        x = images_as_nchw(x, allow_nhwc=True)
+    except ValueError as exc:
+        raise FileError(f"{path}: {key} {exc}") from None
     if x.dtype == np.uint8:
         return np.ascontiguousarray(x)
     if np.issubdtype(x.dtype, np.integer) and x.size and x.min() >= 0 and x.max() <= 255:
