@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from cnnkit import __version__
-from cnnkit.cli import main
+from cnnkit.cli import build_parser, main
 
 
 def run(capsys, *argv):
@@ -205,3 +205,9 @@ def test_train_with_no_dataset_downloads_mnist_and_trains_the_chapters_recipe(
     meta = load_checkpoint(tmp_path / "run").meta
     assert meta["dataset"] == "mnist" and meta["hyperparameters"]["batch_size"] == 64
     assert meta["hyperparameters"]["learning_rate"] == 1e-4 and meta["architecture"]["dropout_rate"] == 0.5
+
+
+def test_evaluate_leaves_the_batch_size_to_inference_unless_given():
+    # None lets cnnkit.inference pick a cache-sized batch for the network and device (see default_batch_size).
+    assert build_parser().parse_args(["evaluate", "run"]).batch_size is None
+    assert build_parser().parse_args(["evaluate", "run", "--batch-size", "500"]).batch_size == 500
