@@ -14,6 +14,7 @@ from cnnkit.device import memory_format, resolve_device, resolve_precision
 from cnnkit.inference import predict_logits
 from cnnkit.model import Architecture, build_model
 from cnnkit.recipes import TrainConfig
+from cnnkit.runs import preprocessing_for
 from cnnkit.training import make_optimizer, restore_optimizer, train
 
 
@@ -123,7 +124,7 @@ class ConvNN(ClassifierMixin, BaseEstimator):
             "class_names": [str(c) for c in self.classes_],
             "classes": self.classes_.tolist(),
             "standardization": self.standardization_.to_dict(),
-            "preprocessing": "digit" if arch.input_shape == (1, 28, 28) else "resize",
+            "preprocessing": preprocessing_for("arrays", arch.input_shape),
             "dataset": "arrays",
             "valid_size": 0,
             "hyperparameters": {**self.get_params(), "seed_": self.seed_, "precision_": self.precision_},
