@@ -1,8 +1,13 @@
 """Shared fixtures: small real datasets, one trained run, and a local HTTP server for download tests."""
 
+import os
 import socket
+import subprocess
+import sys
+import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
@@ -91,3 +96,69 @@ def refused_url():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     return f"http://127.0.0.1:{port}/"
+
+
+# --- the command line in a child process, with its exit code, output and peak memory ---
+
+
+@dataclass
+class CliRun:
+    """A finished `python -m cnnkit ...`: exit code, stdout, stderr and the child's peak resident MB."""
+
+    args: list
+    code: int
+    out: str
+    err: str
+    peak_mb: float
+
+    def assert_one_line_error(self, *fragments, max_mb=1024):
+        """Exit code 2, one line `cnnkit: error: ...` holding every fragment, no traceback, bounded memory."""
+        lines = self.err.strip().splitlines()
+        assert self.code == 2, (self.args, self.code, self.err[-2000:])
+        assert "Traceback" not in self.err, self.err[-2000:]
+        assert len(lines) == 1 and lines[0].startswith("cnnkit: error: "), (self.args, self.err[-2000:])
+        for fragment in fragments:
+            assert str(fragment) in lines[0], (fragment, lines[0])
+        assert self.peak_mb < max_mb, (self.args, f"peak {self.peak_mb:.0f} MB")
+        return lines[0]
+
+
+def run_cnnkit(*args, cwd=None, env=None, timeout=300, stdin=None) -> CliRun:
+    """Run `python -m cnnkit ARGS` in a child process; its peak RSS comes from os.wait4, so it is the
+    child's own (resource.getrusage(RUSAGE_CHILDREN) would report the largest child so far)."""
+    args = [str(a) for a in args]
+    child_env = {**os.environ, **(env or {})}
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cnnkit", *args],
+            stdout=out,
+            stderr=err,
+            stdin=stdin if stdin is not None else subprocess.DEVNULL,
+            cwd=cwd,
+            env=child_env,
+        )
+        timed_out = []
+        timer = threading.Timer(timeout, lambda: (timed_out.append(True), proc.kill()))
+        timer.start()
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        finally:
+            timer.cancel()
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        result = CliRun(
+            args,
+            proc.returncode,
+            out.read().decode(errors="replace"),
+            err.read().decode(errors="replace"),
+            usage.ru_maxrss / 1024,
+        )
+    assert not timed_out, f"cnnkit {args} ran past {timeout} s"
+    return result
+
+
+@pytest.fixture
+def cli():
+    """`cli("train", "--dataset", ...)` runs the command line in a child process: see `run_cnnkit`."""
+    return run_cnnkit
