@@ -21,8 +21,12 @@ from cnnkit.checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
+from cnnkit.data import Standardization
 from cnnkit.errors import CheckpointError
 from cnnkit.model import Architecture, build_model
+from cnnkit.record import ModelRecord
+from cnnkit.recipes import TrainConfig
+from cnnkit.training import restore_optimizer
 
 SMALL = Architecture(input_shape=(1, 13, 13), num_classes=3, hidden_units=8, conv_channels=(2, 3))
 
@@ -39,13 +43,14 @@ def _trained_pair(arch=SMALL, build="layers"):
 
 
 def _meta(arch=SMALL, build="layers", epoch=1):
-    return {
-        "build": build,
-        "architecture": arch.to_dict(),
-        "class_names": ["a", "b", "c"],
-        "epoch": epoch,
-        "history": [],
-    }
+    return ModelRecord(
+        architecture=arch,
+        class_names=tuple("abcdefghij"[: arch.num_classes]),
+        standardization=Standardization((0.0,), (1.0,)),
+        preprocessing="resize",
+        config=TrainConfig(build=build),
+        epoch=epoch,
+    )
 
 
 @pytest.mark.parametrize("build", ["layers", "lowlevel"])
@@ -54,14 +59,14 @@ def test_weights_metadata_and_optimizer_round_trip(tmp_path, build):
     path = save_checkpoint(checkpoint_path(tmp_path, 3), model, _meta(build=build, epoch=3), optimizer)
     assert path == tmp_path / "checkpoints" / "epoch-003.safetensors"
     ckpt = load_checkpoint(tmp_path)  # a run folder means its newest checkpoint
-    assert ckpt.epoch == 3 and ckpt.meta["class_names"] == ["a", "b", "c"]
-    assert ckpt.meta["cnnkit_version"]
+    assert ckpt.epoch == 3 and ckpt.record.class_names == ("a", "b", "c")
+    assert ckpt.record.cnnkit_version
     for name, tensor in model.state_dict().items():
         assert torch.equal(ckpt.model_state[name], tensor)
-    restored = torch.optim.Adam(build_model(SMALL, build).parameters(), lr=1e-3)
-    restored.load_state_dict(load_optimizer_state(path))
+    fresh = build_model(SMALL, build)
+    restored = torch.optim.Adam(fresh.parameters(), lr=1e-3)
+    restore_optimizer(restored, load_optimizer_state(path, fresh))
     original, loaded = optimizer.state_dict(), restored.state_dict()
-    assert loaded["param_groups"][0]["lr"] == original["param_groups"][0]["lr"]
     for pid, entries in original["state"].items():
         for key, value in entries.items():
             assert torch.equal(loaded["state"][pid][key], value), (pid, key)
@@ -128,16 +133,16 @@ def test_weights_of_another_architecture_are_refused(tmp_path):
     model, _ = _trained_pair()
     other = Architecture(input_shape=(1, 13, 13), num_classes=5, hidden_units=8, conv_channels=(2, 3))
     path = save_checkpoint(tmp_path / "m.safetensors", model, _meta(arch=other))
-    with pytest.raises(CheckpointError, match="do not fit"):
+    with pytest.raises(CheckpointError, match="expected F32"):
         load_model(path)
 
 
 def test_missing_optimizer_state(tmp_path):
     model, _ = _trained_pair()
     path = save_checkpoint(tmp_path / "m.safetensors", model, _meta())
-    assert load_optimizer_state(path, required=False) is None
+    assert load_optimizer_state(path, model, required=False) is None
     with pytest.raises(CheckpointError, match="cannot resume"):
-        load_optimizer_state(path)
+        load_optimizer_state(path, model)
 
 
 def test_kill_9_while_saving_leaves_every_checkpoint_loadable(tmp_path):
@@ -146,14 +151,19 @@ def test_kill_9_while_saving_leaves_every_checkpoint_loadable(tmp_path):
         f"""
         import sys, torch
         from cnnkit.checkpoint import checkpoint_path, save_checkpoint
+        from cnnkit.data import Standardization
         from cnnkit.model import Architecture, build_model
+        from cnnkit.record import ModelRecord
+        from cnnkit.recipes import TrainConfig
         arch = Architecture()
         model = build_model(arch, seed=0)
         opt = torch.optim.Adam(model.parameters())
-        meta = {{"build": "layers", "architecture": arch.to_dict(), "class_names": list("0123456789"), "history": []}}
+        model(torch.zeros(1, 1, 28, 28)).sum().backward()
+        opt.step()
+        record = ModelRecord(arch, tuple("0123456789"), Standardization((0.0,), (1.0,)), "digit", TrainConfig())
         print("ready", flush=True)
         for epoch in range(1, 10**6):
-            save_checkpoint(checkpoint_path({str(tmp_path)!r}, epoch % 3 + 1), model, {{**meta, "epoch": epoch}}, opt)
+            save_checkpoint(checkpoint_path({str(tmp_path)!r}, epoch % 3 + 1), model, record.replace(epoch=epoch), opt)
         """
     )
     for delay in (0.4, 0.7):
@@ -163,8 +173,8 @@ def test_kill_9_while_saving_leaves_every_checkpoint_loadable(tmp_path):
         child.send_signal(signal.SIGKILL)
         child.wait()
         for path in list_checkpoints(tmp_path):
-            load_model(path)
-            load_optimizer_state(path)
+            model, _ = load_model(path)
+            load_optimizer_state(path, model)
     assert list_checkpoints(tmp_path), "the child never finished a checkpoint"
     assert optimizer_path(list_checkpoints(tmp_path)[-1]).exists()
 

@@ -5,6 +5,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from cnnkit.errors import FileError
+
 TEMP_SUFFIX = ".tmp"
 
 
@@ -13,11 +15,15 @@ def atomic_write(path, mode="wb"):
     """Open a temporary file beside `path`; on a clean exit, flush, fsync and rename it onto `path`.
 
     If the block raises (or the process dies), `path` is untouched and the temporary file is removed
-    (or, after kill -9, left as a `.tmp` file that no reader mistakes for the real one).
+    (or, after kill -9, left as a `.tmp` file that no reader mistakes for the real one). An OSError
+    (a full disk, a read-only folder, a path under a file) becomes a FileError naming `path`.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+    except OSError as exc:
+        raise FileError(f"{path}: cannot write ({exc.strerror or exc})") from None
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
         with os.fdopen(fd, mode) as f:
@@ -25,9 +31,11 @@ def atomic_write(path, mode="wb"):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise FileError(f"{path}: cannot write ({exc.strerror or exc})") from None
         raise
     _fsync_dir(path.parent)
 

@@ -1,51 +1,55 @@
-"""Checkpoints: safetensors files that hold a model's weights and everything needed to use it alone.
+"""Checkpoints: safetensors files that hold a model's weights and its `ModelRecord`.
 
 A run folder looks like this:
 
     RUN/
-      history.jsonl                           one JSON object per finished epoch
+      history.jsonl, metrics.csv              one line per finished epoch
       checkpoints/
-        epoch-003.safetensors                 weights + metadata (JSON in the safetensors header)
+        epoch-003.safetensors                 weights + the record (JSON in the safetensors header)
         epoch-003.optimizer.safetensors       Adam's state, for resuming
 
-The metadata (`Checkpoint.meta`) holds the build, architecture, class names, standardization,
-preprocessing, hyperparameters, dataset, epoch, history and cnnkit version. Loading reads tensors and
-JSON only; it never runs code. Every file is written atomically, optimizer first, so the newest
-weights file always has its optimizer state beside it.
+Reading is bounded and never runs code: only regular files are opened, the header is read first
+(at most 16 MB) and the record validated, every tensor's name, dtype and shape is checked against
+the network the record describes and the file's length before any tensor is read, and the tensors
+are then read one at a time from a memory map and checked against the SHA-256 stored at save.
+Every file is written atomically, optimizer first, so the newest weights file always has its
+optimizer state beside it.
 """
 
+import hashlib
 import json
+import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_safetensors
 
-from cnnkit import __version__
 from cnnkit.atomic import atomic_write
 from cnnkit.device import memory_format
 from cnnkit.errors import CheckpointError
-from cnnkit.model import Architecture, build_model
+from cnnkit.model import build_model
+from cnnkit.record import FORMAT, ModelRecord
 
-FORMAT = "cnnkit-checkpoint"
-FORMAT_VERSION = 1
+MAX_HEADER_BYTES = 16 * 2**20
 _NAME = re.compile(r"^epoch-(\d+)\.safetensors$")
+_ADAM_KEYS = {"step", "exp_avg", "exp_avg_sq"}
 
 
 @dataclass
 class Checkpoint:
-    """A loaded checkpoint: the weights file's tensors and metadata."""
+    """A loaded checkpoint: where it is, its record, and its weights (name -> tensor)."""
 
     path: Path
+    record: ModelRecord
     model_state: dict
-    meta: dict
 
     @property
     def epoch(self) -> int:
-        return int(self.meta["epoch"])
+        return self.record.epoch
 
 
 def checkpoint_path(run_dir, epoch: int) -> Path:
@@ -61,59 +65,98 @@ def optimizer_path(weights_path) -> Path:
 def list_checkpoints(run_dir) -> list[Path]:
     """The weights files of a run folder, oldest epoch first."""
     folder = Path(run_dir) / "checkpoints"
+    if not folder.is_dir():
+        return []
     found = [(int(m.group(1)), p) for p in folder.glob("epoch-*.safetensors") if (m := _NAME.match(p.name))]
     return [p for _, p in sorted(found)]
 
 
-def resolve_checkpoint(path) -> Path:
-    """A checkpoint file as given, or the newest checkpoint of a run folder."""
+def resolve_checkpoint(path, which: str | None = None) -> Path:
+    """The checkpoint file meant by `path` and `which` (the CLI's RUN_OR_CHECKPOINT and --checkpoint).
+
+    `path` is a checkpoint file or a run folder. For a run folder, `which` is None or "newest" (the
+    newest epoch), "best" (the epoch with the best validation accuracy), or an epoch number "N".
+    """
     path = Path(path)
-    if path.is_dir():
-        found = list_checkpoints(path)
-        if not found:
-            raise CheckpointError(
-                f"{path}: run folder has no checkpoints (expected {path}/checkpoints/epoch-NNN.safetensors)"
-            )
+    if not path.is_dir():
+        if not path.exists():
+            raise CheckpointError(f"{path}: no such checkpoint file or run folder")
+        if which not in (None, "newest"):
+            raise CheckpointError(f"{path}: --checkpoint {which} needs a run folder, not a checkpoint file")
+        return path
+    found = list_checkpoints(path)
+    if not found:
+        raise CheckpointError(
+            f"{path}: run folder has no checkpoints (expected {path}/checkpoints/epoch-NNN.safetensors)"
+        )
+    if which in (None, "newest"):
         return found[-1]
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such checkpoint file or run folder")
-    return path
+    if which == "best":
+        best = read_record(found[-1]).best_epoch
+        if best is None:
+            raise CheckpointError(
+                f"{path}: trained without a validation split, so no epoch is best; "
+                "use --checkpoint N for epoch N, or leave it out for the newest"
+            )
+        which = str(best)
+    if not which.isdigit():
+        raise CheckpointError(f"--checkpoint {which!r}: expected best, newest or an epoch number")
+    wanted = checkpoint_path(path, int(which))
+    if not wanted.is_file():
+        kept = ", ".join(str(int(_NAME.match(p.name).group(1))) for p in found)
+        raise CheckpointError(f"{wanted}: epoch {int(which)} is not kept in {path} (kept: {kept})")
+    return wanted
 
 
-def save_checkpoint(
-    path, model: torch.nn.Module, meta: dict, optimizer: torch.optim.Optimizer | None = None
-) -> Path:
-    """Write the model's weights and `meta` to `path` (and the optimizer's state beside it), atomically."""
+def save_checkpoint(path, model: torch.nn.Module, record: ModelRecord, optimizer=None) -> Path:
+    """Write the model's weights and `record` to `path` (and the optimizer's state beside it), atomically."""
     path = Path(path)
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "cnnkit_version": __version__, **meta}
     if optimizer is not None:
         tensors, layout = _flatten_optimizer_state(optimizer.state_dict())
         _write(optimizer_path(path), tensors, {"format": FORMAT, "optimizer": json.dumps(layout)})
     weights = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    _write(path, weights, {"format": FORMAT, "cnnkit": json.dumps(meta)})
+    _write(path, weights, {"format": FORMAT, "cnnkit": json.dumps(record.to_dict(), allow_nan=False)})
     return path
 
 
-def load_checkpoint(path) -> Checkpoint:
-    """Read a checkpoint file (or a run folder's newest). Raises CheckpointError naming the file."""
-    path = resolve_checkpoint(path)
-    tensors, header = _read(path)
-    if header.get("format") != FORMAT or "cnnkit" not in header:
-        raise CheckpointError(f"{path}: a safetensors file, but not a cnnkit checkpoint (no cnnkit metadata)")
-    try:
-        meta = json.loads(header["cnnkit"])
-    except json.JSONDecodeError:
-        raise CheckpointError(f"{path}: checkpoint metadata is not valid JSON (corrupt file?)") from None
-    if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path}: checkpoint format {meta['format_version']} is newer than this cnnkit understands "
-            f"({FORMAT_VERSION}); upgrade cnnkit"
-        )
-    return Checkpoint(path=path, model_state=tensors, meta=meta)
+def read_record(path) -> ModelRecord:
+    """The validated record of a checkpoint file, without reading its tensors."""
+    path = Path(path)
+    header = _read_header(path)
+    return _record_from(path, header)
 
 
-def load_optimizer_state(weights_path, required: bool = True) -> dict | None:
-    """The optimizer state dict saved beside a checkpoint; None if absent and not `required`."""
+def load_checkpoint(path, which: str | None = None) -> Checkpoint:
+    """Read a checkpoint file (or a run folder's checkpoint `which`, see resolve_checkpoint).
+
+    The weights are checked against the network the record describes and their stored SHA-256.
+    Raises CheckpointError naming the file.
+    """
+    path = resolve_checkpoint(path, which)
+    header = _read_header(path)
+    record = _record_from(path, header)
+    expected = _expected_shapes(record)
+    _check_tensors(path, header, expected)
+    tensors = _read_tensors(path, header)
+    return Checkpoint(path=path, record=record, model_state=tensors)
+
+
+def load_model(path, which: str | None = None, device="cpu"):
+    """Rebuild the network a checkpoint holds: returns (model in eval mode, Checkpoint)."""
+    ckpt = load_checkpoint(path, which)
+    model = build_model(ckpt.record.architecture, ckpt.record.build)
+    model.load_state_dict(ckpt.model_state)
+    return model.to(device, memory_format=memory_format(torch.device(device))).eval(), ckpt
+
+
+def load_optimizer_state(weights_path, model: torch.nn.Module, required: bool = True) -> dict | None:
+    """The Adam state saved beside a checkpoint, validated against `model`'s parameters.
+
+    Every parameter needs `step` (a finite count), `exp_avg` and `exp_avg_sq` (float32, the parameter's
+    shape, finite): PyTorch's fused Adam trusts these sizes, so nothing else may reach it. The saved
+    hyperparameters are not used (the recipe sets them). Returns None if the file is absent and not
+    `required`.
+    """
     opt_path = optimizer_path(weights_path)
     if not opt_path.exists():
         if not required:
@@ -121,48 +164,169 @@ def load_optimizer_state(weights_path, required: bool = True) -> dict | None:
         raise CheckpointError(
             f"{opt_path}: optimizer state missing, so training cannot resume from {weights_path}"
         )
-    tensors, header = _read(opt_path)
+    header = _read_header(opt_path)
     try:
-        return _unflatten_optimizer_state(tensors, json.loads(header["optimizer"]))
-    except (KeyError, ValueError):
+        layout = json.loads(header["__metadata__"]["optimizer"])
+        saved = layout["state"]
+        if not isinstance(saved, dict):
+            raise TypeError
+    except (KeyError, TypeError, ValueError, RecursionError):
         raise CheckpointError(f"{opt_path}: not a cnnkit optimizer state file (corrupt?)") from None
+    params = list(model.parameters())
+    expected = {}
+    for i, param in enumerate(params):
+        expected[f"state.{i}.exp_avg"] = ("F32", list(param.shape))
+        expected[f"state.{i}.exp_avg_sq"] = ("F32", list(param.shape))
+        expected[f"state.{i}.step"] = ("F32", [])
+    if not saved and all(name == "__metadata__" for name in header):
+        return None  # saved before the first step: nothing to restore
+    if set(saved) != {str(i) for i in range(len(params))}:
+        raise CheckpointError(
+            f"{opt_path}: optimizer state is for {len(saved)} parameters but the network has {len(params)}"
+        )
+    _check_tensors(opt_path, header, expected)
+    tensors = _read_tensors(opt_path, header)
+    state = {}
+    for i in range(len(params)):
+        entries = {key: tensors[f"state.{i}.{key}"] for key in _ADAM_KEYS}
+        step = float(entries["step"])
+        if not (step >= 0 and step == int(step) and step < 2**53):
+            raise CheckpointError(f"{opt_path}: optimizer step count {step} of parameter {i} is not a count")
+        if not all(torch.isfinite(entries[k]).all() for k in ("exp_avg", "exp_avg_sq")):
+            raise CheckpointError(f"{opt_path}: optimizer moments of parameter {i} are not finite (corrupt?)")
+        state[i] = entries
+    return {"state": state}
 
 
-def prune_checkpoints(run_dir, keep: int) -> list[Path]:
-    """Delete all but the newest `keep` checkpoints (weights and optimizer files; keep=0 deletes all).
-
-    Returns the weights files that went.
-    """
+def prune_checkpoints(run_dir, keep: int, spare: int | None = None) -> list[Path]:
+    """Delete all but the newest `keep` checkpoints and epoch `spare` (weights and optimizer files;
+    keep=0 deletes all). Returns the weights files that went."""
     if keep < 0:
         raise ValueError(f"keep must be >= 0, got {keep}")
     found = list_checkpoints(run_dir)
-    removed = found[:-keep] if keep else found
+    removed = [p for p in (found[:-keep] if keep else found) if spare is None or p != checkpoint_path(run_dir, spare)]
     for weights in removed:
         optimizer_path(weights).unlink(missing_ok=True)
         weights.unlink(missing_ok=True)
     return removed
 
 
+def tensors_sha256(tensors: dict) -> str:
+    """SHA-256 over the tensors' names, dtypes, shapes and bytes, in name order (stored at save)."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+# --- the file format ---
+
+
 def _write(path: Path, tensors: dict, metadata: dict):
+    metadata = {**metadata, "sha256": tensors_sha256(tensors)}
     data = save_safetensors(tensors, metadata=metadata)
     with atomic_write(path) as f:
         f.write(data)
 
 
-def _read(path: Path) -> tuple[dict, dict]:
+def _read_header(path: Path) -> dict:
+    """The safetensors header (tensor entries and `__metadata__`) of a regular file, bounded in size."""
     try:
-        data = path.read_bytes()
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):
+            raise CheckpointError(f"{path}: not a regular file (a folder, pipe or device cannot be a checkpoint)")
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+            if not 2 <= length <= min(MAX_HEADER_BYTES, info.st_size - 8):
+                raise CheckpointError(f"{path}: not a readable safetensors checkpoint (corrupt or truncated)")
+            raw = f.read(length)
     except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read checkpoint ({exc.strerror})") from None
+        raise CheckpointError(f"{path}: cannot read checkpoint ({exc.strerror or exc})") from None
     try:
-        tensors = load_safetensors(data)
-        header_len = int.from_bytes(data[:8], "little")
-        header = json.loads(data[8 : 8 + header_len]).get("__metadata__") or {}
-    except (SafetensorError, ValueError, UnicodeDecodeError):
+        header = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise CheckpointError(f"{path}: not a readable safetensors checkpoint (corrupt header)") from None
+    if not isinstance(header, dict) or not isinstance(header.get("__metadata__", {}), dict):
+        raise CheckpointError(f"{path}: not a readable safetensors checkpoint (corrupt header)")
+    header["__data_start__"] = 8 + length
+    header["__file_size__"] = info.st_size
+    return header
+
+
+def _record_from(path: Path, header: dict) -> ModelRecord:
+    metadata = header.get("__metadata__", {})
+    if metadata.get("format") != FORMAT or "cnnkit" not in metadata:
+        if "optimizer" in metadata:
+            raise CheckpointError(f"{path}: an optimizer state file, not a checkpoint; give the weights file beside it")
+        raise CheckpointError(f"{path}: a safetensors file, but not a cnnkit checkpoint (no cnnkit metadata)")
+    try:
+        meta = json.loads(metadata["cnnkit"])
+    except (TypeError, ValueError, RecursionError):
+        raise CheckpointError(f"{path}: checkpoint metadata is not valid JSON (corrupt file?)") from None
+    return ModelRecord.from_dict(meta, path)
+
+
+def _expected_shapes(record: ModelRecord) -> dict:
+    """name -> ("F32", shape) of the weights of the network `record` describes, allocating nothing."""
+    with torch.device("meta"):
+        model = build_model(record.architecture, record.build)
+    return {name: ("F32", list(t.shape)) for name, t in model.state_dict().items()}
+
+
+def _check_tensors(path: Path, header: dict, expected: dict):
+    """Names, dtypes and shapes as `expected`, and offsets that tile the file's data exactly."""
+    entries = {k: v for k, v in header.items() if not k.startswith("__")}
+    missing, extra = sorted(set(expected) - set(entries)), sorted(set(entries) - set(expected))
+    if missing or extra:
+        what = f"lacks {', '.join(missing[:3])}" if missing else f"has unexpected {', '.join(extra[:3])}"
+        raise CheckpointError(f"{path}: tensors do not fit the network its metadata describes ({what})")
+    spans = []
+    for name, (dtype, shape) in expected.items():
+        entry = entries[name]
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not isinstance(entry, dict) or entry.get("dtype") != dtype or entry.get("shape") != shape:
+            raise CheckpointError(
+                f"{path}: tensor {name} is {entry.get('dtype') if isinstance(entry, dict) else '?'} "
+                f"{entry.get('shape') if isinstance(entry, dict) else '?'}, expected {dtype} {shape}"
+            )
+        size = 4 * _prod(shape)
+        if not (isinstance(offsets, list) and len(offsets) == 2 and offsets[1] - offsets[0] == size):
+            raise CheckpointError(f"{path}: tensor {name} has corrupt data offsets")
+        spans.append(tuple(offsets))
+    end = 0
+    for start, stop in sorted(spans):
+        if start != end:
+            raise CheckpointError(f"{path}: tensor data overlaps or has gaps (corrupt file)")
+        end = stop
+    if header["__data_start__"] + end != header["__file_size__"]:
         raise CheckpointError(
-            f"{path}: not a readable safetensors checkpoint (corrupt or truncated)"
-        ) from None
-    return tensors, header
+            f"{path}: file is {header['__file_size__']:,} bytes but its tensors need "
+            f"{header['__data_start__'] + end:,} (truncated or corrupt)"
+        )
+
+
+def _read_tensors(path: Path, header: dict) -> dict:
+    try:
+        with safe_open(path, framework="pt") as f:
+            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: cannot read tensors ({' '.join(str(exc).split())})") from None
+    stored = header.get("__metadata__", {}).get("sha256")
+    if stored is not None and tensors_sha256(tensors) != stored:
+        raise CheckpointError(f"{path}: tensor data does not match its SHA-256 (the file is corrupt)")
+    return tensors
+
+
+def _prod(shape) -> int:
+    n = 1
+    for d in shape:
+        if not isinstance(d, int) or d < 0:
+            return -1
+        n *= d
+    return n
 
 
 def _flatten_optimizer_state(state_dict: dict) -> tuple[dict, dict]:
@@ -172,39 +336,8 @@ def _flatten_optimizer_state(state_dict: dict) -> tuple[dict, dict]:
         plain = {}
         for key, value in entries.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"state.{param_id}.{key}"] = value.detach().to("cpu").contiguous()
+                tensors[f"state.{param_id}.{key}"] = value.detach().to("cpu", torch.float32).contiguous()
             else:
                 plain[key] = value
         layout["state"][str(param_id)] = plain
     return tensors, layout
-
-
-def _unflatten_optimizer_state(tensors: dict, layout: dict) -> dict:
-    state = {int(pid): dict(plain) for pid, plain in layout["state"].items()}
-    for name, value in tensors.items():
-        _, pid, key = name.split(".", 2)
-        state.setdefault(int(pid), {})[key] = value
-    return {"state": state, "param_groups": layout["param_groups"]}
-
-
-def load_model(path, device="cpu"):
-    """Rebuild the network a checkpoint holds: returns (model in eval mode, Checkpoint).
-
-    Raises CheckpointError when the weights do not fit the architecture the metadata describes.
-    """
-    ckpt = load_checkpoint(path)
-    try:
-        arch = Architecture.from_dict(ckpt.meta["architecture"])
-        model = build_model(arch, ckpt.meta.get("build", "layers"))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(
-            f"{ckpt.path}: checkpoint metadata does not describe a cnnkit network ({exc})"
-        ) from None
-    try:
-        model.load_state_dict(ckpt.model_state)
-    except RuntimeError:
-        raise CheckpointError(
-            f"{ckpt.path}: weights do not fit a {ckpt.meta.get('build', 'layers')} build of {arch} "
-            "(a checkpoint of another architecture, or corrupt)"
-        ) from None
-    return model.to(device, memory_format=memory_format(torch.device(device))).eval(), ckpt

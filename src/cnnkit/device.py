@@ -10,8 +10,10 @@ PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    """ "auto" is CUDA when a GPU is present, else the CPU."""
+def resolve_device(device: "str | torch.device" = "auto") -> torch.device:
+    """ "auto" is CUDA when a GPU is present, else the CPU; a torch.device is taken as it is."""
+    if isinstance(device, torch.device):
+        return device
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device not in DEVICES:

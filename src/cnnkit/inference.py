@@ -83,13 +83,17 @@ class Evaluation:
                 class_names, self.per_class_accuracy, self.confusion.sum(axis=1), strict=True
             )
         }
-        return {
-            "accuracy": self.accuracy,
-            "loss": self.loss,
+        return {  # strict JSON: NaN (no images, or a diverged network) becomes null
+            "accuracy": _finite_or_none(self.accuracy),
+            "loss": _finite_or_none(self.loss),
             "n": self.n,
             "per_class": per_class,
             "confusion_matrix": self.confusion.tolist(),
         }
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if np.isfinite(value) else None
 
 
 def evaluate(model, images, labels, batch_size=None, device=None, precision="fp32") -> Evaluation:

@@ -1,0 +1,286 @@
+"""The one record of a trained classifier: what it is, what it was trained on, and how to use it.
+
+A `ModelRecord` travels in every checkpoint's metadata (see cnnkit.checkpoint) and is the only way
+cnnkit reads what a trained model is: train, resume, evaluate, predict, summary and `ConvNN` all go
+through `ModelRecord.from_dict`, which validates every field and raises one CheckpointError naming
+the file and the field. Checkpoints of format 1 (cnnkit 0.1.0) are read too.
+"""
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+from cnnkit import __version__
+from cnnkit.data import Standardization
+from cnnkit.data.dataset import MAX_CLASSES
+from cnnkit.errors import CheckpointError, CnnkitError
+from cnnkit.images import PREPROCESSING
+from cnnkit.model import BUILDS, Architecture
+from cnnkit.recipes import LR_SCHEDULES, TrainConfig
+
+FORMAT = "cnnkit-checkpoint"
+FORMAT_VERSION = 2
+
+# Sanity limits checked before anything is allocated: a checkpoint describing more is refused.
+MAX_IMAGE_SIDE = 4096
+MAX_CHANNELS = 4096  # convolution filters per layer
+MAX_HIDDEN_UNITS = 65_536
+MAX_KERNEL_SIZE = 31
+MAX_PARAMETERS = 2_000_000_000
+MAX_HISTORY = 100_000  # epochs
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    """Everything about a trained network except its weights.
+
+    architecture  the shapes (input (C, H, W), classes, layer sizes): rebuilds the network
+    class_names   one name per output, in output order
+    classes       ConvNN only: the label values y held (ints or strings), in output order
+    standardization  per-channel mean and std of the training images
+    preprocessing how to bring a user's image file to the input ("digit", "object" or "resize")
+    config        the full training configuration (recipe, schedule, seed, precision, patience, keep)
+    dataset       the dataset source with absolute paths (None when trained on arrays by ConvNN)
+    valid_size    images held out for validation from the end of the training split
+    epoch         epochs trained; history holds one dict per epoch
+    trainer_state the callbacks' state (best epoch, early-stopping counter), for exact resume
+    """
+
+    architecture: Architecture
+    class_names: tuple[str, ...]
+    standardization: Standardization
+    preprocessing: str
+    config: TrainConfig
+    dataset: str | None = None
+    valid_size: int = 0
+    classes: tuple | None = None
+    epoch: int = 0
+    history: tuple[dict, ...] = ()
+    trainer_state: dict = field(default_factory=dict)
+    cnnkit_version: str = __version__
+
+    @property
+    def build(self) -> str:
+        return self.config.build
+
+    @property
+    def best_epoch(self) -> int | None:
+        """The epoch with the best validation accuracy so far (None without validation)."""
+        return self.trainer_state.get("best", {}).get("epoch")
+
+    def to_dict(self) -> dict:
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "cnnkit_version": self.cnnkit_version,
+            "architecture": self.architecture.to_dict(),
+            "class_names": list(self.class_names),
+            "classes": None if self.classes is None else list(self.classes),
+            "standardization": self.standardization.to_dict(),
+            "preprocessing": self.preprocessing,
+            "config": self.config.to_dict(),
+            "dataset": self.dataset,
+            "valid_size": self.valid_size,
+            "epoch": self.epoch,
+            "history": list(self.history),
+            "trainer_state": self.trainer_state,
+        }
+
+    @classmethod
+    def from_dict(cls, meta, path) -> "ModelRecord":
+        """Validate checkpoint metadata (format 1 or 2) into a record; CheckpointError names `path` and the field."""
+        return _parse(meta, str(path))
+
+    def replace(self, **changes) -> "ModelRecord":
+        return dataclasses.replace(self, **changes)
+
+
+# --- validation: each check names the field it reads ---
+
+
+class _FieldError(Exception):
+    def __init__(self, field_name: str, problem: str):
+        super().__init__(f"{field_name} {problem}")
+
+
+def _parse(meta, path: str) -> ModelRecord:
+    try:
+        if not isinstance(meta, dict):
+            raise _FieldError("metadata", f"is a JSON {type(meta).__name__}, not an object")
+        version = meta.get("format_version", 1)
+        if not _is_int(version) or version < 1:
+            raise _FieldError("format_version", f"must be a whole number >= 1, got {version!r}")
+        if version > FORMAT_VERSION:
+            raise CheckpointError(
+                f"{path}: checkpoint format {version} is newer than this cnnkit understands "
+                f"({FORMAT_VERSION}); upgrade cnnkit"
+            )
+        if version == 1:
+            meta = _upgrade_v1(meta)
+        return _parse_v2(meta)
+    except _FieldError as exc:
+        raise CheckpointError(f"{path}: checkpoint metadata field {exc}") from None
+
+
+def _parse_v2(meta: dict) -> ModelRecord:
+    arch = _architecture(_get(meta, "architecture", dict))
+    names = _get(meta, "class_names", list)
+    if len(names) != arch.num_classes or not all(isinstance(n, str) for n in names):
+        raise _FieldError("class_names", f"must be {arch.num_classes} strings, one per output")
+    classes = meta.get("classes")
+    if classes is not None:
+        if not isinstance(classes, list) or len(classes) != arch.num_classes:
+            raise _FieldError("classes", f"must be a list of {arch.num_classes} labels")
+        if not (all(_is_int(c) for c in classes) or all(isinstance(c, str) for c in classes)):
+            raise _FieldError("classes", "must be all whole numbers or all strings")
+        classes = tuple(classes)
+    try:
+        standardization = Standardization.from_dict(_get(meta, "standardization", dict))
+    except CnnkitError as exc:
+        raise _FieldError("standardization", f"is malformed ({exc})") from None
+    if len(standardization.mean) != arch.input_shape[0]:
+        raise _FieldError("standardization", f"must hold {arch.input_shape[0]} channel(s)")
+    preprocessing = _get(meta, "preprocessing", str)
+    if preprocessing not in PREPROCESSING:
+        raise _FieldError("preprocessing", f"must be one of {', '.join(PREPROCESSING)}, got {preprocessing!r}")
+    config = _config(_get(meta, "config", dict))
+    dataset = meta.get("dataset")
+    if dataset is not None and (not isinstance(dataset, str) or not dataset):
+        raise _FieldError("dataset", "must be a dataset source string or null")
+    valid_size = _get(meta, "valid_size", int)
+    epoch = _get(meta, "epoch", int)
+    history = _get(meta, "history", list)
+    if valid_size < 0 or epoch < 0:
+        raise _FieldError("valid_size" if valid_size < 0 else "epoch", "must not be negative")
+    if len(history) > MAX_HISTORY or not all(isinstance(h, dict) for h in history):
+        raise _FieldError("history", "must be a list of one object per epoch")
+    trainer_state = meta.get("trainer_state") or {}
+    if not isinstance(trainer_state, dict):
+        raise _FieldError("trainer_state", "must be an object")
+    version = meta.get("cnnkit_version", "unknown")
+    return ModelRecord(
+        architecture=arch,
+        class_names=tuple(names),
+        standardization=standardization,
+        preprocessing=preprocessing,
+        config=config,
+        dataset=dataset,
+        valid_size=valid_size,
+        classes=classes,
+        epoch=epoch,
+        history=tuple(history),
+        trainer_state=trainer_state,
+        cnnkit_version=version if isinstance(version, str) else "unknown",
+    )
+
+
+def _architecture(d: dict) -> Architecture:
+    known = {f.name for f in dataclasses.fields(Architecture)}
+    if set(d) - known:
+        raise _FieldError("architecture", f"has unknown keys {sorted(set(d) - known)}")
+    shape = d.get("input_shape", (1, 28, 28))
+    if not (isinstance(shape, list | tuple) and len(shape) == 3 and all(_is_int(v) for v in shape)):
+        raise _FieldError("architecture.input_shape", f"must be [C, H, W], got {shape!r}")
+    if shape[0] not in (1, 3) or not all(1 <= v <= MAX_IMAGE_SIDE for v in shape[1:]):
+        raise _FieldError(
+            "architecture.input_shape", f"must have 1 or 3 channels and sides 1..{MAX_IMAGE_SIDE}, got {shape}"
+        )
+    classes = d.get("num_classes", 10)
+    if not _is_int(classes) or not 2 <= classes <= MAX_CLASSES:
+        raise _FieldError("architecture.num_classes", f"must be 2..{MAX_CLASSES:,}, got {classes!r}")
+    channels = d.get("conv_channels", (32, 64))
+    if not (
+        isinstance(channels, list | tuple)
+        and len(channels) == 2
+        and all(_is_int(c) and 1 <= c <= MAX_CHANNELS for c in channels)
+    ):
+        raise _FieldError("architecture.conv_channels", f"must be two counts 1..{MAX_CHANNELS}, got {channels!r}")
+    kernel = d.get("kernel_size", 5)
+    if not _is_int(kernel) or not 1 <= kernel <= MAX_KERNEL_SIZE:
+        raise _FieldError("architecture.kernel_size", f"must be 1..{MAX_KERNEL_SIZE}, got {kernel!r}")
+    hidden = d.get("hidden_units", 1024)
+    if not _is_int(hidden) or not 1 <= hidden <= MAX_HIDDEN_UNITS:
+        raise _FieldError("architecture.hidden_units", f"must be 1..{MAX_HIDDEN_UNITS}, got {hidden!r}")
+    rate = d.get("dropout_rate", 0.5)
+    if not _is_number(rate) or not 0 <= rate < 1:
+        raise _FieldError("architecture.dropout_rate", f"must be in [0, 1), got {rate!r}")
+    try:
+        arch = Architecture.from_dict(d)
+    except (TypeError, ValueError) as exc:
+        raise _FieldError("architecture", f"does not describe a network ({exc})") from None
+    if arch.num_parameters > MAX_PARAMETERS:
+        raise _FieldError("architecture", f"describes more than {MAX_PARAMETERS:,} parameters")
+    return arch
+
+
+def _config(d: dict) -> TrainConfig:
+    known = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    values = {}
+    for name, value in d.items():
+        if name not in known:
+            continue  # a field a later cnnkit added: ignored, as its default would be
+        default = known[name].default
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, int):
+            ok = _is_int(value)
+        elif isinstance(default, float):
+            ok = _is_number(value) and math.isfinite(value)
+        else:
+            ok = isinstance(value, str)
+        if not ok:
+            raise _FieldError(f"config.{name}", f"has the wrong type: {value!r}")
+        values[name] = value
+    if values.get("build", "layers") not in BUILDS:
+        raise _FieldError("config.build", f"must be one of {', '.join(BUILDS)}")
+    if values.get("lr_schedule", "constant") not in LR_SCHEDULES:
+        raise _FieldError("config.lr_schedule", f"must be one of {', '.join(LR_SCHEDULES)}")
+    if values.get("precision", "fp32") not in ("fp32", "bf16"):
+        raise _FieldError("config.precision", "must be fp32 or bf16")
+    try:
+        return TrainConfig(**values)
+    except (TypeError, ValueError) as exc:
+        raise _FieldError("config", f"is not a valid training configuration ({exc})") from None
+
+
+def _upgrade_v1(meta: dict) -> dict:
+    """Format 1 (cnnkit 0.1.0) as format 2: `hyperparameters` -> `config`; ConvNN's params mapped."""
+    hyper = _get(meta, "hyperparameters", dict)
+    if "random_seed" in hyper or "seed_" in hyper:  # written by ConvNN.save
+        config = {
+            "epochs": hyper.get("epochs", 20),
+            "batch_size": hyper.get("batch_size", 64),
+            "learning_rate": hyper.get("learning_rate", 1e-4),
+            "dropout_rate": hyper.get("dropout_rate", 0.5),
+            "shuffle": hyper.get("shuffle", True),
+            "seed": hyper.get("seed_", hyper.get("random_seed") or 0),
+            "precision": hyper.get("precision_", "fp32"),
+        }
+    else:
+        config = dict(hyper)
+    config["build"] = meta.get("build", config.get("build", "layers"))
+    dataset = meta.get("dataset")
+    return {
+        **meta,
+        "config": config,
+        "dataset": None if dataset == "arrays" else dataset,
+        "trainer_state": {},
+    }
+
+
+def _get(meta: dict, name: str, kind: type):
+    if name not in meta:
+        raise _FieldError(name, "is missing")
+    value = meta[name]
+    ok = _is_int(value) if kind is int else isinstance(value, kind)
+    if not ok:
+        raise _FieldError(name, f"must be a JSON {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)

@@ -1,0 +1,250 @@
+"""The trained-model record and the checkpoint file: validation, old formats, bounded and checked reads."""
+
+import json
+import os
+import struct
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cnnkit.checkpoint import (
+    checkpoint_path,
+    load_checkpoint,
+    load_model,
+    load_optimizer_state,
+    optimizer_path,
+    read_record,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from cnnkit.data import Standardization
+from cnnkit.errors import CheckpointError
+from cnnkit.model import Architecture, build_model
+from cnnkit.record import FORMAT_VERSION, ModelRecord
+from cnnkit.recipes import RECIPES
+from cnnkit.training import make_optimizer
+
+V1 = "tests/data/v1"
+TINY = Architecture(input_shape=(1, 13, 13), num_classes=3, conv_channels=(2, 3), hidden_units=8)
+
+
+def tiny_record(**changes) -> ModelRecord:
+    record = ModelRecord(
+        architecture=TINY,
+        class_names=("a", "b", "c"),
+        standardization=Standardization((10.0,), (20.0,)),
+        preprocessing="object",
+        config=RECIPES["fast"],
+        dataset="folder:/data/shapes",
+        valid_size=5,
+        epoch=2,
+        history=({"epoch": 1, "train_loss": 1.0}, {"epoch": 2, "train_loss": 0.5}),
+        trainer_state={"best": {"epoch": 2, "valid_accuracy": 0.5}},
+    )
+    return record.replace(**changes)
+
+
+def _saved(tmp_path, record=None, optimizer_steps=1):
+    record = record or tiny_record()
+    model = build_model(record.architecture, record.build, seed=0)
+    optimizer = make_optimizer(model, 1e-3)
+    for _ in range(optimizer_steps):
+        model(torch.randn(2, *record.architecture.input_shape)).sum().backward()
+        optimizer.step()
+    return save_checkpoint(checkpoint_path(tmp_path, record.epoch), model, record, optimizer), model
+
+
+def _rewrite_metadata(path, change):
+    """Rewrite the cnnkit metadata of a checkpoint file in place: `change(meta) -> new meta (any JSON)`."""
+    data = path.read_bytes()
+    length = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8 : 8 + length])
+    header["__metadata__"]["cnnkit"] = json.dumps(change(json.loads(header["__metadata__"]["cnnkit"])))
+    new = json.dumps(header).encode()
+    new += b" " * (-len(new) % 8)
+    path.write_bytes(struct.pack("<Q", len(new)) + new + data[8 + length :])
+
+
+def test_a_record_round_trips_through_a_checkpoint(tmp_path):
+    path, model = _saved(tmp_path)
+    ckpt = load_checkpoint(tmp_path)
+    assert ckpt.path == path and ckpt.record == tiny_record()
+    assert read_record(path) == tiny_record()
+    loaded, _ = load_model(path)
+    x = torch.randn(3, *TINY.input_shape)
+    torch.testing.assert_close(loaded(x), model.eval()(x))
+    meta = json.loads(
+        json.loads(path.read_bytes()[8 : 8 + struct.unpack("<Q", path.read_bytes()[:8])[0]])["__metadata__"][
+            "cnnkit"
+        ]
+    )
+    assert meta["format_version"] == FORMAT_VERSION and meta["config"]["lr_schedule"] == "one-cycle"
+
+
+def test_checkpoints_of_cnnkit_0_1_still_load():
+    run = load_checkpoint(f"{V1}/epoch-002.safetensors").record
+    assert (
+        run.config.recipe == "fast"
+        and run.config.lr_schedule == "one-cycle"
+        and run.config.label_smoothing == 0.1
+    )
+    assert run.dataset == "npz:/tmp/v1/tiny.npz" and run.valid_size == 16 and run.epoch == 2
+    assert run.class_names == tuple("0123456789") and run.preprocessing == "digit"
+    convnn = load_checkpoint(f"{V1}/convnn.safetensors").record
+    assert convnn.dataset is None and convnn.classes == ("a", "b", "c", "d") and convnn.config.seed == 3
+    model, _ = load_model(f"{V1}/epoch-002.safetensors")
+    assert load_optimizer_state(f"{V1}/epoch-002.safetensors", model)["state"][0]["step"] == 2  # one step an epoch
+
+
+def test_checkpoint_best_newest_and_epoch_n(tmp_path):
+    for epoch, best in ((1, 1), (2, 1), (3, 3)):
+        _saved(tmp_path, tiny_record(epoch=epoch, trainer_state={"best": {"epoch": best}}))
+    assert resolve_checkpoint(tmp_path) == checkpoint_path(tmp_path, 3)
+    assert resolve_checkpoint(tmp_path, "best") == checkpoint_path(tmp_path, 3)
+    assert resolve_checkpoint(tmp_path, "2") == checkpoint_path(tmp_path, 2)
+    checkpoint_path(tmp_path, 2).unlink()
+    with pytest.raises(CheckpointError, match="epoch 2 is not kept .*kept: 1, 3"):
+        resolve_checkpoint(tmp_path, "2")
+    _saved(tmp_path, tiny_record(epoch=4, trainer_state={}))
+    with pytest.raises(CheckpointError, match="without a validation split"):
+        resolve_checkpoint(tmp_path, "best")
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        (lambda m: [m], "metadata is a JSON list"),
+        (lambda m: "text", "metadata is a JSON str"),
+        (lambda m: {**m, "format_version": "2"}, "format_version"),
+        (lambda m: {**m, "class_names": ["a", "b"]}, "class_names"),
+        (lambda m: {**m, "architecture": {**m["architecture"], "input_shape": [1, -13, 13]}}, "input_shape"),
+        (lambda m: {**m, "architecture": {**m["architecture"], "num_classes": 3_000_000}}, "num_classes"),
+        (lambda m: {**m, "architecture": {**m["architecture"], "hidden_units": 10**9}}, "hidden_units"),
+        (lambda m: {**m, "valid_size": -1}, "valid_size"),
+        (lambda m: {**m, "epoch": 1.5}, "epoch"),
+        (lambda m: {**m, "config": {**m["config"], "learning_rate": "fast"}}, "config.learning_rate"),
+        (lambda m: {**m, "config": {**m["config"], "epochs": 0}}, "config"),
+        (lambda m: {**m, "preprocessing": "sharpen"}, "preprocessing"),
+        (lambda m: {**m, "standardization": {"mean": [1.0], "std": [0.0]}}, "standardization"),
+        (lambda m: {k: v for k, v in m.items() if k != "architecture"}, "architecture is missing"),
+        (lambda m: {**m, "history": [[[[]]]]}, "history"),
+    ],
+)
+def test_malformed_metadata_is_one_error_naming_the_file_and_field(tmp_path, change, field):
+    path, _ = _saved(tmp_path)
+    _rewrite_metadata(path, change)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    message = str(info.value)
+    assert message.startswith(str(path)) and field in message and "\n" not in message
+
+
+def test_deeply_nested_metadata_is_refused(tmp_path):
+    path, _ = _saved(tmp_path)
+    data = path.read_bytes()
+    length = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8 : 8 + length])
+    header["__metadata__"]["cnnkit"] = "[" * 100_000 + "]" * 100_000
+    new = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(new)) + new + data[8 + length :])
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        load_checkpoint(path)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    meta=st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
+        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
+        max_leaves=20,
+    )
+)
+def test_any_json_as_metadata_is_a_checkpoint_error_or_a_record(meta):
+    try:
+        ModelRecord.from_dict(meta, "m.safetensors")
+    except CheckpointError as exc:
+        assert str(exc).startswith("m.safetensors: ") and "\n" not in str(exc)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    field=st.sampled_from(["architecture", "config", "class_names", "standardization", "trainer_state"]),
+    value=st.recursive(
+        st.none() | st.integers() | st.floats() | st.text(max_size=4),
+        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=12), inner, max_size=3),
+        max_leaves=10,
+    ),
+)
+def test_any_value_in_a_field_is_a_checkpoint_error_or_a_record(field, value):
+    meta = {**tiny_record().to_dict(), field: value}
+    try:
+        ModelRecord.from_dict(meta, "m.safetensors")
+    except CheckpointError as exc:
+        assert "\n" not in str(exc)
+
+
+def test_flipped_bits_in_the_tensors_fail_the_sha256(tmp_path):
+    path, _ = _saved(tmp_path)
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x10
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        load_checkpoint(path)
+
+
+def test_tensors_that_do_not_fit_the_record_are_refused_before_reading(tmp_path):
+    path, _ = _saved(tmp_path)
+    _rewrite_metadata(path, lambda m: {**m, "architecture": {**m["architecture"], "hidden_units": 9}})
+    with pytest.raises(CheckpointError, match="expected F32"):
+        load_checkpoint(path)
+
+
+def test_a_fifo_or_a_folder_is_not_a_checkpoint(tmp_path):
+    fifo = tmp_path / "pipe.safetensors"
+    os.mkfifo(fifo)
+    with pytest.raises(CheckpointError, match="not a regular file"):
+        load_checkpoint(fifo)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda t: {**t, "state.0.exp_avg": torch.zeros(3)},  # the segfault of the issue: moments too small
+        lambda t: {k: v for k, v in t.items() if k != "state.1.exp_avg_sq"},
+        lambda t: {**t, "state.0.step": torch.tensor(-1.0)},
+        lambda t: {**t, "state.2.exp_avg": torch.full_like(t["state.2.exp_avg"], float("nan"))},
+        lambda t: {**t, "state.0.exp_avg": t["state.0.exp_avg"].double()},
+    ],
+)
+def test_optimizer_state_is_checked_against_the_parameters(tmp_path, damage):
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+
+    path, model = _saved(tmp_path)
+    opt = optimizer_path(path)
+    with safe_open(opt, "pt") as f:
+        metadata = f.metadata()
+    metadata.pop("sha256")
+    save_file(damage(load_file(opt)), opt, metadata=metadata)
+    with pytest.raises(CheckpointError) as info:
+        load_optimizer_state(path, model)
+    assert str(info.value).startswith(str(opt))
+
+
+def test_optimizer_state_of_another_network_is_refused(tmp_path):
+    path, _ = _saved(tmp_path)
+    other = build_model(
+        Architecture(input_shape=(1, 13, 13), num_classes=4, conv_channels=(2, 3), hidden_units=8)
+    )
+    with pytest.raises(CheckpointError, match=r"optimizer.safetensors: tensor state.6.exp_avg is F32 \[3, 8\], expected F32 \[4, 8\]"):
+        load_optimizer_state(path, other)
+
+
+def test_record_of_a_convnn_keeps_label_values(tmp_path):
+    record = tiny_record(classes=(3, 7, 9), class_names=("3", "7", "9"), dataset=None)
+    path, _ = _saved(tmp_path, record)
+    assert read_record(path).classes == (3, 7, 9)
+    assert np.asarray(read_record(path).classes).dtype.kind == "i"
