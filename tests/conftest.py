@@ -16,6 +16,19 @@ import pytest
 from cnnkit.data import load_dataset
 
 
+def pytest_collection_modifyitems(items):
+    # Tests that need the chapter's network trained for 6 epochs (trained_run) check learning, not
+    # plumbing: they are the suite's slow ones (`pytest -m "not slow"` skips them; CI runs them).
+    for item in items:
+        if "trained_run" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
+# Layer sizes of a tiny network for tests that check files and plumbing, not learning (start_run's
+# `architecture`): about 20 times faster to train than the chapter's.
+TINY = {"conv_channels": (4, 8), "hidden_units": 32}
+
+
 @pytest.fixture(scope="session")
 def mnist_5k():
     return load_dataset("mnist-5k")
@@ -44,6 +57,18 @@ def trained_run(tmp_path_factory):
 
     run_dir = tmp_path_factory.mktemp("runs") / "mnist-5k"
     start_run("mnist-5k", TrainConfig(epochs=6, seed=0, precision="auto"), run_dir, log=lambda line: None)
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, small_npz):
+    """A run folder of a tiny network trained 3 epochs on small_npz (640 train, 200 test digits), keep=1."""
+    from cnnkit.recipes import TrainConfig
+    from cnnkit.runs import start_run
+
+    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
+    config = TrainConfig(epochs=3, seed=0, keep=1, learning_rate=1e-3)
+    start_run(small_npz, config, run_dir, architecture=TINY, valid_size=128, log=lambda line: None)
     return run_dir
 
 

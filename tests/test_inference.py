@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from cnnkit.checkpoint import load_model
-from cnnkit.data import Standardization
 from cnnkit.inference import (
     CPU_FLOAT_BATCH,
     LARGE_BATCH,
@@ -23,7 +22,7 @@ from cnnkit.quantize import quantize_int8
 @pytest.fixture(scope="module")
 def model_and_test_set(trained_run, mnist_5k):
     model, ckpt = load_model(trained_run)
-    std = Standardization.from_dict(ckpt.meta["standardization"])
+    std = ckpt.record.standardization
     return (
         model,
         std.apply(mnist_5k.test.images),

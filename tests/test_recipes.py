@@ -73,7 +73,6 @@ def test_fast_recipe_from_the_command_line(capsys, tmp_path, small_npz):
                 "1",
                 "--out",
                 str(tmp_path),
-                "--quiet",
                 "--threads",
                 "1",
                 "--valid-size",
@@ -84,6 +83,6 @@ def test_fast_recipe_from_the_command_line(capsys, tmp_path, small_npz):
     finally:
         torch.set_num_threads(threads)
     assert code == 0 and "epoch 1/1" in capsys.readouterr().out
-    hyper = load_checkpoint(tmp_path).meta["hyperparameters"]
-    assert hyper["recipe"] == "fast" and hyper["lr_schedule"] == "one-cycle" and hyper["batch_size"] == 256
-    assert hyper["label_smoothing"] == 0.1 and hyper["dropout_rate"] == 0.3 and hyper["epochs"] == 1
+    config = load_checkpoint(tmp_path).record.config
+    assert config.recipe == "fast" and config.lr_schedule == "one-cycle" and config.batch_size == 256
+    assert config.label_smoothing == 0.1 and config.dropout_rate == 0.3 and config.epochs == 1

@@ -23,8 +23,8 @@ from cnnkit.checkpoint import (
 from cnnkit.data import Standardization
 from cnnkit.errors import CheckpointError
 from cnnkit.model import Architecture, build_model
-from cnnkit.record import FORMAT_VERSION, ModelRecord
 from cnnkit.recipes import RECIPES
+from cnnkit.record import FORMAT_VERSION, ModelRecord
 from cnnkit.training import make_optimizer
 
 V1 = "tests/data/v1"
@@ -96,7 +96,9 @@ def test_checkpoints_of_cnnkit_0_1_still_load():
     convnn = load_checkpoint(f"{V1}/convnn.safetensors").record
     assert convnn.dataset is None and convnn.classes == ("a", "b", "c", "d") and convnn.config.seed == 3
     model, _ = load_model(f"{V1}/epoch-002.safetensors")
-    assert load_optimizer_state(f"{V1}/epoch-002.safetensors", model)["state"][0]["step"] == 2  # one step an epoch
+    assert (
+        load_optimizer_state(f"{V1}/epoch-002.safetensors", model)["state"][0]["step"] == 2
+    )  # one step an epoch
 
 
 def test_checkpoint_best_newest_and_epoch_n(tmp_path):
@@ -106,7 +108,7 @@ def test_checkpoint_best_newest_and_epoch_n(tmp_path):
     assert resolve_checkpoint(tmp_path, "best") == checkpoint_path(tmp_path, 3)
     assert resolve_checkpoint(tmp_path, "2") == checkpoint_path(tmp_path, 2)
     checkpoint_path(tmp_path, 2).unlink()
-    with pytest.raises(CheckpointError, match="epoch 2 is not kept .*kept: 1, 3"):
+    with pytest.raises(CheckpointError, match=r"epoch 2 is not kept .*kept: 1, 3"):
         resolve_checkpoint(tmp_path, "2")
     _saved(tmp_path, tiny_record(epoch=4, trainer_state={}))
     with pytest.raises(CheckpointError, match="without a validation split"):
@@ -220,8 +222,8 @@ def test_a_fifo_or_a_folder_is_not_a_checkpoint(tmp_path):
     ],
 )
 def test_optimizer_state_is_checked_against_the_parameters(tmp_path, damage):
-    from safetensors.torch import load_file, save_file
     from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
 
     path, model = _saved(tmp_path)
     opt = optimizer_path(path)
@@ -239,7 +241,10 @@ def test_optimizer_state_of_another_network_is_refused(tmp_path):
     other = build_model(
         Architecture(input_shape=(1, 13, 13), num_classes=4, conv_channels=(2, 3), hidden_units=8)
     )
-    with pytest.raises(CheckpointError, match=r"optimizer.safetensors: tensor state.6.exp_avg is F32 \[3, 8\], expected F32 \[4, 8\]"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"optimizer.safetensors: tensor state.6.exp_avg is F32 \[3, 8\], expected F32 \[4, 8\]",
+    ):
         load_optimizer_state(path, other)
 
 

@@ -204,7 +204,9 @@ def prune_checkpoints(run_dir, keep: int, spare: int | None = None) -> list[Path
     if keep < 0:
         raise ValueError(f"keep must be >= 0, got {keep}")
     found = list_checkpoints(run_dir)
-    removed = [p for p in (found[:-keep] if keep else found) if spare is None or p != checkpoint_path(run_dir, spare)]
+    removed = [
+        p for p in (found[:-keep] if keep else found) if spare is None or p != checkpoint_path(run_dir, spare)
+    ]
     for weights in removed:
         optimizer_path(weights).unlink(missing_ok=True)
         weights.unlink(missing_ok=True)
@@ -236,7 +238,9 @@ def _read_header(path: Path) -> dict:
     try:
         info = os.stat(path)
         if not stat.S_ISREG(info.st_mode):
-            raise CheckpointError(f"{path}: not a regular file (a folder, pipe or device cannot be a checkpoint)")
+            raise CheckpointError(
+                f"{path}: not a regular file (a folder, pipe or device cannot be a checkpoint)"
+            )
         with open(path, "rb") as f:
             prefix = f.read(8)
             length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
@@ -260,7 +264,9 @@ def _record_from(path: Path, header: dict) -> ModelRecord:
     metadata = header.get("__metadata__", {})
     if metadata.get("format") != FORMAT or "cnnkit" not in metadata:
         if "optimizer" in metadata:
-            raise CheckpointError(f"{path}: an optimizer state file, not a checkpoint; give the weights file beside it")
+            raise CheckpointError(
+                f"{path}: an optimizer state file, not a checkpoint; give the weights file beside it"
+            )
         raise CheckpointError(f"{path}: a safetensors file, but not a cnnkit checkpoint (no cnnkit metadata)")
     try:
         meta = json.loads(metadata["cnnkit"])

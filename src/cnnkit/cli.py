@@ -1,339 +1,26 @@
-"""The `cnnkit` command line: train, evaluate, predict, data info.
+"""The `cnnkit` command line: train, evaluate, predict, summary, data info.
 
-Every error a user can cause (a missing file, a corrupt checkpoint, an unknown dataset) is printed as
-one line, `cnnkit: error: ...`, with exit code 2 and no traceback.
+`main` is the one place that turns exceptions into output: every error a user can cause (a missing
+file, a corrupt checkpoint, an unknown dataset, a full disk, a read-only folder) is printed as one
+line, `cnnkit: error: ...`, with exit code 2 and no traceback; SIGINT and SIGTERM end training with
+a line saying which checkpoint is on disk (exit 130); a closed pipe on stdout silences the output
+without stopping a training run.
 """
 
 import argparse
-import dataclasses
 import json
+import math
+import os
+import signal
 import sys
 
 from cnnkit import __version__
 from cnnkit.errors import CnnkitError
-from cnnkit.recipes import CALIBRATION_IMAGES, FAST_RECIPE_VALID_SIZE, RECIPES
+from cnnkit.recipes import CALIBRATION_IMAGES, RECIPES
 
 SOURCES_HELP = "mnist-5k (embedded), mnist, fashion-mnist, idx:DIR, npz:FILE or folder:DIR"
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="cnnkit",
-        description="Convolutional neural networks for image classification.",
-        epilog="Run `cnnkit COMMAND --help` for a command's options.",
-    )
-    parser.add_argument("--version", action="version", version=f"cnnkit {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    commands.required = True
-    _add_train(commands)
-    _add_evaluate(commands)
-    _add_predict(commands)
-    _add_data(commands)
-    return parser
-
-
-def _add_train(commands):
-    p = commands.add_parser(
-        "train",
-        help="train the chapter's CNN, checkpointing each epoch",
-        description="Train the chapter's CNN (Adam 1e-4, batch 64, dropout 0.5, 20 epochs). "
-        "Each epoch writes RUN/checkpoints/epoch-NNN.safetensors and a line of RUN/history.jsonl.",
-    )
-    p.add_argument("--dataset", default=None, help=f"{SOURCES_HELP} (default: mnist, downloaded when absent)")
-    p.add_argument(
-        "--recipe",
-        choices=tuple(RECIPES),
-        default="chapter",
-        help="chapter: the chapter's schedule (the defaults below); fast: batch 256, one-cycle lr 4e-3, "
-        "dropout 0.3, label smoothing 0.1, 7 epochs, 2,000 validation images (options below override it)",
-    )
-    p.add_argument("--epochs", type=_positive_int, default=None, help="epochs in all (default: 20)")
-    p.add_argument("--batch-size", type=_positive_int, default=None, help="mini-batch size (default: 64)")
-    p.add_argument("--lr", type=_positive_float, default=None, help="Adam's learning rate (default: 1e-4)")
-    p.add_argument("--dropout", type=_probability, default=None, help="dropout rate (default: 0.5)")
-    p.add_argument(
-        "--seed", type=int, default=None, help="seed for weights, batch order and dropout (default: 123)"
-    )
-    p.add_argument("--no-shuffle", action="store_true", help="keep the training order in every epoch")
-    p.add_argument(
-        "--valid-size",
-        type=_valid_size,
-        default=None,
-        help="validation images taken from the end of the training split: a count, a fraction, or 0 "
-        "(default: 10,000, or a sixth of the training split when that is smaller)",
-    )
-    p.add_argument(
-        "--build", choices=("layers", "lowlevel"), default=None, help="network build (default: layers)"
-    )
-    p.add_argument(
-        "--precision",
-        choices=("auto", "fp32", "bf16"),
-        default=None,
-        help="auto uses bf16 autocast where the CPU has native bf16 (AVX512-BF16 or AMX), else fp32",
-    )
-    p.add_argument(
-        "--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: a GPU if present"
-    )
-    p.add_argument(
-        "--threads",
-        type=_positive_int,
-        default=None,
-        help="CPU threads (default: PyTorch's, one per core); results are bit-reproducible for a given count",
-    )
-    p.add_argument(
-        "--out", default=None, help="run folder (default: runs/DATASET-TIME; with --resume, its own)"
-    )
-    p.add_argument(
-        "--resume", metavar="RUN_OR_CHECKPOINT", default=None, help="continue a run from a checkpoint"
-    )
-    p.add_argument(
-        "--keep", type=_positive_int, default=0, metavar="N", help="keep only the newest N checkpoints"
-    )
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="start afresh in an --out folder that holds checkpoints (deletes them)",
-    )
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(run=run_train)
-
-
-def _add_evaluate(commands):
-    p = commands.add_parser("evaluate", help="accuracy, loss, per-class accuracy and confusion matrix")
-    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint file, or a run folder (its newest)")
-    p.add_argument("--dataset", default=None, help=f"{SOURCES_HELP} (default: the one it was trained on)")
-    p.add_argument("--split", choices=("test", "valid", "train"), default="test", help="default: test")
-    p.add_argument(
-        "--batch-size",
-        type=_positive_int,
-        default=None,
-        help="images per forward pass (default: 256 for a float network on a CPU, 1000 for int8 or a GPU)",
-    )
-    p.add_argument(
-        "--precision",
-        choices=("auto", "fp32", "bf16", "int8"),
-        default="auto",
-        help="auto: bf16 where the CPU has native bf16, else fp32; int8: quantized, calibrated on "
-        f"{CALIBRATION_IMAGES} training images (about 1.7x faster than bf16 here)",
-    )
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(run=run_evaluate)
-
-
-def _add_predict(commands):
-    p = commands.add_parser(
-        "predict",
-        help="classify image files (PNG/JPEG, gray, RGB or RGBA)",
-        description="Classify image files. A digit is prepared the way MNIST's were made: grayscale, "
-        "inverted if the background is light, cropped to the ink, scaled into 20x20, centered by mass in 28x28.",
-    )
-    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint file, or a run folder (its newest)")
-    p.add_argument("images", metavar="IMAGE", nargs="+", help="image files")
-    p.add_argument("--proba", action="store_true", help="also print each class's probability")
-    p.add_argument("--json", action="store_true", help="print a JSON list, one object per image")
-    p.add_argument(
-        "--preprocess",
-        choices=("auto", "digit", "object", "resize"),
-        default="auto",
-        help="digit: MNIST-style; object: Fashion-MNIST-style (crop, fit, center); resize: plain resize "
-        "(default: what the checkpoint's dataset needs)",
-    )
-    p.add_argument(
-        "--precision",
-        choices=("auto", "fp32", "bf16"),
-        default="auto",
-        help="auto: bf16 where the CPU has native bf16, else fp32",
-    )
-    p.set_defaults(run=run_predict)
-
-
-def _add_data(commands):
-    data = commands.add_parser("data", help="inspect datasets")
-    data_commands = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
-    data_commands.required = True
-    info = data_commands.add_parser("info", help="print splits, counts, shapes, classes and statistics")
-    info.add_argument("source", help=SOURCES_HELP)
-    info.set_defaults(run=run_data_info)
-
-
-# --- commands ---
-
-
-def run_train(args) -> int:
-    import torch
-
-    from cnnkit.runs import resume_run, start_run
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    show_progress = False if args.quiet else None
-    if args.resume:
-        fixed = {
-            "--dataset": args.dataset,
-            "--batch-size": args.batch_size,
-            "--lr": args.lr,
-            "--dropout": args.dropout,
-            "--seed": args.seed,
-            "--valid-size": args.valid_size,
-            "--build": args.build,
-            "--precision": args.precision,
-            "--recipe": None if args.recipe == "chapter" else args.recipe,
-            "--overwrite": args.overwrite or None,
-        }
-        given = [name for name, value in fixed.items() if value is not None] + (
-            ["--no-shuffle"] * args.no_shuffle
-        )
-        if given:
-            raise CnnkitError(
-                f"{', '.join(given)} cannot change when resuming: a resumed run keeps the checkpoint's recipe "
-                "(only --epochs, --out, --keep and --device apply)"
-            )
-        result = resume_run(args.resume, args.epochs, args.out, args.device, args.keep, print, show_progress)
-    else:
-        chosen = {
-            "epochs": args.epochs,
-            "batch_size": args.batch_size,
-            "learning_rate": args.lr,
-            "dropout_rate": args.dropout,
-            "seed": args.seed,
-            "build": args.build,
-            "shuffle": False if args.no_shuffle else None,
-        }
-        config = dataclasses.replace(
-            RECIPES[args.recipe],
-            precision=args.precision or "auto",
-            **{name: value for name, value in chosen.items() if value is not None},
-        )
-        valid_size = args.valid_size
-        if valid_size is None and args.recipe == "fast":
-            valid_size = FAST_RECIPE_VALID_SIZE
-        result = start_run(
-            args.dataset or "mnist",
-            config,
-            args.out,
-            valid_size,
-            args.device,
-            args.keep,
-            print,
-            show_progress,
-            overwrite=args.overwrite,
-        )
-    print(f"checkpoint: {result.last_checkpoint}")
-    return 0
-
-
-def run_evaluate(args) -> int:
-    import numpy as np
-    import torch
-
-    from cnnkit.checkpoint import load_model
-    from cnnkit.data import Standardization
-    from cnnkit.device import resolve_precision
-    from cnnkit.inference import evaluate
-    from cnnkit.quantize import quantize_int8
-    from cnnkit.runs import load_dataset_for
-
-    model, ckpt = load_model(args.checkpoint)
-    meta = ckpt.meta
-    source = args.dataset or meta["dataset"]
-    input_shape = tuple(meta["architecture"]["input_shape"])
-    dataset = load_dataset_for(source, input_shape, ckpt.path)
-    if args.split != "test":
-        dataset = dataset.split_validation(meta.get("valid_size"))
-    split = getattr(dataset, args.split)
-    if split is None or len(split) == 0:
-        raise CnnkitError(
-            f"dataset {source!r} has no {args.split} split; try --split valid or another --dataset"
-        )
-    _check_fits(model, input_shape, tuple(split.images.shape[1:]), dataset.class_names, source)
-    standardization = Standardization.from_dict(meta["standardization"])
-    precision = resolve_precision(args.precision if args.precision != "int8" else "fp32", torch.device("cpu"))
-    if args.precision == "int8":
-        calibration = dataset.train or dataset.valid or split
-        model = quantize_int8(model, standardization.apply(calibration.images[:CALIBRATION_IMAGES]))
-    result = evaluate(
-        model, standardization.apply(split.images), split.labels, args.batch_size, precision=precision
-    )
-    report = {
-        "checkpoint": str(ckpt.path),
-        "dataset": source,
-        "split": args.split,
-        "precision": args.precision,
-    }
-    report.update(result.to_dict(meta["class_names"]))
-    if args.json:
-        print(json.dumps(report))
-        return 0
-    print(f"{ckpt.path} on {source} ({args.split}, {result.n:,} images)")
-    print(f"accuracy {result.accuracy:.4f}  loss {result.loss:.4f}")
-    names = meta["class_names"]
-    width = max(len(n) for n in names)
-    print(f"\n{'class':<{width}}  {'accuracy':>8}  {'n':>6}")
-    for name, entry in report["per_class"].items():
-        acc = "-" if entry["accuracy"] is None else f"{entry['accuracy']:.4f}"
-        print(f"{name:<{width}}  {acc:>8}  {entry['n']:>6}")
-    print("\nconfusion matrix (rows: true class, columns: predicted)")
-    confusion = np.asarray(report["confusion_matrix"])
-    cell = max(len(str(confusion.max())), 3)
-    print(" " * width + "  " + " ".join(f"{i:>{cell}}" for i in range(len(names))))
-    for i, name in enumerate(names):
-        print(f"{name:<{width}}  " + " ".join(f"{v:>{cell}}" for v in confusion[i]) + f"   ({i})")
-    return 0
-
-
-def run_predict(args) -> int:
-    import numpy as np
-    import torch
-
-    from cnnkit.checkpoint import load_model
-    from cnnkit.data import Standardization
-    from cnnkit.device import resolve_precision
-    from cnnkit.images import load_for_model
-    from cnnkit.inference import predict_proba
-
-    model, ckpt = load_model(args.checkpoint)
-    meta = ckpt.meta
-    style = meta.get("preprocessing", "resize") if args.preprocess == "auto" else args.preprocess
-    input_shape = tuple(meta["architecture"]["input_shape"])
-    raw = np.stack([load_for_model(path, input_shape, style) for path in args.images])
-    precision = resolve_precision(args.precision, torch.device("cpu"))
-    proba = predict_proba(
-        model, Standardization.from_dict(meta["standardization"]).apply(raw), precision=precision
-    )
-    names = meta["class_names"]
-    results = []
-    for path, p in zip(args.images, proba, strict=True):
-        label = int(p.argmax())
-        entry = {"file": path, "label": label, "class_name": names[label], "confidence": float(p[label])}
-        if args.proba:
-            entry["probabilities"] = {name: float(v) for name, v in zip(names, p, strict=True)}
-        results.append(entry)
-    if args.json:
-        print(json.dumps(results))
-        return 0
-    for entry in results:
-        print(f"{entry['file']}: {entry['class_name']} ({entry['confidence']:.1%})")
-        if args.proba:
-            print("  " + "  ".join(f"{name} {v:.3f}" for name, v in entry["probabilities"].items()))
-    return 0
-
-
-def run_data_info(args) -> int:
-    from cnnkit.data import info_table, load_dataset
-
-    print(info_table(load_dataset(args.source)))
-    return 0
-
-
-def _check_fits(model, expected, image_shape, class_names, source):
-    if image_shape != expected:
-        raise CnnkitError(
-            f"dataset {source!r} has images of shape {image_shape} (C, H, W) but the model takes {expected}"
-        )
-    if len(class_names) > model.arch.num_classes:
-        raise CnnkitError(
-            f"dataset {source!r} has {len(class_names)} classes but the model knows {model.arch.num_classes}"
-        )
+CHECKPOINT_HELP = "a run folder, or a checkpoint file"
+WHICH_HELP = "for a run folder: newest (default), best (best validation accuracy) or an epoch number N"
 
 
 # --- argument types: each names what was wrong ---
@@ -345,7 +32,7 @@ def _checked(convert, accept, expected: str):
     def parse(text):
         try:
             value = convert(text)
-        except ValueError:
+        except (ValueError, OverflowError):
             value = None
         if value is None or not accept(value):
             raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
@@ -354,31 +41,493 @@ def _checked(convert, accept, expected: str):
     return parse
 
 
-_positive_int = _checked(int, lambda value: value >= 1, "a positive whole number")
-_positive_float = _checked(float, lambda value: value > 0, "a positive number")
-_probability = _checked(float, lambda value: 0 <= value < 1, "a number in [0, 1)")
+def _image_size(text: str):
+    height, _, width = text.lower().partition("x")
+    return int(height), int(width or height)
+
+
+_positive_int = _checked(int, lambda v: v >= 1, "a positive whole number")
+_count = _checked(int, lambda v: v >= 0, "a whole number >= 0")
+_seed = _checked(int, lambda v: 0 <= v < 2**63, "a whole number from 0 to 2**63 - 1")
+_positive_float = _checked(float, lambda v: 0 < v < math.inf, "a positive finite number")
+_probability = _checked(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+_nonempty = _checked(str, bool, "a non-empty value")
+_which = _checked(
+    str, lambda v: v in ("best", "newest") or (v.isdigit() and int(v) >= 1), "best, newest or an epoch number"
+)
+_size = _checked(_image_size, lambda s: all(1 <= d <= 4096 for d in s), "HxW in pixels, e.g. 28x28 or 64")
 
 
 def _valid_size(text):
     try:
-        value = float(text) if any(c in text for c in ".eE") else int(text)
+        value = float(text) if any(c in text for c in ".eEnN") else int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected a count (e.g. 10000) or a fraction (e.g. 0.1), got {text!r}"
         ) from None
-    if value < 0 or (isinstance(value, float) and value >= 1):
+    if not math.isfinite(value) or value < 0 or (isinstance(value, float) and value >= 1):
         raise argparse.ArgumentTypeError(f"expected a count >= 0 or a fraction in (0, 1), got {text!r}")
     return value
 
 
-def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+# --- the parser ---
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one line (`cnnkit: error: argument --lr: ...`) and exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"cnnkit: error: {' '.join(message.split())} (see `{self.prog} --help`)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="cnnkit",
+        description="Convolutional neural networks for image classification.",
+        epilog="Run `cnnkit COMMAND --help` for a command's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"cnnkit {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+    _add_train(commands)
+    _add_evaluate(commands)
+    _add_predict(commands)
+    _add_summary(commands)
+    _add_data(commands)
+    return parser
+
+
+def _add_runtime(p, precisions=("auto", "fp32", "bf16")):
+    p.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: a GPU if present"
+    )
+    p.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        help="CPU threads (default: one per CPU this process may use; capped at that count)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=precisions,
+        default=None,
+        help="auto (default): bf16 where the CPU has native bf16 (AVX512-BF16 or AMX) or on a GPU, else fp32",
+    )
+
+
+def _add_train(commands):
+    p = commands.add_parser(
+        "train",
+        help="train the chapter's CNN, checkpointing each epoch",
+        description="Train the chapter's CNN (Adam 1e-4, batch 64, dropout 0.5, 20 epochs). "
+        "Each epoch writes RUN/checkpoints/epoch-NNN.safetensors and a line of RUN/history.jsonl "
+        "and RUN/metrics.csv.",
+    )
+    p.add_argument(
+        "--dataset",
+        type=_nonempty,
+        default=None,
+        help=f"{SOURCES_HELP} (default: mnist, downloaded when absent)",
+    )
+    p.add_argument(
+        "--recipe",
+        choices=tuple(RECIPES),
+        default=None,
+        help="chapter (default): the chapter's schedule (the defaults below); fast: batch 256, one-cycle lr "
+        "4e-3, dropout 0.3, label smoothing 0.1, 7 epochs, min(2,000, 10%%) validation images "
+        "(options below override it)",
+    )
+    p.add_argument("--epochs", type=_positive_int, default=None, help="epochs in all (default: 20)")
+    p.add_argument("--batch-size", type=_positive_int, default=None, help="mini-batch size (default: 64)")
+    p.add_argument("--lr", type=_positive_float, default=None, help="Adam's learning rate (default: 1e-4)")
+    p.add_argument("--dropout", type=_probability, default=None, help="dropout rate (default: 0.5)")
+    p.add_argument(
+        "--seed", type=_seed, default=None, help="seed for weights, batch order and dropout (default: 123)"
+    )
+    p.add_argument("--no-shuffle", action="store_true", help="keep the training order in every epoch")
+    p.add_argument(
+        "--valid-size",
+        type=_valid_size,
+        default=None,
+        help="validation images taken from the end of the training split: a count, a fraction, or 0 "
+        "(default: 10,000, or a sixth of the training split when that is smaller)",
+    )
+    p.add_argument(
+        "--image-size",
+        type=_size,
+        default=None,
+        metavar="HxW",
+        help="bring every image to this size (default for folder: sources: the most common size, "
+        "capped at 64 pixels on its longer side)",
+    )
+    p.add_argument(
+        "--build", choices=("layers", "lowlevel"), default=None, help="network build (default: layers)"
+    )
+    p.add_argument(
+        "--patience",
+        type=_count,
+        default=None,
+        metavar="N",
+        help="stop early after N epochs without a lower validation loss (default: 0, never)",
+    )
+    p.add_argument(
+        "--keep",
+        type=_count,
+        default=None,
+        metavar="N",
+        help="keep only the newest N checkpoints, and always the best (default: all; remembered on resume)",
+    )
+    _add_runtime(p)
+    p.add_argument(
+        "--out",
+        type=_nonempty,
+        default=None,
+        help="run folder (default: runs/DATASET-TIME; with --resume, its own)",
+    )
+    p.add_argument(
+        "--resume",
+        type=_nonempty,
+        metavar="RUN_OR_CHECKPOINT",
+        default=None,
+        help="continue a run from a checkpoint",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh in an --out folder that holds checkpoints (deletes them)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar and no epoch lines")
+    p.set_defaults(run=run_train)
+
+
+def _add_evaluate(commands):
+    p = commands.add_parser("evaluate", help="accuracy, loss, per-class accuracy and confusion matrix")
+    p.add_argument("checkpoint", type=_nonempty, metavar="RUN_OR_CHECKPOINT", help=CHECKPOINT_HELP)
+    p.add_argument(
+        "--checkpoint", dest="which", type=_which, default=None, metavar="best|newest|N", help=WHICH_HELP
+    )
+    p.add_argument(
+        "--dataset", type=_nonempty, default=None, help=f"{SOURCES_HELP} (default: the one it was trained on)"
+    )
+    p.add_argument("--split", choices=("test", "valid", "train"), default="test", help="default: test")
+    p.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=None,
+        help="images per forward pass (default: 256 for a float network on a CPU, 1000 for int8 or a GPU)",
+    )
+    _add_runtime(p, precisions=("auto", "fp32", "bf16", "int8"))
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(run=run_evaluate)
+
+
+def _add_predict(commands):
+    p = commands.add_parser(
+        "predict",
+        help="classify image files (PNG/JPEG, gray, RGB or RGBA)",
+        description="Classify image files. A digit is prepared the way MNIST's were made: grayscale, "
+        "inverted if the background is light, cropped to the ink, scaled into 20x20, centered by mass in 28x28.",
+    )
+    p.add_argument("checkpoint", type=_nonempty, metavar="RUN_OR_CHECKPOINT", help=CHECKPOINT_HELP)
+    p.add_argument("images", type=_nonempty, metavar="IMAGE", nargs="+", help="image files")
+    p.add_argument(
+        "--checkpoint", dest="which", type=_which, default=None, metavar="best|newest|N", help=WHICH_HELP
+    )
+    p.add_argument("--proba", action="store_true", help="also print each class's probability")
+    p.add_argument("--json", action="store_true", help="print a JSON list, one object per image")
+    p.add_argument(
+        "--preprocess",
+        choices=("auto", "digit", "object", "resize"),
+        default="auto",
+        help="digit: MNIST-style; object: Fashion-MNIST-style (crop, fit, center); resize: plain resize "
+        "(default: what the model's dataset declared)",
+    )
+    _add_runtime(p)
+    p.set_defaults(run=run_predict)
+
+
+def _add_summary(commands):
+    p = commands.add_parser(
+        "summary", help="a trained model's layers, shapes, parameters, classes and training"
+    )
+    p.add_argument("checkpoint", type=_nonempty, metavar="RUN_OR_CHECKPOINT", help=CHECKPOINT_HELP)
+    p.add_argument(
+        "--checkpoint", dest="which", type=_which, default=None, metavar="best|newest|N", help=WHICH_HELP
+    )
+    p.set_defaults(run=run_summary)
+
+
+def _add_data(commands):
+    data = commands.add_parser("data", help="inspect datasets")
+    data_commands = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
+    data_commands.required = True
+    info = data_commands.add_parser("info", help="print splits, counts, shapes, classes and statistics")
+    info.add_argument("source", type=_nonempty, help=SOURCES_HELP)
+    info.set_defaults(run=run_data_info)
+
+
+# --- commands ---
+
+
+def log(line: str):
+    """Print one line at once (logs in a pipe appear as they are written); a closed pipe silences it."""
     try:
+        print(line, flush=True)
+    except BrokenPipeError:
+        _silence_stdout()
+
+
+def _runtime(args):
+    """Apply --threads and resolve --device: returns the torch.device to run on."""
+    import torch
+
+    from cnnkit.device import resolve_device
+
+    if getattr(args, "threads", None):
+        torch.set_num_threads(min(args.threads, os.cpu_count() or 1))
+    return resolve_device(args.device)
+
+
+def run_train(args) -> int:
+    import dataclasses
+
+    from cnnkit.runs import resume_run, start_run
+
+    device = _runtime(args)
+    show_progress = False if args.quiet else None
+    say = (lambda line: None) if args.quiet else log
+    if args.resume:
+        fixed = {
+            "--batch-size": args.batch_size,
+            "--lr": args.lr,
+            "--dropout": args.dropout,
+            "--seed": args.seed,
+            "--valid-size": args.valid_size,
+            "--image-size": args.image_size,
+            "--build": args.build,
+            "--precision": args.precision,
+            "--recipe": args.recipe,
+            "--patience": args.patience,
+        }
+        given = [name for name, value in fixed.items() if value is not None] + [
+            "--no-shuffle"
+        ] * args.no_shuffle
+        if given:
+            raise CnnkitError(
+                f"{', '.join(given)} cannot change when resuming: a resumed run keeps the checkpoint's recipe "
+                "(only --epochs, --out, --keep, --dataset, --device and --threads apply)"
+            )
+        result = resume_run(
+            args.resume,
+            args.epochs,
+            args.out,
+            dataset=args.dataset,
+            keep=args.keep,
+            device=device,
+            log=say,
+            show_progress=show_progress,
+            overwrite=args.overwrite,
+        )
+    else:
+        chosen = {
+            "epochs": args.epochs,
+            "batch_size": args.batch_size,
+            "learning_rate": args.lr,
+            "dropout_rate": args.dropout,
+            "seed": args.seed,
+            "build": args.build,
+            "patience": args.patience,
+            "keep": args.keep,
+            "shuffle": False if args.no_shuffle else None,
+        }
+        config = dataclasses.replace(
+            RECIPES[args.recipe or "chapter"],
+            precision=args.precision or "auto",
+            **{name: value for name, value in chosen.items() if value is not None},
+        )
+        result = start_run(
+            args.dataset or "mnist",
+            config,
+            args.out,
+            valid_size=args.valid_size,
+            image_size=args.image_size,
+            device=device,
+            log=say,
+            show_progress=show_progress,
+            overwrite=args.overwrite,
+        )
+    log(f"checkpoint: {result.last_checkpoint}")
+    return 0
+
+
+def run_evaluate(args) -> int:
+    import numpy as np
+
+    from cnnkit.checkpoint import load_model
+    from cnnkit.data.sources import resolve_source
+    from cnnkit.device import resolve_precision
+    from cnnkit.inference import evaluate
+    from cnnkit.quantize import quantize_int8
+    from cnnkit.runs import dataset_for_model
+
+    device = _runtime(args)
+    int8 = args.precision == "int8"
+    if int8 and device.type != "cpu":
+        raise CnnkitError("--precision int8 runs on the CPU only; add --device cpu")
+    model, ckpt = load_model(args.checkpoint, args.which, device)
+    record = ckpt.record
+    source = resolve_source(args.dataset) if args.dataset else record.dataset
+    dataset = dataset_for_model(record, source, ckpt.path)
+    if args.split != "test" and dataset.train is not None:
+        dataset = dataset.split_validation(record.valid_size)
+    split = getattr(dataset, args.split)
+    if split is None or len(split) == 0:
+        raise CnnkitError(
+            f"dataset {source!r} has no {args.split} split; try --split valid or another --dataset"
+        )
+    precision = "int8" if int8 else resolve_precision(args.precision or "auto", device)
+    if int8:
+        calibration = dataset.train or dataset.valid or split
+        model = quantize_int8(model, record.standardization.apply(calibration.images[:CALIBRATION_IMAGES]))
+    result = evaluate(
+        model,
+        record.standardization.apply(split.images),
+        split.labels,
+        args.batch_size,
+        precision="fp32" if int8 else precision,
+    )
+    report = {
+        "checkpoint": str(ckpt.path),
+        "epoch": record.epoch,
+        "dataset": source,
+        "split": args.split,
+        "precision": precision,
+        "device": str(device),
+    }
+    report.update(result.to_dict(record.class_names))
+    if args.json:
+        log(json.dumps(report, allow_nan=False))
+        return 0
+    names = record.class_names
+    lines = [
+        f"{ckpt.path} (epoch {record.epoch}) on {source} ({args.split}, {result.n:,} images, {precision})",
+        f"accuracy {result.accuracy:.4f}  loss {result.loss:.4f}",
+    ]
+    width = max(len(n) for n in names)
+    lines.append(f"\n{'class':<{width}}  {'accuracy':>8}  {'n':>6}")
+    for name, entry in report["per_class"].items():
+        acc = "-" if entry["accuracy"] is None else f"{entry['accuracy']:.4f}"
+        lines.append(f"{name:<{width}}  {acc:>8}  {entry['n']:>6}")
+    lines.append("\nconfusion matrix (rows: true class, columns: predicted)")
+    confusion = np.asarray(report["confusion_matrix"])
+    cell = max(len(str(confusion.max())), 3)
+    lines.append(" " * width + "  " + " ".join(f"{i:>{cell}}" for i in range(len(names))))
+    for i, name in enumerate(names):
+        lines.append(f"{name:<{width}}  " + " ".join(f"{v:>{cell}}" for v in confusion[i]) + f"   ({i})")
+    log("\n".join(lines))
+    return 0
+
+
+def run_predict(args) -> int:
+    import numpy as np
+
+    from cnnkit.checkpoint import load_model
+    from cnnkit.device import resolve_precision
+    from cnnkit.images import load_for_model
+    from cnnkit.inference import predict_proba
+
+    device = _runtime(args)
+    model, ckpt = load_model(args.checkpoint, args.which, device)
+    record = ckpt.record
+    style = record.preprocessing if args.preprocess == "auto" else args.preprocess
+    raw = np.stack([load_for_model(path, record.architecture.input_shape, style) for path in args.images])
+    precision = resolve_precision(args.precision or "auto", device)
+    proba = predict_proba(model, record.standardization.apply(raw), precision=precision)
+    names = record.class_names
+    results = []
+    for path, p in zip(args.images, proba, strict=True):
+        label = int(p.argmax())
+        entry = {"file": path, "label": label, "class_name": names[label], "confidence": float(p[label])}
+        if args.proba:
+            entry["probabilities"] = {name: float(v) for name, v in zip(names, p, strict=True)}
+        results.append(entry)
+    if args.json:
+        log(json.dumps(results, allow_nan=False))
+        return 0
+    for entry in results:
+        log(f"{entry['file']}: {entry['class_name']} ({entry['confidence']:.1%})")
+        if args.proba:
+            log("  " + "  ".join(f"{name} {v:.3f}" for name, v in entry["probabilities"].items()))
+    return 0
+
+
+def run_summary(args) -> int:
+    from cnnkit.checkpoint import read_record, resolve_checkpoint
+    from cnnkit.model import summary
+
+    path = resolve_checkpoint(args.checkpoint, args.which)
+    record = read_record(path)
+    config = record.config
+    names = ", ".join(record.class_names[:20]) + (", ..." if len(record.class_names) > 20 else "")
+    best = f"; best epoch {record.best_epoch}" if record.best_epoch is not None else ""
+    log(
+        "\n".join(
+            [
+                f"checkpoint   {path} ({path.stat().st_size / 2**20:,.1f} MB)",
+                f"trained on   {record.dataset or 'arrays (ConvNN)'}: {len(record.class_names)} classes ({names})",
+                f"epoch        {record.epoch} of {config.epochs}{best}",
+                f"recipe       {config.recipe}: batch {config.batch_size}, lr {config.learning_rate:g} "
+                f"({config.lr_schedule}), dropout {config.dropout_rate:g}, seed {config.seed}, {config.precision}",
+                f"images       {' x '.join(map(str, record.architecture.input_shape))} (C x H x W), "
+                f"prepared as {record.preprocessing!r}",
+                "",
+                summary(record.architecture, record.build),
+            ]
+        )
+    )
+    return 0
+
+
+def run_data_info(args) -> int:
+    from cnnkit.data import info_table, load_dataset
+
+    log(info_table(load_dataset(args.source)))
+    return 0
+
+
+# --- the one place that turns exceptions into exit codes ---
+
+
+def _silence_stdout():
+    """Point stdout at /dev/null, so that neither later prints nor Python's exit flush hit the closed pipe."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv=None) -> int:
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # SIGTERM ends a run as Ctrl-C does
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
         return args.run(args)
     except CnnkitError as exc:
         print(f"cnnkit: error: {exc}", file=sys.stderr)
-        return 2
+        return getattr(exc, "exit_code", 2)
     except KeyboardInterrupt:
-        print("cnnkit: interrupted; the last finished epoch's checkpoint is intact", file=sys.stderr)
+        print("cnnkit: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        _silence_stdout()
+        return 141  # as a program killed by SIGPIPE
+    except OSError as exc:  # a full disk, a read-only or missing folder: say which file and why
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"cnnkit: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print("cnnkit: error: out of memory", file=sys.stderr)
+        return 2

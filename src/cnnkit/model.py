@@ -63,6 +63,40 @@ class Architecture:
     def flat_features(self) -> int:
         return math.prod(self.feature_shape)
 
+    @property
+    def num_parameters(self) -> int:
+        """Weights and biases of the network (either build has the same)."""
+        return sum(n for _, _, n in self.layers())
+
+    def layers(self) -> list[tuple[str, tuple[int, ...], int]]:
+        """(layer, output shape, parameters) from input to logits, as the layer build computes them."""
+        c_in, height, width = self.input_shape
+        k, (c1, c2) = self.kernel_size, self.conv_channels
+        rows = [("input", self.input_shape, 0)]
+        for stage, (c_prev, c) in enumerate(((c_in, c1), (c1, c2)), 1):
+            height, width = height - k + 1, width - k + 1
+            rows.append(
+                (f"conv{stage} {k}x{k}, {c} filters, VALID", (c, height, width), (k * k * c_prev + 1) * c)
+            )
+            height, width = math.ceil(height / 2), math.ceil(width / 2)
+            rows.append((f"max-pool{stage} 2x2 SAME + ReLU", (c, height, width), 0))
+        rows.append(
+            (
+                f"dense3 {self.hidden_units} + ReLU",
+                (self.hidden_units,),
+                (self.flat_features + 1) * self.hidden_units,
+            )
+        )
+        rows.append((f"dropout {self.dropout_rate:g}", (self.hidden_units,), 0))
+        rows.append(
+            (
+                f"dense4 {self.num_classes} (logits)",
+                (self.num_classes,),
+                (self.hidden_units + 1) * self.num_classes,
+            )
+        )
+        return rows
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -190,6 +224,24 @@ class LayerCNN(nn.Module):
 
     def forward(self, x):
         return self.classifier(self.features(x))
+
+
+def summary(arch: Architecture, build: str = "layers") -> str:
+    """A table of the network's layers, output shapes and parameter counts, with the checkpoint size."""
+    rows = arch.layers()
+    width = max(len(name) for name, _, _ in rows)
+    lines = [f"{'layer':<{width}}  {'output shape':<14}  {'parameters':>11}"]
+    for name, shape, count in rows:
+        shape_text = " x ".join(str(d) for d in shape)
+        lines.append(
+            f"{name:<{width}}  {shape_text:<14}  {count:>11,}" if count else f"{name:<{width}}  {shape_text}"
+        )
+    weights_mb = 4 * arch.num_parameters / 2**20
+    lines.append(
+        f"{arch.num_parameters:,} parameters ({build} build): {weights_mb:,.1f} MB of weights per checkpoint, "
+        f"{3 * weights_mb:,.1f} MB with Adam's state for resuming"
+    )
+    return "\n".join(lines)
 
 
 def build_model(

@@ -142,7 +142,9 @@ def _parse_v2(meta: dict) -> ModelRecord:
         raise _FieldError("standardization", f"must hold {arch.input_shape[0]} channel(s)")
     preprocessing = _get(meta, "preprocessing", str)
     if preprocessing not in PREPROCESSING:
-        raise _FieldError("preprocessing", f"must be one of {', '.join(PREPROCESSING)}, got {preprocessing!r}")
+        raise _FieldError(
+            "preprocessing", f"must be one of {', '.join(PREPROCESSING)}, got {preprocessing!r}"
+        )
     config = _config(_get(meta, "config", dict))
     dataset = meta.get("dataset")
     if dataset is not None and (not isinstance(dataset, str) or not dataset):
@@ -183,7 +185,8 @@ def _architecture(d: dict) -> Architecture:
         raise _FieldError("architecture.input_shape", f"must be [C, H, W], got {shape!r}")
     if shape[0] not in (1, 3) or not all(1 <= v <= MAX_IMAGE_SIDE for v in shape[1:]):
         raise _FieldError(
-            "architecture.input_shape", f"must have 1 or 3 channels and sides 1..{MAX_IMAGE_SIDE}, got {shape}"
+            "architecture.input_shape",
+            f"must have 1 or 3 channels and sides 1..{MAX_IMAGE_SIDE}, got {shape}",
         )
     classes = d.get("num_classes", 10)
     if not _is_int(classes) or not 2 <= classes <= MAX_CLASSES:
@@ -194,7 +197,9 @@ def _architecture(d: dict) -> Architecture:
         and len(channels) == 2
         and all(_is_int(c) and 1 <= c <= MAX_CHANNELS for c in channels)
     ):
-        raise _FieldError("architecture.conv_channels", f"must be two counts 1..{MAX_CHANNELS}, got {channels!r}")
+        raise _FieldError(
+            "architecture.conv_channels", f"must be two counts 1..{MAX_CHANNELS}, got {channels!r}"
+        )
     kernel = d.get("kernel_size", 5)
     if not _is_int(kernel) or not 1 <= kernel <= MAX_KERNEL_SIZE:
         raise _FieldError("architecture.kernel_size", f"must be 1..{MAX_KERNEL_SIZE}, got {kernel!r}")

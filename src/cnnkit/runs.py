@@ -1,16 +1,24 @@
-"""A training run on disk: data prepared once, a checkpoint and a history line per epoch, and resume.
+"""A training run on disk: one writer, a checkpoint and history lines each epoch, and resume.
 
 `start_run` trains a new network on a dataset source; `resume_run` continues one from a checkpoint
-(the chapter's epoch 20 -> 40). Both write into a run folder (see cnnkit.checkpoint for its layout).
+(the chapter's epoch 20 -> 40). Both hold the run folder's lock (RUN/.lock) while they write, and both
+describe the model with one `ModelRecord` (see cnnkit.record). `dataset_for_model` brings a dataset to
+a trained model: its input shape, and its labels matched to the model's classes by name.
 """
 
+import contextlib
+import csv
 import dataclasses
+import errno
+import io
 import json
+import os
 import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from cnnkit.atomic import atomic_write, remove_stale_temp_files
@@ -22,15 +30,31 @@ from cnnkit.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
 )
-from cnnkit.data import Dataset, Standardization, load_dataset
+from cnnkit.data import Dataset, Split, Standardization, load_dataset
+from cnnkit.data.sources import resolve_source
 from cnnkit.device import memory_format, resolve_device, resolve_precision
-from cnnkit.errors import CheckpointError
-from cnnkit.model import Architecture, build_model
-from cnnkit.recipes import TrainConfig
-from cnnkit.training import make_optimizer, restore_optimizer, train
+from cnnkit.errors import CheckpointError, CnnkitError, DatasetError, FileError
+from cnnkit.model import Architecture, build_model, summary
+from cnnkit.recipes import TrainConfig, default_valid_size
+from cnnkit.record import ModelRecord
+from cnnkit.training import (
+    BestEpoch,
+    EarlyStopping,
+    EpochLogger,
+    TrainingDiverged,
+    make_optimizer,
+    restore_optimizer,
+    train,
+)
 
-# How `cnnkit predict` should bring a user's image file to a model's input (see cnnkit.images).
-_PREPROCESSING = {"mnist": "digit", "mnist-5k": "digit", "fashion-mnist": "object"}
+HISTORY_FILE, METRICS_FILE, LOCK_FILE = "history.jsonl", "metrics.csv", ".lock"
+LARGE_WEIGHTS_BYTES = 100 * 2**20
+
+
+class Interrupted(CnnkitError):
+    """Training was stopped by SIGINT or SIGTERM; the message says which checkpoint is on disk."""
+
+    exit_code = 130
 
 
 @dataclass
@@ -46,23 +70,219 @@ def default_run_dir(source: str) -> Path:
     return Path("runs") / f"{slug or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def preprocessing_for(source: str, image_shape) -> str:
-    """The image preparation that matches how a dataset's images were made."""
-    if source in _PREPROCESSING:
-        return _PREPROCESSING[source]
-    return "digit" if tuple(image_shape) == (1, 28, 28) and not source.startswith("folder:") else "resize"
+@contextlib.contextmanager
+def run_folder_lock(run_dir):
+    """Hold RUN/.lock (an fcntl lock, so the kernel releases it when the process dies, even by kill -9).
+
+    A second writer gets one CnnkitError naming the holder's pid.
+    """
+    import fcntl
+
+    run_dir = Path(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise FileError(
+            f"{exc.filename or run_dir}: cannot use as a run folder ({exc.strerror or exc})"
+        ) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+                raise
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise CnnkitError(
+                f"{run_dir}: another cnnkit process (pid {holder}) is writing to this run folder; "
+                "wait for it, or choose another --out"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
-def load_dataset_for(source: str, input_shape, checkpoint_path) -> Dataset:
-    """Dataset `source` as a checkpoint's network takes it: `folder:` images brought to its input shape."""
-    if source == "arrays":
-        raise CheckpointError(
-            f"{checkpoint_path}: trained on arrays with ConvNN, so no dataset is recorded; use "
-            "ConvNN.load(...) in Python, or name one with --dataset"
+def start_run(
+    source: str,
+    config: TrainConfig,
+    run_dir=None,
+    *,
+    valid_size=None,
+    image_size=None,
+    architecture: dict | None = None,
+    device="auto",
+    log=print,
+    show_progress=None,
+    overwrite: bool = False,
+) -> RunResult:
+    """Train a new network on dataset `source` (see cnnkit.data.load_dataset), checkpointing each epoch.
+
+    valid_size: a count, a fraction or 0 (default: the recipe's, see recipes.default_valid_size).
+    image_size: (H, W) for sources whose images are resized (folder:). architecture: overrides of
+    Architecture's layer sizes (conv_channels, hidden_units, kernel_size), e.g. a tiny network for tests.
+    A run folder that already holds checkpoints is refused unless `overwrite`, which deletes them.
+    """
+    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(source)
+    source = resolve_source(source)
+    with run_folder_lock(run_dir):
+        existing = list_checkpoints(run_dir)
+        if existing and not overwrite:
+            raise CheckpointError(
+                f"{run_dir}: already holds checkpoints; continue it with --resume {run_dir}, choose another --out, "
+                "or pass --overwrite to start it afresh"
+            )
+        dataset = load_dataset(source, image_size=image_size)
+        if dataset.train is None or len(dataset.train) == 0:
+            raise DatasetError(f"dataset {source!r} has no training images")
+        if valid_size is None:
+            valid_size = default_valid_size(config.recipe, len(dataset.train))
+        dataset = dataset.split_validation(valid_size)
+        device = resolve_device(device)
+        config = dataclasses.replace(config, precision=resolve_precision(config.precision, device))
+        arch = _architecture_for(dataset, config, architecture or {})
+        record = ModelRecord(
+            architecture=arch,
+            class_names=tuple(dataset.class_names),
+            standardization=Standardization.fit(dataset.train.images),
+            preprocessing=dataset.preprocessing,
+            config=config,
+            dataset=source,
+            valid_size=len(dataset.valid) if dataset.valid is not None else 0,
         )
-    if source.startswith("folder:"):  # bring the images to the network's input, as training did
-        return load_dataset(source, image_size=tuple(input_shape[1:]), channels=input_shape[0])
-    return load_dataset(source)
+        log(
+            f"training on {source}: {len(dataset.train):,} train / {record.valid_size:,} valid images "
+            f"{_shape(arch.input_shape)}, {arch.num_classes} classes; {config.build} build, {config.precision} "
+            f"on {device}; run folder {run_dir}"
+        )
+        for note in dataset.notes:
+            log(note)
+        _log_summary(arch, config.build, log)
+        if existing:
+            prune_checkpoints(run_dir, keep=0)
+        model = build_model(arch, config.build, seed=config.seed).to(
+            device, memory_format=memory_format(device)
+        )
+        optimizer = make_optimizer(model, config.learning_rate)
+        return _run(model, optimizer, record, run_dir, dataset, log, show_progress)
+
+
+def resume_run(
+    checkpoint,
+    epochs: int | None = None,
+    run_dir=None,
+    *,
+    dataset: str | None = None,
+    keep: int | None = None,
+    device="auto",
+    log=print,
+    show_progress=None,
+    overwrite: bool = False,
+) -> RunResult:
+    """Continue training from `checkpoint` (a file or a run folder's newest) up to `epochs` in all.
+
+    The checkpoint's recipe is kept; `keep` (default: the run's own) and `dataset` (default: the one
+    recorded; give it when the data moved, or for a ConvNN checkpoint) may change. Writing into a
+    folder other than the checkpoint's own that holds checkpoints is refused unless `overwrite`.
+    """
+    ckpt = load_checkpoint(checkpoint)
+    record = ckpt.record
+    source_run = ckpt.path.parent.parent
+    run_dir = Path(run_dir) if run_dir is not None else source_run
+    with run_folder_lock(run_dir):
+        newest = list_checkpoints(run_dir)
+        own_folder = ckpt.path.parent.resolve() == (run_dir / "checkpoints").resolve()
+        if own_folder and newest and newest[-1].resolve() != ckpt.path.resolve():
+            raise CheckpointError(
+                f"{ckpt.path}: not the newest checkpoint of {run_dir} ({newest[-1].name} is); "
+                "resume it into a new run folder with --out DIR"
+            )
+        if not own_folder and newest and not overwrite:
+            raise CheckpointError(
+                f"{run_dir}: already holds checkpoints of another run; choose another --out, "
+                "or pass --overwrite to replace them"
+            )
+        planned = record.config.epochs
+        epochs = epochs or planned
+        if epochs != planned and record.config.lr_schedule == "one-cycle":
+            raise CheckpointError(
+                f"{ckpt.path}: a one-cycle run's schedule ends at epoch {planned}; it can be resumed "
+                f"to finish it, not extended to {epochs}"
+            )
+        if epochs <= ckpt.epoch:
+            raise CheckpointError(
+                f"{ckpt.path}: already at epoch {ckpt.epoch}"
+                + (
+                    f", the run's planned last; pass --epochs N with N > {ckpt.epoch}"
+                    if epochs == planned
+                    else f"; --epochs {epochs} must be more than that"
+                )
+            )
+        device = resolve_device(device)
+        config = dataclasses.replace(
+            record.config, epochs=epochs, keep=record.config.keep if keep is None else keep
+        )
+        source = resolve_source(dataset) if dataset else record.dataset
+        data = dataset_for_model(record, source, ckpt.path).split_validation(record.valid_size)
+        model = build_model(record.architecture, record.build)
+        model.load_state_dict(ckpt.model_state)
+        model = model.to(device, memory_format=memory_format(device))
+        optimizer = make_optimizer(model, config.learning_rate)
+        restore_optimizer(optimizer, load_optimizer_state(ckpt.path, model))
+        record = record.replace(config=config, dataset=source)
+        log(f"resuming {ckpt.path} at epoch {ckpt.epoch + 1} of {epochs}; run folder {run_dir}")
+        if not own_folder and newest:
+            prune_checkpoints(run_dir, keep=0)
+        return _run(model, optimizer, record, run_dir, data, log, show_progress)
+
+
+def dataset_for_model(record: ModelRecord, source: str | None, checkpoint_path=None) -> Dataset:
+    """Dataset `source` as the model of `record` takes it: folder images brought to its input shape,
+    and labels re-indexed to the model's classes by class name.
+
+    A dataset whose class names are just "0".."K-1" (it names no classes) is matched by position.
+    A class the model does not know is a DatasetError naming it.
+    """
+    if source is None:
+        raise CheckpointError(
+            f"{checkpoint_path}: trained on arrays with ConvNN, so no dataset is recorded; "
+            "name one with --dataset, or use ConvNN.load(...) in Python"
+        )
+    channels, height, width = record.architecture.input_shape
+    if source.startswith("folder:"):  # image files are brought to the input size, as training did
+        dataset = load_dataset(source, image_size=(height, width), channels=channels)
+    else:
+        dataset = load_dataset(source)
+    if dataset.image_shape != record.architecture.input_shape:
+        raise DatasetError(
+            f"dataset {source!r} has images of shape {_shape(dataset.image_shape)} but the model takes "
+            f"{_shape(record.architecture.input_shape)}"
+        )
+    return match_classes(dataset, record.class_names, source)
+
+
+def match_classes(dataset: Dataset, class_names, source: str) -> Dataset:
+    """`dataset` with labels indexing `class_names` (a model's outputs) instead of its own names."""
+    model_names = list(class_names)
+    own = list(dataset.class_names)
+    if own == model_names:
+        return dataset
+    if own == [str(i) for i in range(len(own))] and len(own) <= len(model_names):
+        mapping = np.arange(len(own))  # the dataset names no classes: its labels are output indices
+    else:
+        present = set()
+        for split in dataset.splits:
+            present.update(np.unique(split.labels).tolist())
+        unknown = [own[i] for i in sorted(present) if own[i] not in model_names]
+        if unknown:
+            raise DatasetError(
+                f"dataset {source!r} has class {unknown[0]!r}, which the model does not know "
+                f"(it knows {', '.join(model_names[:12])}{', ...' if len(model_names) > 12 else ''})"
+            )
+        mapping = np.array([model_names.index(n) if n in model_names else -1 for n in own], dtype=np.int64)
+    splits = {s.name: Split(s.images, mapping[s.labels], s.name) for s in dataset.splits}
+    return dataclasses.replace(dataset, class_names=model_names, **splits)
 
 
 def to_tensors(split, standardization, device):
@@ -72,181 +292,127 @@ def to_tensors(split, standardization, device):
     return images, torch.from_numpy(split.labels).to(device, torch.int64)
 
 
-def start_run(
-    source: str,
-    config: TrainConfig,
-    run_dir=None,
-    valid_size=None,
-    device="auto",
-    keep: int = 0,
-    log=print,
-    show_progress=None,
-    overwrite: bool = False,
-) -> RunResult:
-    """Train a new network on dataset `source` (see cnnkit.data.load_dataset), checkpointing each epoch.
-
-    A run folder that already holds checkpoints is refused unless `overwrite`, which deletes them.
-    """
-    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(source)
-    existing = list_checkpoints(run_dir)
-    if existing and not overwrite:
-        raise CheckpointError(
-            f"{run_dir}: already holds checkpoints; continue it with --resume {run_dir}, choose another --out, "
-            "or pass --overwrite to start it afresh"
-        )
-    dataset = load_dataset(source).split_validation(valid_size)
-    if dataset.train is None or len(dataset.train) == 0:
-        raise CheckpointError(f"dataset {source!r} has no training images")
-    device = resolve_device(device)
-    config = dataclasses.replace(config, precision=resolve_precision(config.precision, device))
-    arch = Architecture(
-        input_shape=dataset.image_shape,
-        num_classes=len(dataset.class_names),
-        dropout_rate=config.dropout_rate,
-    )
-    standardization = Standardization.fit(dataset.train.images)
-    model = build_model(arch, config.build, seed=config.seed).to(device, memory_format=memory_format(device))
-    optimizer = make_optimizer(model, config.learning_rate)
-    meta = {
-        "build": config.build,
-        "architecture": arch.to_dict(),
-        "class_names": list(dataset.class_names),
-        "standardization": standardization.to_dict(),
-        "preprocessing": preprocessing_for(source, dataset.image_shape),
-        "dataset": source,
-        "valid_size": len(dataset.valid) if dataset.valid is not None else 0,
-        "hyperparameters": config.to_dict(),
-    }
-    log(
-        f"training on {source}: {len(dataset.train):,} train / {meta['valid_size']:,} valid images "
-        f"{arch.input_shape}, {arch.num_classes} classes; {config.build} build, {config.precision} on {device}; "
-        f"run folder {run_dir}"
-    )
-    if existing:
-        prune_checkpoints(run_dir, keep=0)
-    return _run(
-        model,
-        optimizer,
-        config,
-        meta,
-        run_dir,
-        dataset,
-        standardization,
-        start_epoch=1,
-        history=[],
-        keep=keep,
-        log=log,
-        show_progress=show_progress,
-    )
+# --- the run itself ---
 
 
-def resume_run(
-    checkpoint,
-    epochs: int | None = None,
-    run_dir=None,
-    device="auto",
-    keep: int = 0,
-    log=print,
-    show_progress=None,
-):
-    """Continue training from `checkpoint` (a file or a run folder's newest) up to `epochs` in all."""
-    ckpt = load_checkpoint(checkpoint)
-    meta = ckpt.meta
-    source_run = ckpt.path.parent.parent
-    run_dir = Path(run_dir) if run_dir is not None else source_run
-    newest = list_checkpoints(run_dir)
-    if run_dir.resolve() == source_run.resolve() and newest and newest[-1].resolve() != ckpt.path.resolve():
-        raise CheckpointError(
-            f"{ckpt.path}: not the newest checkpoint of {run_dir} ({newest[-1].name} is); "
-            "resume it into a new run folder with --out DIR"
-        )
-    planned = meta["hyperparameters"]["epochs"]
-    epochs = epochs or planned
-    if epochs != planned and meta["hyperparameters"].get("lr_schedule") == "one-cycle":
-        raise CheckpointError(
-            f"{ckpt.path}: a one-cycle run's schedule ends at epoch {planned}; it can be resumed "
-            f"to finish it, not extended to {epochs}"
-        )
-    if epochs <= ckpt.epoch:
-        raise CheckpointError(
-            f"{ckpt.path}: already at epoch {ckpt.epoch}"
-            + (
-                f", the run's planned last; pass --epochs N with N > {ckpt.epoch}"
-                if epochs == planned
-                else f"; --epochs {epochs} must be more than that"
+class HistoryFiles:
+    """Callback: rewrites RUN/history.jsonl and RUN/metrics.csv (Keras's CSVLogger columns) each epoch."""
+
+    def __init__(self, run_dir, history: list):
+        self.run_dir, self.history = Path(run_dir), history
+        self.write()
+
+    def on_epoch_end(self, record):
+        self.history.append(record.to_dict())
+        self.write()
+
+    def write(self):
+        # Rewritten whole (and atomically) each epoch: a killed run never leaves half a line.
+        with atomic_write(self.run_dir / HISTORY_FILE, "w") as f:
+            f.writelines(json.dumps(h, allow_nan=False) + "\n" for h in self.history)
+        table = io.StringIO()
+        writer = csv.writer(table, lineterminator="\n")
+        writer.writerow(["epoch", "loss", "val_loss", "val_accuracy", "lr", "seconds"])
+        for h in self.history:
+            writer.writerow(
+                [
+                    h["epoch"],
+                    h["train_loss"],
+                    h["valid_loss"],
+                    h["valid_accuracy"],
+                    h.get("learning_rate"),
+                    h["epoch_seconds"],
+                ]
             )
+        with atomic_write(self.run_dir / METRICS_FILE, "w") as f:
+            f.write(table.getvalue().replace(",None", ","))
+
+
+class Checkpointer:
+    """Callback: saves a checkpoint each epoch, with the record and every stateful callback's state,
+    then keeps the newest `keep` (0: all) and always the best epoch."""
+
+    def __init__(
+        self, run_dir, model, optimizer, record: ModelRecord, history: list, stateful, best: BestEpoch
+    ):
+        self.run_dir, self.model, self.optimizer = run_dir, model, optimizer
+        self.record, self.history, self.stateful, self.best = record, history, stateful, best
+        self.last = None
+
+    def on_epoch_end(self, epoch_record):
+        self.record = self.record.replace(
+            epoch=epoch_record.epoch,
+            history=tuple(self.history),
+            trainer_state={cb.name: cb.state_dict() for cb in self.stateful},
         )
-    device = resolve_device(device)
-    config = TrainConfig(**{**meta["hyperparameters"], "epochs": epochs})
-    arch = Architecture.from_dict(meta["architecture"])
-    dataset = load_dataset_for(meta["dataset"], arch.input_shape, ckpt.path).split_validation(
-        meta["valid_size"]
-    )
-    standardization = Standardization.from_dict(meta["standardization"])
-    model = build_model(arch, meta["build"]).to(device, memory_format=memory_format(device))
-    model.load_state_dict(ckpt.model_state)
-    optimizer = make_optimizer(model, config.learning_rate)
-    restore_optimizer(optimizer, load_optimizer_state(ckpt.path))
-    history = list(meta["history"])
-    log(f"resuming {ckpt.path} at epoch {ckpt.epoch + 1} of {epochs}; run folder {run_dir}")
-    meta = {k: v for k, v in meta.items() if k not in ("epoch", "history", "format", "format_version")}
-    meta["hyperparameters"] = config.to_dict()
-    return _run(
-        model,
-        optimizer,
-        config,
-        meta,
-        run_dir,
-        dataset,
-        standardization,
-        start_epoch=ckpt.epoch + 1,
-        history=history,
-        keep=keep,
-        log=log,
-        show_progress=show_progress,
-    )
+        self.last = save_checkpoint(
+            checkpoint_path(self.run_dir, epoch_record.epoch), self.model, self.record, self.optimizer
+        )
+        if self.record.config.keep:
+            prune_checkpoints(self.run_dir, self.record.config.keep, spare=self.best.epoch)
 
 
-def _run(
-    model,
-    optimizer,
-    config,
-    meta,
-    run_dir,
-    dataset,
-    standardization,
-    start_epoch,
-    history,
-    keep,
-    log,
-    show_progress,
-) -> RunResult:
-    """Train from `start_epoch`, writing a checkpoint and the history after every epoch."""
+def _run(model, optimizer, record: ModelRecord, run_dir, dataset: Dataset, log, show_progress) -> RunResult:
+    """Train from the epoch after `record.epoch`, writing a checkpoint and the history after every epoch."""
+    config = record.config
     device = next(model.parameters()).device
-    train_data = to_tensors(dataset.train, standardization, device)
-    valid_data = to_tensors(dataset.valid, standardization, device) if dataset.valid is not None else None
+    train_data = to_tensors(dataset.train, record.standardization, device)
+    valid_data = (
+        to_tensors(dataset.valid, record.standardization, device) if dataset.valid is not None else None
+    )
     remove_stale_temp_files(Path(run_dir) / "checkpoints")
-    _write_history(run_dir, history)
-    last = None
+    remove_stale_temp_files(run_dir)
+    best, stopping = BestEpoch(), EarlyStopping(config.patience, log)
+    for callback in (best, stopping):
+        callback.load_state_dict(record.trainer_state.get(callback.name, {}))
+    history = list(record.history)
+    checkpointer = Checkpointer(run_dir, model, optimizer, record, history, (best, stopping), best)
+    callbacks = [EpochLogger(log, config.epochs), best, HistoryFiles(run_dir, history), checkpointer]
+    if config.patience:
+        callbacks.insert(2, stopping)
+    try:
+        train(model, optimizer, train_data, valid_data, config, record.epoch + 1, callbacks, show_progress)
+    except TrainingDiverged as exc:
+        raise TrainingDiverged(f"{exc}. {_on_disk(checkpointer.last, record)}") from None
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted. {_on_disk(checkpointer.last, record)}") from None
+    return RunResult(run_dir=Path(run_dir), model=model, history=history, last_checkpoint=checkpointer.last)
 
-    def on_epoch_end(record):
-        nonlocal last
-        history.append(record.to_dict())
-        last = save_checkpoint(
-            checkpoint_path(run_dir, record.epoch),
-            model,
-            {**meta, "epoch": record.epoch, "history": history},
-            optimizer,
+
+def _on_disk(last: Path | None, record: ModelRecord) -> str:
+    if last is not None:
+        return f"The newest checkpoint is {last} (the last finished epoch)"
+    if record.epoch:
+        return f"No new epoch finished; the run is still at epoch {record.epoch}"
+    return "No epoch finished, so no checkpoint was written"
+
+
+def _architecture_for(dataset: Dataset, config: TrainConfig, overrides: dict) -> Architecture:
+    if len(dataset.class_names) < 2:
+        raise DatasetError(
+            f"dataset {dataset.name!r} has {len(dataset.class_names)} class; training needs at least 2"
         )
-        _write_history(run_dir, history)
-        if keep:
-            prune_checkpoints(run_dir, keep)
+    try:
+        return Architecture(
+            input_shape=dataset.image_shape,
+            num_classes=len(dataset.class_names),
+            dropout_rate=config.dropout_rate,
+            **overrides,
+        )
+    except ValueError as exc:
+        raise DatasetError(f"dataset {dataset.name!r}: {exc}") from None
 
-    train(model, optimizer, train_data, valid_data, config, start_epoch, on_epoch_end, log, show_progress)
-    return RunResult(run_dir=Path(run_dir), model=model, history=history, last_checkpoint=last)
+
+def _log_summary(arch: Architecture, build: str, log):
+    for line in summary(arch, build).splitlines():
+        log(line)
+    weights = 4 * arch.num_parameters
+    if weights > LARGE_WEIGHTS_BYTES:
+        log(
+            f"warning: the weights take {weights / 2**20:,.0f} MB per checkpoint (plus twice that of Adam state); "
+            "smaller images (--image-size) make a smaller network"
+        )
 
 
-def _write_history(run_dir, history):
-    # Rewritten whole (and atomically) each epoch: a killed run never leaves half a line.
-    with atomic_write(Path(run_dir) / "history.jsonl", "w") as f:
-        f.writelines(json.dumps(h) + "\n" for h in history)
+def _shape(shape) -> str:
+    return " x ".join(str(d) for d in shape)

@@ -1,10 +1,16 @@
-"""The training loop: plain code you can read, one epoch at a time.
+"""The training loop: plain code you can read, one epoch at a time, with callbacks at each epoch's end.
 
 Everything random is derived from (seed, epoch): the mini-batch order and the dropout masks of epoch k
-depend on nothing else, so a run resumed from a checkpoint of epoch k-1 (weights plus Adam's state)
-continues exactly as if it had never stopped.
+depend on nothing else, so a run resumed from a checkpoint of epoch k-1 (weights, Adam's state and the
+callbacks' state) continues exactly as if it had never stopped.
+
+A callback is any object with `on_epoch_end(record) -> bool | None`; returning True stops training
+after that epoch. Callbacks with state to carry across a resume also have a `name`, `state_dict()`
+and `load_state_dict(d)`. `EarlyStopping`, `BestEpoch` and `EpochLogger` live here; the run folder's
+checkpointing and history files are callbacks in cnnkit.runs.
 """
 
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -15,9 +21,15 @@ import torch.nn.functional as F
 
 from cnnkit.data import minibatch_indices
 from cnnkit.device import autocast
+from cnnkit.errors import CnnkitError
 from cnnkit.inference import evaluate
-from cnnkit.progress import ProgressBar
 from cnnkit.recipes import RECIPES, TrainConfig, learning_rate_at
+
+
+class TrainingDiverged(CnnkitError):
+    """The training loss became NaN or infinite; the epoch it happened in was not saved."""
+
+    exit_code = 1
 
 
 @dataclass
@@ -28,6 +40,7 @@ class EpochRecord:
     train_loss: float
     valid_loss: float | None
     valid_accuracy: float | None
+    learning_rate: float  # at the epoch's last step
     images_per_s: float
     epoch_seconds: float
 
@@ -39,7 +52,82 @@ class EpochRecord:
         line = f"epoch {self.epoch:0{width}d}/{epochs}  loss {self.train_loss:.4f}"
         if self.valid_loss is not None:
             line += f"  valid_loss {self.valid_loss:.4f}  valid_acc {self.valid_accuracy:.4f}"
-        return line + f"  {self.images_per_s:,.0f} img/s  {self.epoch_seconds:.1f}s"
+        return (
+            line + f"  lr {self.learning_rate:.3g}  {self.images_per_s:,.0f} img/s  {self.epoch_seconds:.1f}s"
+        )
+
+
+# --- callbacks ---
+
+
+class EpochLogger:
+    """Hands one line per epoch to `log` (the CLI's log flushes each line as it is written)."""
+
+    def __init__(self, log, epochs: int):
+        self.log, self.epochs = log, epochs
+
+    def on_epoch_end(self, record: EpochRecord):
+        self.log(record.log_line(self.epochs))
+
+
+class BestEpoch:
+    """Tracks the epoch with the best validation accuracy (ties: the earlier epoch), for `--checkpoint best`."""
+
+    name = "best"
+
+    def __init__(self):
+        self.epoch, self.valid_accuracy = None, None
+
+    def on_epoch_end(self, record: EpochRecord):
+        acc = record.valid_accuracy
+        if acc is not None and (self.valid_accuracy is None or acc > self.valid_accuracy):
+            self.epoch, self.valid_accuracy = record.epoch, acc
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "valid_accuracy": self.valid_accuracy}
+
+    def load_state_dict(self, state: dict):
+        self.epoch, self.valid_accuracy = state.get("epoch"), state.get("valid_accuracy")
+
+
+class EarlyStopping:
+    """Stops training after `patience` epochs without a lower validation loss (Keras's EarlyStopping)."""
+
+    name = "early_stopping"
+
+    def __init__(self, patience: int, log=None):
+        self.patience, self.log = patience, log
+        self.best_loss, self.wait, self.best_epoch = None, 0, None
+
+    def on_epoch_end(self, record: EpochRecord) -> bool:
+        loss = record.valid_loss
+        if loss is None:
+            return False
+        if self.best_loss is None or loss < self.best_loss:
+            self.best_loss, self.wait, self.best_epoch = loss, 0, record.epoch
+            return False
+        self.wait += 1
+        if self.wait < self.patience:
+            return False
+        if self.log is not None:
+            self.log(
+                f"early stop after epoch {record.epoch}: no lower valid_loss for {self.wait} epochs "
+                f"(best {self.best_loss:.4f} at epoch {self.best_epoch})"
+            )
+        return True
+
+    def state_dict(self) -> dict:
+        return {"best_loss": self.best_loss, "wait": self.wait, "best_epoch": self.best_epoch}
+
+    def load_state_dict(self, state: dict):
+        self.best_loss, self.wait, self.best_epoch = (
+            state.get("best_loss"),
+            state.get("wait", 0),
+            state.get("best_epoch"),
+        )
+
+
+# --- the loop ---
 
 
 def make_optimizer(model, learning_rate: float) -> torch.optim.Adam:
@@ -48,13 +136,18 @@ def make_optimizer(model, learning_rate: float) -> torch.optim.Adam:
     return torch.optim.Adam(model.parameters(), lr=learning_rate, fused=True)
 
 
-def restore_optimizer(optimizer, state_dict: dict):
-    """Load a saved optimizer state, giving each moment tensor its parameter's memory layout.
+def restore_optimizer(optimizer, saved: dict | None):
+    """Load Adam's moments (as `cnnkit.checkpoint.load_optimizer_state` validated them) into `optimizer`,
+    giving each moment tensor its parameter's memory layout.
 
     Saved tensors come back contiguous while channels_last parameters are not, and PyTorch's fused CPU
     Adam walks a parameter and its moments as flat buffers: with mismatched layouts it silently
     computes wrong updates (seen with torch 2.13), so a resumed run would diverge.
     """
+    if not saved:
+        return
+    state_dict = optimizer.state_dict()
+    state_dict["state"] = saved["state"]
     optimizer.load_state_dict(state_dict)
     for group in optimizer.param_groups:
         for param in group["params"]:
@@ -83,12 +176,14 @@ def train_epoch(
     """One pass over `batches` (index arrays into images/labels); returns the mean loss per image.
 
     images (N, C, H, W) float32 and labels (N,) int64 are tensors already on the model's device.
-    `learning_rates`, if given, holds the learning rate of each step. Losses are summed on the
-    device, so no step waits for the host.
+    `learning_rates`, if given, holds the learning rate of each step; `progress` is a tqdm bar.
+    Losses are summed on the device, so no step waits for the host (the bar's running loss is read
+    every 20 steps). Raises TrainingDiverged naming the first step whose loss was not finite.
     """
     device = images.device
     model.train()
     total = torch.zeros((), dtype=torch.float64, device=device)
+    first_bad = torch.full((), -1, dtype=torch.int64, device=device)
     seen = 0
     for step, idx in enumerate(batches, 1):
         if learning_rates is not None:
@@ -101,10 +196,16 @@ def train_epoch(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total += loss.detach() * len(idx)
+        loss = loss.detach()
+        total += loss * len(idx)
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
         seen += len(idx)
         if progress is not None:
-            progress.update(1, suffix=f"loss {total.item() / seen:.4f}" if step % 50 == 0 else None)
+            progress.update(1)
+            if step % 20 == 0:
+                progress.set_postfix_str(f"loss {total.item() / seen:.4f}", refresh=False)
+    if int(first_bad) >= 0:
+        raise TrainingDiverged(f"step {int(first_bad)}: the training loss became {float(total):.0f}")
     return float(total) / max(seen, 1)
 
 
@@ -115,16 +216,16 @@ def train(
     valid_data=None,
     config: TrainConfig = RECIPES["chapter"],
     start_epoch: int = 1,
-    on_epoch_end=None,
-    log=None,
+    callbacks=(),
     show_progress=None,
 ) -> list[EpochRecord]:
     """Train `model` from `start_epoch` through `config.epochs`; returns the new epochs' records.
 
     train_data and valid_data are (images, labels) tensor pairs on the model's device, images
     standardized. After each epoch, validation loss and accuracy are measured on valid_data (in eval
-    mode, no dropout), and `on_epoch_end(record)` is called (the run saves its checkpoint there).
-    `log` receives one line per epoch; `show_progress` draws a bar per epoch (default: on a terminal).
+    mode, no dropout) and every callback's `on_epoch_end(record)` is called in order; one returning
+    True stops training there. `show_progress` draws a tqdm bar per epoch (default: on a terminal).
+    Raises TrainingDiverged (epoch and step named) when the loss stops being finite.
     """
     images, labels = train_data
     show_progress = sys.stderr.isatty() if show_progress is None else show_progress
@@ -133,28 +234,28 @@ def train(
         batches = minibatch_indices(len(labels), config.batch_size, config.shuffle, config.seed, epoch)
         first_step, total_steps = (epoch - 1) * len(batches), config.epochs * len(batches)
         learning_rates = [learning_rate_at(config, first_step + i, total_steps) for i in range(len(batches))]
-        bar = (
-            ProgressBar(len(batches), enabled=True, desc=f"epoch {epoch}/{config.epochs}", unit="batches")
-            if show_progress
-            else None
-        )
+        bar = _progress_bar(len(batches), f"epoch {epoch}/{config.epochs}") if show_progress else None
         start = time.perf_counter()
-        with torch.random.fork_rng(devices=[images.device] if images.device.type == "cuda" else []):
-            torch.manual_seed(epoch_seed(config.seed, epoch))
-            train_loss = train_epoch(
-                model,
-                optimizer,
-                images,
-                labels,
-                batches,
-                config.precision,
-                bar,
-                learning_rates,
-                config.label_smoothing,
-            )
+        try:
+            with torch.random.fork_rng(devices=[images.device] if images.device.type == "cuda" else []):
+                torch.manual_seed(epoch_seed(config.seed, epoch))
+                train_loss = train_epoch(
+                    model,
+                    optimizer,
+                    images,
+                    labels,
+                    batches,
+                    config.precision,
+                    bar,
+                    learning_rates,
+                    config.label_smoothing,
+                )
+        except TrainingDiverged as exc:
+            raise TrainingDiverged(f"epoch {epoch}, {exc}; try a lower --lr") from None
+        finally:
+            if bar is not None:
+                bar.close()
         train_seconds = time.perf_counter() - start
-        if bar is not None:
-            bar.close()
         valid_loss = valid_accuracy = None
         if valid_data is not None and len(valid_data[1]) > 0:
             result = evaluate(model, *valid_data, precision=config.precision)
@@ -162,14 +263,22 @@ def train(
         record = EpochRecord(
             epoch=epoch,
             train_loss=train_loss,
-            valid_loss=valid_loss,
+            valid_loss=valid_loss if valid_loss is None or math.isfinite(valid_loss) else None,
             valid_accuracy=valid_accuracy,
+            learning_rate=learning_rates[-1] if learning_rates else config.learning_rate,
             images_per_s=len(labels) / train_seconds,
             epoch_seconds=time.perf_counter() - start,
         )
         records.append(record)
-        if log is not None:
-            log(record.log_line(config.epochs))
-        if on_epoch_end is not None:
-            on_epoch_end(record)
+        stop = False
+        for callback in callbacks:
+            stop = bool(callback.on_epoch_end(record)) or stop
+        if stop:
+            break
     return records
+
+
+def _progress_bar(total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="batch", leave=False, dynamic_ncols=True, mininterval=0.2)
