@@ -244,8 +244,13 @@ def _read_header(path: Path) -> dict:
         with open(path, "rb") as f:
             prefix = f.read(8)
             length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
-            if not 2 <= length <= min(MAX_HEADER_BYTES, info.st_size - 8):
+            if not 2 <= length <= info.st_size - 8:
                 raise CheckpointError(f"{path}: not a readable safetensors checkpoint (corrupt or truncated)")
+            if length > MAX_HEADER_BYTES:
+                raise CheckpointError(
+                    f"{path}: checkpoint header of {length / 2**20:,.0f} MB is over cnnkit's limit of "
+                    f"{MAX_HEADER_BYTES // 2**20} MB (corrupt, or not a cnnkit checkpoint)"
+                )
             raw = f.read(length)
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read checkpoint ({exc.strerror or exc})") from None

@@ -510,6 +510,7 @@ def _raise_keyboard_interrupt(signum, frame):
 
 
 def main(argv=None) -> int:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # SIGTERM ends a run as Ctrl-C does
     try:
         parser = build_parser()

@@ -126,7 +126,7 @@ def start_run(
     """
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(source)
     source = resolve_source(source)
-    with run_folder_lock(run_dir):
+    with run_folder_lock(run_dir), _interrupted_says("No epoch finished, so no checkpoint was written"):
         existing = list_checkpoints(run_dir)
         if existing and not overwrite:
             raise CheckpointError(
@@ -190,7 +190,7 @@ def resume_run(
     record = ckpt.record
     source_run = ckpt.path.parent.parent
     run_dir = Path(run_dir) if run_dir is not None else source_run
-    with run_folder_lock(run_dir):
+    with run_folder_lock(run_dir), _interrupted_says(f"No new epoch finished; {ckpt.path} is as it was"):
         newest = list_checkpoints(run_dir)
         own_folder = ckpt.path.parent.resolve() == (run_dir / "checkpoints").resolve()
         if own_folder and newest and newest[-1].resolve() != ckpt.path.resolve():
@@ -362,21 +362,33 @@ def _run(model, optimizer, record: ModelRecord, run_dir, dataset: Dataset, log, 
     )
     remove_stale_temp_files(Path(run_dir) / "checkpoints")
     remove_stale_temp_files(run_dir)
-    best, stopping = BestEpoch(), EarlyStopping(config.patience, log)
+    best, stopping = BestEpoch(), EarlyStopping(config.patience)
     for callback in (best, stopping):
         callback.load_state_dict(record.trainer_state.get(callback.name, {}))
     history = list(record.history)
     checkpointer = Checkpointer(run_dir, model, optimizer, record, history, (best, stopping), best)
-    callbacks = [EpochLogger(log, config.epochs), best, HistoryFiles(run_dir, history), checkpointer]
+    # In this order: an epoch's line is logged once its checkpoint is on disk, with every state in it.
+    callbacks = [best, HistoryFiles(run_dir, history), checkpointer, EpochLogger(log, config.epochs)]
     if config.patience:
-        callbacks.insert(2, stopping)
+        callbacks.insert(1, stopping)
     try:
         train(model, optimizer, train_data, valid_data, config, record.epoch + 1, callbacks, show_progress)
     except TrainingDiverged as exc:
         raise TrainingDiverged(f"{exc}. {_on_disk(checkpointer.last, record)}") from None
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted. {_on_disk(checkpointer.last, record)}") from None
+    if stopping.reason:
+        log(stopping.reason)
     return RunResult(run_dir=Path(run_dir), model=model, history=history, last_checkpoint=checkpointer.last)
+
+
+@contextlib.contextmanager
+def _interrupted_says(what_is_on_disk: str):
+    """Ctrl-C or SIGTERM before training began: say so, and what is on disk."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted. {what_is_on_disk}") from None
 
 
 def _on_disk(last: Path | None, record: ModelRecord) -> str:

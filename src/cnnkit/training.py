@@ -91,13 +91,17 @@ class BestEpoch:
 
 
 class EarlyStopping:
-    """Stops training after `patience` epochs without a lower validation loss (Keras's EarlyStopping)."""
+    """Stops training after `patience` epochs without a lower validation loss (Keras's EarlyStopping).
+
+    `reason` says why it stopped (None while it has not).
+    """
 
     name = "early_stopping"
 
-    def __init__(self, patience: int, log=None):
-        self.patience, self.log = patience, log
+    def __init__(self, patience: int):
+        self.patience = patience
         self.best_loss, self.wait, self.best_epoch = None, 0, None
+        self.reason = None
 
     def on_epoch_end(self, record: EpochRecord) -> bool:
         loss = record.valid_loss
@@ -109,11 +113,10 @@ class EarlyStopping:
         self.wait += 1
         if self.wait < self.patience:
             return False
-        if self.log is not None:
-            self.log(
-                f"early stop after epoch {record.epoch}: no lower valid_loss for {self.wait} epochs "
-                f"(best {self.best_loss:.4f} at epoch {self.best_epoch})"
-            )
+        self.reason = (
+            f"early stop after epoch {record.epoch}: no lower valid_loss for {self.wait} epochs "
+            f"(best {self.best_loss:.4f} at epoch {self.best_epoch})"
+        )
         return True
 
     def state_dict(self) -> dict:

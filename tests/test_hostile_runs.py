@@ -1,0 +1,325 @@
+"""Hostile inputs and faults around run folders and checkpoints, through the command line in a child process.
+
+Each case checks what a user sees: exit code 2 (or the stated one), one line naming the file or argument,
+no traceback, the child's peak memory under 1 GB, and the run folder unchanged where it should be.
+"""
+
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from cnnkit.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint, optimizer_path
+from cnnkit.runs import run_folder_lock
+
+
+def _snapshot(folder):
+    return {
+        p.relative_to(folder): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != ".lock"
+    }
+
+
+@pytest.fixture
+def run_copy(tmp_path, tiny_run):
+    """A private copy of the tiny run (3 epochs, newest + best kept), safe to damage."""
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(tiny_run, copy)
+    return copy
+
+
+def _rewrite_optimizer(path, change):
+    opt = optimizer_path(path)
+    with safe_open(opt, "pt") as f:
+        metadata = f.metadata()
+    metadata.pop("sha256", None)
+    save_file(change(load_file(opt)), opt, metadata=metadata)
+
+
+def test_moments_that_do_not_fit_the_parameters_are_one_line_not_a_segfault(cli, run_copy):
+    # The issue's repro: every exp_avg replaced by zeros(3); fused Adam used to write past the buffers.
+    newest = list_checkpoints(run_copy)[-1]
+    _rewrite_optimizer(
+        newest, lambda t: {k: torch.zeros(3) if k.endswith("exp_avg") else v for k, v in t.items()}
+    )
+    before = _snapshot(run_copy)
+    result = cli("train", "--resume", run_copy, "--epochs", 4)
+    result.assert_one_line_error("optimizer.safetensors", "exp_avg", "expected F32")
+    assert _snapshot(run_copy) == before
+
+
+def test_a_second_writer_is_refused_naming_the_holder(cli, run_copy):
+    before = _snapshot(run_copy)
+    with run_folder_lock(run_copy):
+        result = cli("train", "--resume", run_copy, "--epochs", 4)
+        result.assert_one_line_error(str(run_copy), f"pid {os.getpid()}", "another cnnkit process")
+        result = cli("train", "--dataset", "mnist-5k", "--out", run_copy, "--overwrite")
+        result.assert_one_line_error(f"pid {os.getpid()}")
+    assert _snapshot(run_copy) == before
+
+
+def test_a_killed_writer_leaves_no_stuck_lock(tmp_path):
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"from cnnkit.runs import run_folder_lock\nwith run_folder_lock({str(tmp_path)!r}):\n print('held', flush=True)\n import time; time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+    )
+    assert child.stdout.readline().strip() == b"held"
+    child.kill()
+    child.wait()
+    with run_folder_lock(tmp_path):
+        pass
+
+
+def test_resume_into_another_runs_folder_is_refused_without_overwrite(cli, tmp_path, run_copy, tiny_run):
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_run, other)
+    before = _snapshot(other)
+    cli("train", "--resume", run_copy, "--epochs", 4, "--out", other).assert_one_line_error(
+        str(other), "another run", "--overwrite"
+    )
+    assert _snapshot(other) == before
+    result = cli("train", "--resume", run_copy, "--epochs", 4, "--out", other, "--overwrite", "--quiet")
+    assert result.code == 0, result.err
+    assert [p.name for p in list_checkpoints(other)][-1] == "epoch-004.safetensors"
+
+
+def test_metadata_declaring_millions_of_classes_is_refused_before_allocating(cli, tmp_path, run_copy):
+    path = list_checkpoints(run_copy)[-1]
+    data = path.read_bytes()
+    length = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8 : 8 + length])
+    meta = json.loads(header["__metadata__"]["cnnkit"])
+    meta["architecture"]["num_classes"] = 3_000_000
+    meta["class_names"] = [str(i) for i in range(400_000)]
+    header["__metadata__"]["cnnkit"] = json.dumps(meta)
+    new = json.dumps(header).encode()
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(struct.pack("<Q", len(new)) + new + data[8 + length :])
+    assert bad.stat().st_size > 3_000_000  # the issue's was 4.4 MB
+    cli("evaluate", bad).assert_one_line_error("bad.safetensors", "num_classes", "10,000")
+
+
+def test_a_huge_checkpoint_file_is_not_read_whole(cli, tmp_path, run_copy):
+    # 3 GB on disk (sparse), with a header that lies about one tensor's size: refused from the header.
+    path = list_checkpoints(run_copy)[-1]
+    data = path.read_bytes()
+    length = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8 : 8 + length])
+    name = "classifier.1.weight"
+    start = header[name]["data_offsets"][0]
+    header[name]["data_offsets"][1] = start + 3 * 2**30
+    new = json.dumps(header).encode()
+    huge = tmp_path / "huge.safetensors"
+    with open(huge, "wb") as f:
+        f.write(struct.pack("<Q", len(new)) + new + data[8 + length :])
+        f.truncate(3 * 2**30)
+    cli("evaluate", huge).assert_one_line_error("huge.safetensors", name, max_mb=600)
+
+
+def test_a_fifo_given_as_a_checkpoint_does_not_hang(cli, tmp_path):
+    fifo = tmp_path / "model.safetensors"
+    os.mkfifo(fifo)
+    cli("evaluate", fifo, timeout=60).assert_one_line_error("model.safetensors", "not a regular file")
+
+
+def test_flipped_bits_in_a_checkpoint_are_caught(cli, run_copy):
+    path = list_checkpoints(run_copy)[-1]
+    data = bytearray(path.read_bytes())
+    data[len(data) - 100] ^= 0x01
+    path.write_bytes(bytes(data))
+    cli("evaluate", run_copy).assert_one_line_error(str(path), "SHA-256")
+
+
+def test_a_convnn_checkpoint_resumes_only_with_a_dataset_and_says_so(cli, tmp_path, small_npz):
+    import numpy as np
+
+    from cnnkit import ConvNN
+    from cnnkit.data import load_dataset
+
+    train = load_dataset(small_npz).train
+    path = (
+        ConvNN(epochs=1, random_state=0)
+        .fit(train.images[:200], train.labels[:200])
+        .save(tmp_path / "m.safetensors")
+    )
+    cli("train", "--resume", path, "--epochs", 2, "--out", tmp_path / "r").assert_one_line_error("--dataset")
+    result = cli(
+        "train", "--resume", path, "--epochs", 2, "--out", tmp_path / "r", "--dataset", small_npz, "--quiet"
+    )
+    assert result.code == 0, result.err
+    assert load_checkpoint(tmp_path / "r").record.epoch == 2 and np.all(True)
+
+
+@pytest.mark.parametrize(
+    ("make_out", "fragment"),
+    [
+        (lambda tmp: (tmp / "file").write_text("x") and tmp / "file", "file"),
+        (lambda tmp: (tmp / "file").write_text("x") and tmp / "file" / "run", "file/run"),
+    ],
+)
+def test_an_out_folder_that_cannot_be_one(cli, tmp_path, small_npz, make_out, fragment):
+    out = make_out(tmp_path)
+    cli("train", "--dataset", small_npz, "--epochs", 1, "--out", out).assert_one_line_error(fragment)
+
+
+def test_a_full_disk_is_one_line(capsys, tmp_path, small_npz, monkeypatch):
+    import errno
+
+    from cnnkit import atomic
+    from cnnkit.cli import main
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(atomic.os, "fsync", no_space)
+    code = main(["train", "--dataset", small_npz, "--epochs", "1", "--out", str(tmp_path / "run"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "No space left on device" in err, err
+    assert "history.jsonl" in err or "safetensors" in err
+
+
+def test_a_diverging_run_stops_naming_epoch_and_step_and_keeps_strict_json(cli, tmp_path, small_npz):
+    result = cli("train", "--dataset", small_npz, "--epochs", 2, "--lr", "1e30", "--out", tmp_path / "run")
+    lines = result.err.strip().splitlines()
+    assert result.code == 1 and len(lines) == 1 and "Traceback" not in result.err, result.err
+    assert "epoch 1, step" in lines[0] and "no checkpoint was written" in lines[0].lower()
+    assert list_checkpoints(tmp_path / "run") == []
+    history = (tmp_path / "run" / "history.jsonl").read_text()
+    assert "NaN" not in history and "Infinity" not in history
+
+
+def test_an_interrupted_run_says_what_is_on_disk(tmp_path, small_npz):
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cnnkit",
+            "train",
+            "--dataset",
+            small_npz,
+            "--epochs",
+            "200",
+            "--out",
+            str(tmp_path / "run"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    while "epoch 001/200" not in proc.stdout.readline():
+        assert proc.poll() is None, proc.stderr.read()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    [line] = err.strip().splitlines()
+    newest = list_checkpoints(tmp_path / "run")[-1]
+    assert f"newest checkpoint is {newest}" in line
+    load_checkpoint(newest)
+
+
+def test_an_interrupt_before_the_first_epoch_says_no_checkpoint(tmp_path, small_npz):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cnnkit", "train", "--dataset", small_npz, "--out", str(tmp_path / "run")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    while "parameters" not in proc.stdout.readline():
+        assert proc.poll() is None, proc.stderr.read()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err and "no checkpoint was written" in err.lower(), (
+        err
+    )
+
+
+def test_sigint_while_the_command_loads_is_never_a_traceback():
+    # From the moment cnnkit's entry module runs, an interrupt exits with 130 and no traceback (the
+    # first ~25 ms belong to Python's own start-up, before any of cnnkit's code).
+    code = "import os, signal, cnnkit.__main__; os.kill(os.getpid(), signal.SIGINT); import torch"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 130 and result.stderr == "", result.stderr
+
+
+@pytest.mark.parametrize("delay", [0.1, 0.4])
+def test_sigint_at_start_up_is_never_a_traceback(delay):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cnnkit", "data", "info", "mnist-5k"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert b"Traceback" not in err, err.decode()
+
+
+def test_output_into_a_closed_pipe_keeps_training(tmp_path, small_npz):
+    # `cnnkit train ... | head -1`: the reader goes away after one line; the run must still finish.
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cnnkit",
+            "train",
+            "--dataset",
+            small_npz,
+            "--epochs",
+            "2",
+            "--out",
+            str(tmp_path / "run"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    proc.stdout.readline()
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 0 and "Traceback" not in err and "BrokenPipe" not in err, err
+    assert [p.name for p in list_checkpoints(tmp_path / "run")][-1] == "epoch-002.safetensors"
+
+
+def test_stale_temp_files_of_a_killed_run_are_removed_on_resume(cli, run_copy):
+    stale = [
+        run_copy / ".history.jsonl.abc123.tmp",
+        run_copy / "checkpoints" / ".epoch-004.safetensors.x.tmp",
+    ]
+    for path in stale:
+        path.write_text("left by kill -9")
+    result = cli("train", "--resume", run_copy, "--epochs", 4, "--quiet")
+    assert result.code == 0, result.err
+    assert not any(path.exists() for path in stale)
+
+
+def test_too_many_threads_are_capped(cli, tmp_path, small_npz):
+    result = cli(
+        "train",
+        "--dataset",
+        small_npz,
+        "--epochs",
+        1,
+        "--threads",
+        10000,
+        "--out",
+        tmp_path / "run",
+        timeout=120,
+    )
+    assert result.code == 0, result.err
+    assert checkpoint_path(tmp_path / "run", 1).exists()
