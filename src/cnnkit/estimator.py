@@ -1,38 +1,55 @@
 """The chapter's `ConvNN` class as a scikit-learn estimator."""
 
+import dataclasses
 import math
+import numbers
+import warnings
 
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.exceptions import NotFittedError
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import assert_all_finite, check_array, check_random_state, column_or_1d
 
 from cnnkit.checkpoint import load_checkpoint, load_optimizer_state, save_checkpoint
 from cnnkit.data import Standardization
-from cnnkit.data.dataset import images_as_nchw
-from cnnkit.device import memory_format, resolve_device, resolve_precision
+from cnnkit.data.dataset import MAX_CLASSES, images_as_nchw, infer_preprocessing
+from cnnkit.device import DEVICES, PRECISIONS, memory_format, resolve_device, resolve_precision
 from cnnkit.inference import predict_logits
-from cnnkit.model import Architecture, build_model
-from cnnkit.recipes import TrainConfig
-from cnnkit.runs import preprocessing_for
-from cnnkit.training import make_optimizer, restore_optimizer, train
+from cnnkit.model import BUILDS, Architecture, build_model
+from cnnkit.recipes import LR_SCHEDULES, TrainConfig
+from cnnkit.record import ModelRecord
+from cnnkit.training import EarlyStopping, EpochLogger, make_optimizer, restore_optimizer, train
+
+_DEPRECATED = "deprecated"  # random_seed's default: the old name was not given
 
 
 class ConvNN(ClassifierMixin, BaseEstimator):
     """The chapter's CNN with fit / predict / predict_proba / score, like any scikit-learn classifier.
 
-    X may be rows of H*W pixels of square grayscale images (the chapter's (N, 784)), (N, H, W) or
-    (N, C, H, W); y holds any class labels (ints or strings). Inputs are standardized with the training
-    set's mean and std, which the fitted model keeps (`standardization_`).
+    X holds square images in any of these forms: rows of H*W pixels (the chapter's (N, 784)),
+    (N, H, W), (N, C, H, W) or (N, H, W, C), with 1 or 3 channels; NaN and inf are refused. y holds
+    class labels (ints or strings, at least 2 classes); continuous targets are refused, as by any
+    scikit-learn classifier. Inputs are standardized with the training set's per-channel mean and std,
+    which the fitted model keeps (`standardization_`).
 
-    Parameters are the chapter's: batch_size, epochs, learning_rate, dropout_rate, shuffle and
-    random_seed (None draws one; the drawn seed is kept in `seed_`). `warm_start=True` makes a second
-    `fit` continue training the fitted network for `epochs` more epochs, with Adam's state (the
-    chapter's `train(initialize=False)`). build ("layers" or "lowlevel"), precision ("auto", "fp32",
-    "bf16") and device ("auto", "cpu", "cuda") choose how it runs; verbose=1 logs a line per epoch.
+    Training: batch_size, epochs, learning_rate (the peak of a "one-cycle" lr_schedule), dropout_rate,
+    shuffle, label_smoothing, and patience (stop after that many epochs without a lower loss on
+    `validation_data`; 0 never stops early) - the chapter's values by default, `cnnkit train`'s
+    TrainConfig fields. random_state is None (a seed drawn from NumPy's global generator), an int or
+    a NumPy RandomState / Generator; the seed used is kept in `seed_`. random_seed is its deprecated
+    name. The network: conv_channels (filters of the two convolutions), kernel_size and hidden_units;
+    images must be at least (3 * kernel_size - 2) pixels a side (13x13 for the chapter's 5x5).
+    `warm_start=True` makes a second `fit` continue training the fitted network for `epochs` more
+    epochs, with Adam's state (the chapter's `train(initialize=False)`). build ("layers" or
+    "lowlevel"), precision ("auto", "fp32", "bf16") and device ("auto", "cpu", "cuda") choose how it
+    runs; verbose=1 logs a line per epoch. Parameters are checked when `fit` runs: a bad value is a
+    ValueError, a value of the wrong type a TypeError, each naming the parameter.
 
-    Fitted attributes: classes_, n_features_in_, input_shape_, standardization_, model_, optimizer_,
-    history_ (one dict per epoch), seed_.
+    Fitted attributes: classes_, n_features_in_ (C*H*W), input_shape_ (C, H, W), standardization_,
+    model_, optimizer_, history_ (one dict per epoch), seed_, config_ (the TrainConfig of the last
+    fit, or of the checkpoint `load` read).
     """
 
     def __init__(
@@ -42,56 +59,84 @@ class ConvNN(ClassifierMixin, BaseEstimator):
         learning_rate=1e-4,
         dropout_rate=0.5,
         shuffle=True,
-        random_seed=None,
+        random_state=None,
         warm_start=False,
         build="layers",
         precision="auto",
         device="auto",
         verbose=0,
+        *,
+        lr_schedule="constant",
+        label_smoothing=0.0,
+        patience=0,
+        conv_channels=(32, 64),
+        kernel_size=5,
+        hidden_units=1024,
+        random_seed=_DEPRECATED,
     ):
         self.batch_size = batch_size
         self.epochs = epochs
         self.learning_rate = learning_rate
         self.dropout_rate = dropout_rate
         self.shuffle = shuffle
-        self.random_seed = random_seed
+        self.random_state = random_state
         self.warm_start = warm_start
         self.build = build
         self.precision = precision
         self.device = device
         self.verbose = verbose
+        self.lr_schedule = lr_schedule
+        self.label_smoothing = label_smoothing
+        self.patience = patience
+        self.conv_channels = conv_channels
+        self.kernel_size = kernel_size
+        self.hidden_units = hidden_units
+        self.random_seed = random_seed
 
     def fit(self, X, y, validation_data=None):
         """Train on X, y; validation_data=(X_valid, y_valid) is measured after each epoch. Returns self."""
-        y = np.asarray(y)
-        if y.ndim != 1:
-            raise ValueError(f"y must be 1-D class labels, got shape {y.shape}")
+        self._check_params()
+        random_state = self._random_state()
         continuing = self.warm_start and hasattr(self, "model_")
-        images = self._images(X, check_shape=continuing)
-        if len(images) != len(y):
-            raise ValueError(f"X has {len(images)} samples but y has {len(y)}")
+        # As scikit-learn's own estimators: X's values, then y, then what this model needs of X.
+        X = check_array(X, allow_nd=True, dtype="numeric", input_name="X")
+        y = self._labels(y)
+        if len(X) != len(y):
+            raise ValueError(f"X has {len(X)} samples but y has {len(y)}")
         if not continuing:
-            self._initialize(images, y)
+            self._check_classes(y)
+        images = self._images(X, check_shape=continuing)
+        if not continuing:
+            self._initialize(images, y, random_state)
         labels = self._encode(y)
         device = next(self.model_.parameters()).device
         done = len(self.history_)
-        config = TrainConfig(
-            epochs=done + self.epochs,
-            batch_size=self.batch_size,
-            learning_rate=self.learning_rate,
-            dropout_rate=self.dropout_rate,
-            shuffle=self.shuffle,
+        # recipe and keep have no parameter here: they stay as the checkpoint `load` read had them.
+        self.config_ = config = dataclasses.replace(
+            getattr(self, "config_", TrainConfig()),
+            epochs=done + int(self.epochs),
+            batch_size=int(self.batch_size),
+            learning_rate=float(self.learning_rate),
+            dropout_rate=float(self.dropout_rate),
+            shuffle=bool(self.shuffle),
             seed=self.seed_,
             build=self.build,
             precision=self.precision_,
+            lr_schedule=self.lr_schedule,
+            label_smoothing=float(self.label_smoothing),
+            patience=int(self.patience),
         )
         valid = None
         if validation_data is not None:
             X_valid, y_valid = validation_data
             valid = (
                 self._tensors(self._images(X_valid, check_shape=True), device),
-                torch.as_tensor(self._encode(np.asarray(y_valid)), device=device),
+                torch.as_tensor(self._encode(self._labels(y_valid)), device=device),
             )
+        callbacks = [EpochLogger(print, config.epochs)] if self.verbose else []
+        stopping = EarlyStopping(self.patience)
+        if self.patience and valid is not None:
+            callbacks.append(stopping)
         records = train(
             self.model_,
             self.optimizer_,
@@ -99,15 +144,17 @@ class ConvNN(ClassifierMixin, BaseEstimator):
             valid,
             config,
             start_epoch=done + 1,
-            log=print if self.verbose else None,
+            callbacks=callbacks,
             show_progress=None if self.verbose else False,
         )
         self.history_ += [r.to_dict() for r in records]
+        if self.verbose and stopping.reason:
+            print(stopping.reason)
         return self
 
     def predict_proba(self, X) -> np.ndarray:
-        """Class probabilities (N, n_classes), columns in the order of classes_."""
-        return torch.softmax(self._logits(X), dim=1).numpy()
+        """Class probabilities (N, n_classes) in float64, columns in the order of classes_."""
+        return torch.softmax(self._logits(X).double(), dim=1).numpy()
 
     def predict(self, X) -> np.ndarray:
         """Predicted class labels (N,), values from classes_."""
@@ -117,69 +164,159 @@ class ConvNN(ClassifierMixin, BaseEstimator):
     def save(self, path):
         """Write the fitted model as a cnnkit checkpoint (usable by `cnnkit predict` and `evaluate`)."""
         self._check_fitted()
-        arch = self.model_.arch
-        meta = {
-            "build": self.build,
-            "architecture": arch.to_dict(),
-            "class_names": [str(c) for c in self.classes_],
-            "classes": self.classes_.tolist(),
-            "standardization": self.standardization_.to_dict(),
-            "preprocessing": preprocessing_for("arrays", arch.input_shape),
-            "dataset": "arrays",
-            "valid_size": 0,
-            "hyperparameters": {**self.get_params(), "seed_": self.seed_, "precision_": self.precision_},
-            "epoch": len(self.history_),
-            "history": self.history_,
-        }
-        return save_checkpoint(path, self.model_, meta, self.optimizer_)
+        record = ModelRecord(
+            architecture=self.model_.arch,
+            class_names=tuple(str(c) for c in self.classes_),
+            classes=tuple(c.item() if hasattr(c, "item") else c for c in self.classes_),
+            standardization=self.standardization_,
+            preprocessing=self.preprocessing_,
+            config=self.config_,
+            dataset=None,
+            epoch=len(self.history_),
+            history=tuple(self.history_),
+        )
+        return save_checkpoint(path, self.model_, record, self.optimizer_)
 
     @classmethod
     def load(cls, path, device="auto") -> "ConvNN":
-        """A fitted ConvNN from a checkpoint written by `save` or by `cnnkit train`."""
+        """A fitted ConvNN from a checkpoint written by `save` or by `cnnkit train` (any recipe).
+
+        The parameters are the checkpoint's TrainConfig and architecture (epochs: those trained so
+        far), so `clone` or a new `fit` trains the same recipe; `save` writes the config back whole.
+        """
         ckpt = load_checkpoint(path)
-        meta = ckpt.meta
-        params = {k: v for k, v in meta["hyperparameters"].items() if k in cls._get_param_names()}
-        params.setdefault("random_seed", meta["hyperparameters"].get("seed"))
-        est = cls(**{**params, "build": meta["build"], "device": device})
-        arch = Architecture.from_dict(meta["architecture"])
+        record, config, arch = ckpt.record, ckpt.record.config, ckpt.record.architecture
+        est = cls(
+            batch_size=config.batch_size,
+            epochs=config.epochs,
+            learning_rate=config.learning_rate,
+            dropout_rate=config.dropout_rate,
+            shuffle=config.shuffle,
+            random_state=config.seed,
+            build=config.build,
+            precision=config.precision,
+            device=device,
+            lr_schedule=config.lr_schedule,
+            label_smoothing=config.label_smoothing,
+            patience=config.patience,
+            conv_channels=arch.conv_channels,
+            kernel_size=arch.kernel_size,
+            hidden_units=arch.hidden_units,
+        )
         dev = resolve_device(device)
-        est.model_ = build_model(arch, meta["build"]).to(dev, memory_format=memory_format(dev))
+        est.model_ = build_model(arch, record.build).to(dev, memory_format=memory_format(dev))
         est.model_.load_state_dict(ckpt.model_state)
         est.optimizer_ = make_optimizer(est.model_, est.learning_rate)
-        opt_state = load_optimizer_state(ckpt.path, required=False)
-        if opt_state is not None:
-            restore_optimizer(est.optimizer_, opt_state)
-        est.classes_ = np.asarray(meta.get("classes", meta["class_names"]))
+        restore_optimizer(est.optimizer_, load_optimizer_state(ckpt.path, est.model_, required=False))
+        est.classes_ = np.asarray(record.classes if record.classes is not None else record.class_names)
         est.input_shape_ = arch.input_shape
-        est.n_features_in_ = math.prod(arch.input_shape)
-        est.standardization_ = Standardization.from_dict(meta["standardization"])
-        est.history_ = list(meta["history"])
-        est.seed_ = meta["hyperparameters"].get("seed_", meta["hyperparameters"].get("seed"))
+        est.n_features_in_ = math.prod(est.input_shape_)
+        est.standardization_ = record.standardization
+        est.preprocessing_ = record.preprocessing
+        est.history_ = list(record.history)
+        est.seed_ = config.seed
+        est.config_ = config
         est.precision_ = resolve_precision(est.precision, dev)
         return est
 
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.three_d_array = True  # (N, H, W); (N, C, H, W) and (N, H, W, C) have no tag
+        return tags
+
+    # --- parameters ---
+
+    def _check_params(self):
+        """Raise ValueError (TypeError for a wrong type) naming the first parameter that cannot work."""
+        _integer(self, "batch_size", 1)
+        _integer(self, "epochs", 1)
+        _number(self, "learning_rate", "a positive finite number", lambda v: 0 < v < math.inf)
+        _number(self, "dropout_rate", "a number in [0, 1)", lambda v: 0 <= v < 1)
+        _boolean(self, "shuffle")
+        _seed(self, "random_state")
+        _boolean(self, "warm_start")
+        _choice(self, "build", BUILDS)
+        _choice(self, "precision", PRECISIONS)
+        _choice(self, "device", DEVICES)
+        _integer(self, "verbose", 0)
+        _choice(self, "lr_schedule", LR_SCHEDULES)
+        _number(self, "label_smoothing", "a number in [0, 1)", lambda v: 0 <= v < 1)
+        _integer(self, "patience", 0)
+        channels = self.conv_channels
+        if not (
+            isinstance(channels, tuple | list)
+            and len(channels) == 2
+            and all(isinstance(c, numbers.Integral) and not isinstance(c, bool) for c in channels)
+        ):
+            raise TypeError(
+                f"conv_channels must be a pair of ints (filters of the two convolutions), got {channels!r}"
+            )
+        if min(channels) < 1:
+            raise ValueError(f"conv_channels must be a pair of ints >= 1, got {channels!r}")
+        _integer(self, "kernel_size", 1)
+        _integer(self, "hidden_units", 1)
+        if not (isinstance(self.random_seed, str) and self.random_seed == _DEPRECATED):
+            _seed(self, "random_seed")
+
+    def _random_state(self):
+        """random_state, or the deprecated random_seed when that was given (with a FutureWarning)."""
+        if isinstance(self.random_seed, str) and self.random_seed == _DEPRECATED:
+            return self.random_state
+        if self.random_state is not None:
+            raise ValueError("random_seed is the deprecated name of random_state: give only random_state")
+        warnings.warn(
+            "ConvNN's random_seed is deprecated and will be removed; use random_state (same meaning)",
+            FutureWarning,
+            stacklevel=3,
+        )
+        return self.random_seed
+
     # --- internals ---
 
-    def _initialize(self, images, y):
+    def _check_classes(self, y):
+        classes = np.unique(y)
+        if len(classes) < 2:
+            raise ValueError(
+                f"y holds 1 class ({classes.tolist()[0]!r}); a classifier needs at least 2 classes"
+            )
+        if len(classes) > MAX_CLASSES:
+            raise ValueError(f"y holds {len(classes):,} classes; at most {MAX_CLASSES:,} are supported")
+
+    def _initialize(self, images, y, random_state):
         self.classes_ = np.unique(y)
-        if len(self.classes_) < 2:
-            raise ValueError(f"y must hold at least 2 classes, got {len(self.classes_)}")
-        self.input_shape_ = tuple(images.shape[1:])
+        try:
+            arch = Architecture(
+                tuple(images.shape[1:]),
+                len(self.classes_),
+                conv_channels=tuple(int(c) for c in self.conv_channels),
+                kernel_size=int(self.kernel_size),
+                hidden_units=int(self.hidden_units),
+                dropout_rate=float(self.dropout_rate),
+            )
+        except ValueError as exc:
+            raise ValueError(f"X: {exc} (kernel_size sets the minimum)") from None
+        self.input_shape_ = arch.input_shape
         self.n_features_in_ = math.prod(self.input_shape_)
-        self.seed_ = (
-            self.random_seed
-            if self.random_seed is not None
-            else int(np.random.SeedSequence().entropy % 2**31)
-        )
+        self.seed_ = _draw_seed(random_state)
         device = resolve_device(self.device)
         self.precision_ = resolve_precision(self.precision, device)
-        arch = Architecture(self.input_shape_, len(self.classes_), dropout_rate=self.dropout_rate)
         self.standardization_ = Standardization.fit(images)
+        self.preprocessing_ = infer_preprocessing(images, [str(c) for c in self.classes_])[0]
         self.model_ = build_model(arch, self.build, seed=self.seed_).to(
             device, memory_format=memory_format(device)
         )
         self.optimizer_ = make_optimizer(self.model_, self.learning_rate)
         self.history_ = []
+
+    def _labels(self, y) -> np.ndarray:
+        """y as 1-D class labels, as a scikit-learn classifier takes them (continuous y is refused)."""
+        if y is None:
+            raise ValueError(f"{type(self).__name__} requires y to be passed, but the target y is None")
+        y = column_or_1d(y, warn=True)
+        if y.dtype.kind in "fc":
+            assert_all_finite(y, input_name="y")
+        check_classification_targets(y)
+        return y
 
     def _encode(self, y) -> np.ndarray:
         index = np.searchsorted(self.classes_, y)
@@ -192,15 +329,27 @@ class ConvNN(ClassifierMixin, BaseEstimator):
         return index.astype(np.int64)
 
     def _images(self, X, check_shape) -> np.ndarray:
-        try:
-            X = images_as_nchw(X)
-        except ValueError as exc:
-            raise ValueError(f"X {exc}") from None
-        if check_shape and hasattr(self, "input_shape_") and tuple(X.shape[1:]) != tuple(self.input_shape_):
+        """X as (N, C, H, W) numbers, all finite; with `check_shape`, of the fitted input shape."""
+        X = check_array(X, allow_nd=True, dtype="numeric", input_name="X")
+        fitted = check_shape and hasattr(self, "input_shape_")
+        if fitted and X.ndim == 2 and X.shape[1] != self.n_features_in_:
+            raise ValueError(
+                f"X has {X.shape[1]} features, but {type(self).__name__} is expecting "
+                f"{self.n_features_in_} features as input (images of shape {tuple(self.input_shape_)})"
+            )
+        X = self._as_nchw(X)
+        if fitted and tuple(X.shape[1:]) != tuple(self.input_shape_):
             raise ValueError(
                 f"X has images of shape {tuple(X.shape[1:])}, the model takes {tuple(self.input_shape_)}"
             )
         return X
+
+    @staticmethod
+    def _as_nchw(X) -> np.ndarray:
+        try:
+            return images_as_nchw(X, allow_nhwc=True)
+        except ValueError as exc:
+            raise ValueError(f"X {exc}") from None
 
     def _tensors(self, images, device):
         x = torch.from_numpy(self.standardization_.apply(images)).to(device)
@@ -215,3 +364,57 @@ class ConvNN(ClassifierMixin, BaseEstimator):
     def _check_fitted(self):
         if not hasattr(self, "model_"):
             raise NotFittedError(f"This {type(self).__name__} is not fitted yet; call fit(X, y) first.")
+
+
+# --- parameter checks: each names the parameter and says what it must be ---
+
+
+def _integer(est, name, low):
+    value = getattr(est, name)
+    is_int = isinstance(value, numbers.Integral) and (name == "verbose" or not isinstance(value, bool))
+    if not is_int:
+        raise TypeError(f"{name} must be an int >= {low}, got {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+
+
+def _number(est, name, expected, ok):
+    value = getattr(est, name)
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(f"{name} must be {expected}, got {value!r}")
+    if not ok(value):
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+
+
+def _boolean(est, name):
+    value = getattr(est, name)
+    if not isinstance(value, bool | np.bool_):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
+def _choice(est, name, choices):
+    value = getattr(est, name)
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+def _seed(est, name):
+    value = getattr(est, name)
+    expected = "None, an int in [0, 2**63) or a numpy RandomState or Generator"
+    if value is None or isinstance(value, np.random.RandomState | np.random.Generator):
+        return
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise TypeError(f"{name} must be {expected}, got {value!r}")
+    if not 0 <= value < 2**63:
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+
+
+def _draw_seed(random_state) -> int:
+    """The training seed: an int as given; otherwise drawn from the generator (None: NumPy's global one)."""
+    if isinstance(random_state, numbers.Integral):
+        return int(random_state)
+    if isinstance(random_state, np.random.Generator):
+        return int(random_state.integers(2**31))
+    return int(check_random_state(random_state).randint(2**31))
