@@ -9,6 +9,7 @@ import threading
 import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -148,39 +149,41 @@ class CliRun:
         return lines[0]
 
 
+# Runs cnnkit's entry module and, at exit, writes the process's own peak RSS (VmHWM) to $CNNKIT_TEST_PEAK.
+# (The rusage of a child started by fork counts the parent's pages copied before exec: pytest's size.)
+_CHILD = """
+import atexit, os, runpy, sys
+def _report_peak():
+    with open("/proc/self/status") as status, open(os.environ["CNNKIT_TEST_PEAK"], "w") as out:
+        out.write(next(line for line in status if line.startswith("VmHWM")).split()[1])
+atexit.register(_report_peak)
+sys.argv[0] = "cnnkit"
+runpy.run_module("cnnkit", run_name="__main__", alter_sys=True)
+"""
+
+
 def run_cnnkit(*args, cwd=None, env=None, timeout=300, stdin=None) -> CliRun:
-    """Run `python -m cnnkit ARGS` in a child process; its peak RSS comes from os.wait4, so it is the
-    child's own (resource.getrusage(RUSAGE_CHILDREN) would report the largest child so far)."""
+    """Run `python -m cnnkit ARGS` in a child process: exit code, output, and its own peak RSS in MB."""
     args = [str(a) for a in args]
-    child_env = {**os.environ, **(env or {})}
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "cnnkit", *args],
-            stdout=out,
-            stderr=err,
+    with tempfile.TemporaryDirectory() as scratch:
+        peak_file = os.path.join(scratch, "peak")
+        child_env = {**os.environ, **(env or {}), "CNNKIT_TEST_PEAK": peak_file}
+        result = subprocess.run(
+            [sys.executable, "-c", _CHILD, *args],
+            capture_output=True,
             stdin=stdin if stdin is not None else subprocess.DEVNULL,
             cwd=cwd,
             env=child_env,
+            timeout=timeout,
         )
-        timed_out = []
-        timer = threading.Timer(timeout, lambda: (timed_out.append(True), proc.kill()))
-        timer.start()
-        try:
-            _, status, usage = os.wait4(proc.pid, 0)
-        finally:
-            timer.cancel()
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        result = CliRun(
-            args,
-            proc.returncode,
-            out.read().decode(errors="replace"),
-            err.read().decode(errors="replace"),
-            usage.ru_maxrss / 1024,
-        )
-    assert not timed_out, f"cnnkit {args} ran past {timeout} s"
-    return result
+        peak_kb = int(Path(peak_file).read_text()) if os.path.exists(peak_file) else float("inf")
+    return CliRun(
+        args,
+        result.returncode,
+        result.stdout.decode(errors="replace"),
+        result.stderr.decode(errors="replace"),
+        peak_kb / 1024,
+    )
 
 
 @pytest.fixture

@@ -24,8 +24,8 @@ from cnnkit.checkpoint import (
 from cnnkit.data import Standardization
 from cnnkit.errors import CheckpointError
 from cnnkit.model import Architecture, build_model
-from cnnkit.record import ModelRecord
 from cnnkit.recipes import TrainConfig
+from cnnkit.record import ModelRecord
 from cnnkit.training import restore_optimizer
 
 SMALL = Architecture(input_shape=(1, 13, 13), num_classes=3, hidden_units=8, conv_channels=(2, 3))

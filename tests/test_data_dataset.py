@@ -3,8 +3,8 @@ import json
 import numpy as np
 import pytest
 
-from cnnkit.data import Dataset, Split, Standardization, iterate_minibatches, minibatch_indices
-from cnnkit.data.dataset import images_as_nchw
+from cnnkit.data import MAX_CLASSES, Dataset, Split, Standardization, iterate_minibatches, minibatch_indices
+from cnnkit.data.dataset import images_as_nchw, infer_preprocessing
 from cnnkit.errors import CnnkitError, DatasetError
 
 
@@ -239,3 +239,60 @@ def test_images_as_nchw_accepts_the_usual_forms_and_names_what_is_wrong():
         images_as_nchw(np.zeros((2, 5, 5, 5)), allow_nhwc=True)
     with pytest.raises(ValueError, match="has dtype bool"):
         images_as_nchw(np.zeros((2, 784), bool))
+
+
+# --- preprocessing, notes and the class limit ---
+
+
+def test_preprocessing_and_notes_survive_split_validation():
+    images = np.zeros((12, 1, 4, 4), np.uint8)
+    ds = Dataset(
+        "d", ["a", "b"], train=Split(images, np.arange(12) % 2, "train"), preprocessing="object", notes=["n"]
+    )
+    assert ds.notes == ("n",)
+    split = ds.split_validation(3)
+    assert split.preprocessing == "object" and split.notes == ("n",) and len(split.valid) == 3
+    assert Dataset("d", ["a"], test=Split(images[:1], [0], "test")).preprocessing == "resize"
+
+
+def test_dataset_refuses_too_many_classes_and_an_unknown_preprocessing():
+    split = Split(np.zeros((1, 1, 2, 2), np.uint8), [0], "test")
+    Dataset("d", [str(i) for i in range(MAX_CLASSES)], test=split)
+    with pytest.raises(DatasetError, match="10,001 classes is over cnnkit's limit of 10,000"):
+        Dataset("d", [str(i) for i in range(MAX_CLASSES + 1)], test=split)
+    with pytest.raises(DatasetError, match="preprocessing 'sharpen' is not one of digit, object, resize"):
+        Dataset("d", ["a"], test=split, preprocessing="sharpen")
+
+
+def _drawn(n, shape, background, ink, dtype=np.uint8):
+    images = np.full((n, *shape), background, dtype=dtype)
+    images[..., shape[1] // 4 : shape[1] // 2, shape[2] // 3 : shape[2] // 2] = ink
+    return images
+
+
+DIGIT_NAMES = [str(d) for d in range(10)]
+
+
+def _filling(n, shape):
+    images = np.zeros((n, *shape), np.uint8)
+    images[..., 3:-3, 1:-1] = 200  # the object spans the whole width
+    return images
+
+
+@pytest.mark.parametrize(
+    ("images", "class_names", "expected"),
+    [
+        (_drawn(5, (1, 28, 28), 0, 255), DIGIT_NAMES, "digit"),
+        (_drawn(5, (1, 28, 28), 0, 255), ["cat", "dog"], "resize-dark"),  # small shapes: kept in place
+        (_drawn(5, (1, 32, 32), 0, 255), DIGIT_NAMES, "resize-dark"),
+        (_drawn(5, (3, 28, 28), 10, 240), DIGIT_NAMES, "resize-dark"),  # gray stored as RGB
+        (_filling(5, (1, 28, 28)), ["shirt", "shoe"], "object"),  # fills its frame, as Fashion-MNIST
+        (_drawn(5, (1, 28, 28), 255, 0), DIGIT_NAMES, "resize"),  # dark on light: kept as stored
+        (_drawn(5, (3, 8, 8), 0, 0) + np.array([0, 90, 200], np.uint8)[:, None, None], ["a"], "resize"),
+        (_drawn(5, (1, 28, 28), -1.0, 1.0, np.float32), DIGIT_NAMES, "digit"),  # the chapter's scaled MNIST
+        (np.zeros((0, 1, 28, 28), np.uint8), DIGIT_NAMES, "resize"),
+    ],
+)
+def test_infer_preprocessing_follows_how_the_images_look(images, class_names, expected):
+    style, reason = infer_preprocessing(images, class_names)
+    assert style == expected and reason and "\n" not in reason

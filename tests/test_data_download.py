@@ -1,5 +1,10 @@
 import dataclasses
 import hashlib
+import os
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -7,7 +12,7 @@ import pytest
 from cnnkit.data import load_dataset
 from cnnkit.data.download import DownloadError, download, fetch
 from cnnkit.data.idx import write_idx
-from cnnkit.data.sources import MNIST, default_cache_dir, load_published
+from cnnkit.data.sources import FASHION_MNIST, MNIST, default_cache_dir, load_published
 from cnnkit.errors import DatasetError
 
 FILE = "train-labels-idx1-ubyte.gz"
@@ -37,7 +42,10 @@ def sha256(data: bytes) -> str:
 
 def fake_spec(files, mirrors):
     return dataclasses.replace(
-        MNIST, checksums={n: sha256(b) for n, b in files.items()}, mirrors=tuple(mirrors)
+        MNIST,
+        checksums={n: sha256(b) for n, b in files.items()},
+        sizes={n: len(b) for n, b in files.items()},
+        mirrors=tuple(mirrors),
     )
 
 
@@ -160,3 +168,151 @@ def test_cache_folder_comes_from_cnnkit_data(monkeypatch, tmp_path):
     assert default_cache_dir() == tmp_path / "data"
     monkeypatch.delenv("CNNKIT_DATA")
     assert default_cache_dir().parts[-2:] == (".cache", "cnnkit")
+
+
+# --- bounded downloads: published size, deadline, stale files, timeouts told from no network ---
+
+
+class _OddHandler(BaseHTTPRequestHandler):
+    """Serves server.routes: path -> (behaviour, body): "no length" (body delimited by closing the
+    connection), "endless" (zeros until the client hangs up) or "trickle" (one byte every 0.2 s)."""
+
+    protocol_version = "HTTP/1.0"
+
+    def do_GET(self):
+        behaviour, body = self.server.routes[self.path]
+        try:
+            self.send_response(200)
+            if behaviour == "trickle":
+                self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if behaviour == "no length":
+                self.wfile.write(body)
+            elif behaviour == "endless":
+                while True:
+                    self.wfile.write(bytes(1 << 16))
+            elif behaviour == "trickle":
+                for i in range(len(body)):
+                    self.wfile.write(body[i : i + 1])
+                    self.wfile.flush()
+                    time.sleep(0.2)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def odd_server():
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _OddHandler)
+    httpd.daemon_threads = True
+    httpd.routes = {}
+    httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.02,), daemon=True)
+    thread.start()
+    yield httpd
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join()
+
+
+def test_published_sizes_name_the_same_files_as_the_checksums():
+    for spec in (MNIST, FASHION_MNIST):
+        assert list(spec.sizes) == list(spec.checksums) and all(n > 1000 for n in spec.sizes.values())
+    with pytest.raises(ValueError, match="same files"):
+        dataclasses.replace(MNIST, sizes={FILE: 1})
+
+
+def test_content_length_other_than_the_published_size_fails_that_mirror(server, fake_mnist, tmp_path):
+    files, _ = fake_mnist
+    server.routes["/m/" + FILE] = ("ok", files[FILE])
+    size = len(files[FILE]) + 1
+    with pytest.raises(
+        DownloadError, match=f"announces {len(files[FILE]):,} bytes but the published file has"
+    ):
+        download(
+            FILE, sha256(files[FILE]), tmp_path / "cache", [server.url + "/m/"], size=size, progress=False
+        )
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+@pytest.mark.parametrize("behaviour", ["no length", "endless"])
+def test_reading_stops_at_the_published_size(odd_server, server, fake_mnist, tmp_path, behaviour):
+    files, _ = fake_mnist
+    odd_server.routes["/m/" + FILE] = (behaviour, files[FILE] + b"and more")
+    server.routes["/good/" + FILE] = ("ok", files[FILE])
+    mirrors = [odd_server.url + "/m/", server.url + "/good/"]
+    path = download(FILE, sha256(files[FILE]), tmp_path, mirrors, size=len(files[FILE]), progress=False)
+    assert path.read_bytes() == files[FILE]
+    with pytest.raises(DownloadError, match=f"sent more than the published {len(files[FILE]):,} bytes"):
+        download(
+            FILE, sha256(files[FILE]), tmp_path / "2", mirrors[:1], size=len(files[FILE]), progress=False
+        )
+
+
+def test_a_trickling_server_is_cut_off_at_the_deadline(odd_server, fake_mnist, tmp_path):
+    files, _ = fake_mnist
+    odd_server.routes["/m/" + FILE] = ("trickle", files[FILE])
+    started = time.monotonic()
+    with pytest.raises(DownloadError, match="did not finish in time") as err:
+        download(
+            FILE,
+            sha256(files[FILE]),
+            tmp_path / "cache",
+            [odd_server.url + "/m/"],
+            progress=False,
+            deadline=1.0,
+        )
+    assert time.monotonic() - started < 3
+    assert err.value.timed_out and not err.value.unreachable and "no network" not in str(err.value)
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_a_server_that_does_not_answer_is_told_apart_from_no_network(
+    server, fake_mnist, refused_url, tmp_path
+):
+    files, _ = fake_mnist
+    server.routes["/m/" + FILE] = ("stall", files[FILE])
+    with pytest.raises(DownloadError) as err:
+        download(
+            FILE,
+            sha256(files[FILE]),
+            tmp_path,
+            [server.url + "/m/", refused_url],
+            timeout=0.2,
+            progress=False,
+        )
+    message = str(err.value)
+    assert err.value.timed_out and not err.value.unreachable
+    assert "did not answer within 0.2 s" in message and "no network" not in message
+    with pytest.raises(DownloadError, match="no network") as err:
+        download(FILE, sha256(files[FILE]), tmp_path, [refused_url], progress=False)
+    assert err.value.unreachable and not err.value.timed_out
+
+
+def test_a_name_that_does_not_resolve_means_no_network(fake_mnist, tmp_path, monkeypatch):
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    with pytest.raises(DownloadError, match=r"no network.*Name or service not known") as err:
+        download(FILE, "sha256:00", tmp_path, ["http://mirror.example/"], progress=False)
+    assert err.value.unreachable
+
+
+def test_stale_temporary_files_of_a_killed_download_are_removed_at_the_next_start(
+    server, fake_mnist, tmp_path
+):
+    files, _ = fake_mnist
+    server.routes["/m/" + FILE] = ("ok", files[FILE])
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    stale = cache / f".{FILE}.k1ll3d.tmp"
+    live = cache / ".t10k-images-idx3-ubyte.gz.l1v3.tmp"  # another process writing right now
+    stale.write_bytes(b"half a file")
+    live.write_bytes(b"growing")
+    an_hour_ago = time.time() - 3600
+    os.utime(stale, (an_hour_ago, an_hour_ago))
+    fetch(FILE, sha256(files[FILE]), cache, [server.url + "/m/"], progress=False)
+    assert sorted(p.name for p in cache.iterdir()) == sorted([FILE, live.name])

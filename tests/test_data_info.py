@@ -63,3 +63,11 @@ def test_table_without_a_training_split_says_so():
     ds = Dataset("t", ["0", "1"], test=Split(np.zeros((2, 1, 2, 2), np.float32), [0, 1], "test"))
     text = info_table(ds)
     assert "no training split" in text and "float32 already scaled" in text
+
+
+def test_table_says_how_predict_prepares_photos_and_how_the_data_was_loaded():
+    split = Split(np.zeros((2, 1, 2, 2), np.uint8), [0, 1], "test")
+    ds = Dataset("t", ["0", "1"], test=split, preprocessing="object", notes=("images are 2x2", "second"))
+    lines = info_table(ds).splitlines()
+    assert "preprocess   object (how cnnkit predict prepares a photo)" in lines
+    assert "note         images are 2x2" in lines and "note         second" in lines

@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cnnkit.data import load_dataset
+from cnnkit.data import load_dataset, resolve_source
 from cnnkit.data.idx import write_idx
-from cnnkit.data.sources import FASHION_MNIST, load_published
+from cnnkit.data.imagefolder import default_image_size
+from cnnkit.data.sources import FASHION_MNIST, MNIST, load_published
 from cnnkit.errors import DatasetError, FileError
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -297,3 +298,180 @@ def test_unknown_source_lists_the_valid_forms(source):
 def test_a_bare_folder_path_suggests_the_prefixes(tmp_path):
     with pytest.raises(DatasetError, match=f"folder:{tmp_path}.*idx:{tmp_path}"):
         load_dataset(str(tmp_path))
+
+
+# --- resolve_source ---
+
+
+def test_resolve_source_makes_paths_absolute_and_keeps_names(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert resolve_source("idx:data/mnist") == f"idx:{tmp_path / 'data' / 'mnist'}"
+    assert resolve_source("npz:./a/../b.npz") == f"npz:{tmp_path / 'b.npz'}"
+    assert resolve_source("folder:~/pics") == f"folder:{Path.home().resolve() / 'pics'}"
+    for name in ("mnist", "mnist-5k", "fashion-mnist"):
+        assert resolve_source(name) == name
+
+
+@pytest.mark.parametrize("source", ["", "  ", "idx:", "npz: ", "folder:"])
+def test_resolve_source_refuses_an_empty_source_or_path(source):
+    with pytest.raises(DatasetError, match=r"empty|needs a path"):
+        resolve_source(source)
+
+
+# --- preprocessing declared by each source ---
+
+
+def dark_digits(n=6, side=28):
+    images = np.zeros((n, side, side), np.uint8)
+    images[:, side // 4 : side // 2, side // 3 : side // 2] = 255
+    return images
+
+
+def test_named_sources_declare_their_preprocessing(tmp_path, refused_url):
+    assert load_dataset("mnist-5k").preprocessing == "digit"
+    write_idx_set(tmp_path / "system")
+    spec = dataclasses.replace(FASHION_MNIST, system_dirs=(str(tmp_path / "system"),), mirrors=(refused_url,))
+    assert load_published(spec, cache_dir=tmp_path / "cache", progress=False).preprocessing == "object"
+    spec = dataclasses.replace(MNIST, system_dirs=(str(tmp_path / "system"),), mirrors=(refused_url,))
+    assert load_published(spec, cache_dir=tmp_path / "cache", progress=False).preprocessing == "digit"
+
+
+@pytest.mark.parametrize(
+    ("max_label", "side", "expected"), [(9, 28, "digit"), (3, 28, "resize-dark"), (9, 32, "resize-dark")]
+)
+def test_idx_folder_infers_its_preprocessing_and_notes_why(tmp_path, max_label, side, expected):
+    write_idx(tmp_path / "train-images-idx3-ubyte", dark_digits(side=side))
+    write_idx(tmp_path / "train-labels-idx1-ubyte", np.array([0, 1, 2, 0, 1, max_label], np.uint8))
+    ds = load_dataset(f"idx:{tmp_path}")
+    assert ds.preprocessing == expected
+    assert len(ds.notes) == 1 and f"as {expected!r}" in ds.notes[0] and "preprocessing.txt" in ds.notes[0]
+
+
+def test_idx_and_folder_sources_follow_preprocessing_txt(tmp_path):
+    (tmp_path / "idx").mkdir()
+    write_idx(tmp_path / "idx" / "train-images-idx3-ubyte", dark_digits())
+    write_idx(tmp_path / "idx" / "train-labels-idx1-ubyte", np.arange(6, dtype=np.uint8))
+    (tmp_path / "idx" / "preprocessing.txt").write_text("resize\n")
+    ds = load_dataset(f"idx:{tmp_path / 'idx'}")
+    assert ds.preprocessing == "resize" and ds.notes == ()
+    save(tmp_path / "pics" / "a" / "1.png", np.zeros((8, 8)), "L")
+    (tmp_path / "pics" / "preprocessing.txt").write_text(" digit ")
+    assert load_dataset(f"folder:{tmp_path / 'pics'}").preprocessing == "digit"
+    (tmp_path / "pics" / "preprocessing.txt").write_text("digit and object")
+    with pytest.raises(FileError, match=r"preprocessing\.txt: holds 'digit and object'; expected one word"):
+        load_dataset(f"folder:{tmp_path / 'pics'}")
+
+
+def test_idx_preprocessing_is_kept_when_images_are_brought_to_another_shape(tmp_path):
+    write_idx_set(tmp_path)
+    (tmp_path / "preprocessing.txt").write_text("object")
+    ds = load_dataset(f"idx:{tmp_path}", image_size=14)
+    assert ds.image_shape == (1, 14, 14) and ds.preprocessing == "object"
+
+
+def test_npz_may_declare_class_names_and_preprocessing(tmp_path):
+    path = tmp_path / "named.npz"
+    np.savez(
+        path,
+        x_train=dark_digits(4),
+        y_train=[0, 1, 2, 1],
+        class_names=np.array(["zero", "one", "two"]),
+        preprocessing=np.array("object"),
+    )
+    ds = load_dataset(f"npz:{path}")
+    assert ds.class_names == ["zero", "one", "two"] and ds.preprocessing == "object" and ds.notes == ()
+    np.savez(path, x_train=dark_digits(4), y_train=[0, 1, 2, 9])
+    ds = load_dataset(f"npz:{path}")
+    assert ds.preprocessing == "digit" and "'preprocessing'" in ds.notes[0]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"class_names": np.array(["a", "b"])}, "class_names lists 2 names but the labels need 3"),
+        ({"class_names": np.array([[1, 2, 3]])}, "class_names has dtype int64 and shape \\(1, 3\\)"),
+        ({"preprocessing": np.array(["digit"])}, "a single string"),
+        (
+            {"preprocessing": np.array("blur")},
+            "preprocessing is 'blur'; expected one of digit, object, resize",
+        ),
+    ],
+)
+def test_npz_with_malformed_class_names_or_preprocessing(tmp_path, extra, message):
+    np.savez(tmp_path / "bad.npz", x_train=dark_digits(3), y_train=[0, 1, 2], **extra)
+    with pytest.raises(FileError, match=message):
+        load_dataset(f"npz:{tmp_path / 'bad.npz'}")
+
+
+# --- folder:DIR of images of any size ---
+
+
+def test_folder_default_size_is_the_most_common_capped_at_64_with_a_note(tmp_path):
+    for i in range(3):
+        save(tmp_path / "a" / f"{i}.jpg", np.full((600, 800, 3), 40 * i), "RGB")
+    save(tmp_path / "b" / "odd.png", np.full((100, 100, 3), 200), "RGB")
+    ds = load_dataset(f"folder:{tmp_path}")
+    assert ds.image_shape == (3, 48, 64)
+    assert ds.notes[0] == (
+        "images resized to 48x64 (height x width): the most common size 600x800, capped at 64 on the longer side"
+    )
+
+
+@pytest.mark.parametrize(
+    ("sizes", "expected", "note"),
+    [
+        ([(20, 30)] * 2, (20, 30), "images are 20x30 (height x width), the size of every image"),
+        ([(20, 30), (20, 30), (8, 8)], (20, 30), "the most common size, that of 2 of 3 images"),
+        ([(1000, 3)], (64, 1), "capped at 64"),
+        ([(3, 1000)] * 2, (1, 64), "the most common size 3x1000"),
+    ],
+)
+def test_default_image_size_keeps_the_aspect_ratio_and_says_why(sizes, expected, note):
+    size, text = default_image_size(sizes)
+    assert size == expected and note in text
+
+
+def test_folder_images_are_read_reduced_and_match_a_full_resize(tmp_path):
+    rng = np.random.default_rng(0)
+    smooth = np.kron(rng.integers(0, 256, (12, 16, 3)), np.ones((50, 50, 1))).astype(np.uint8)  # 600 x 800
+    save(tmp_path / "a" / "big.png", smooth, "RGB")
+    save(tmp_path / "a" / "big.jpg", smooth, "RGB")
+    ds = load_dataset(f"folder:{tmp_path}", image_size=(48, 64))
+    full = np.asarray(Image.fromarray(smooth).resize((64, 48), Image.Resampling.BILINEAR)).transpose(2, 0, 1)
+    for image in ds.train.images:
+        assert np.abs(image.astype(int) - full).mean() < 6
+
+
+def test_folder_reads_phone_photos_upright(tmp_path):
+    # stored 40 wide x 20 high, tagged "rotate 90 degrees clockwise to view" (EXIF orientation 6)
+    stored = np.zeros((20, 40), np.uint8)
+    stored[:, :10] = 255  # a bright left edge becomes the top edge when viewed
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    (tmp_path / "a").mkdir()
+    Image.fromarray(stored).save(tmp_path / "a" / "photo.jpg", exif=exif, quality=95)
+    ds = load_dataset(f"folder:{tmp_path}")
+    assert ds.image_shape == (1, 40, 20)
+    upright = ds.train.images[0, 0]
+    assert upright[:8].mean() > 200 and upright[12:].mean() < 50
+
+
+@pytest.mark.parametrize(
+    ("mode", "background", "ink", "expected"),
+    [
+        ("L", 0, 255, "resize-dark"),  # light-on-dark drawings that do not fill the frame
+        ("RGB", (0, 0, 0), (250, 250, 250), "resize-dark"),  # the same, saved as RGB
+        ("L", 255, 0, "resize"),  # dark on light: photos already match
+        ("RGB", (20, 120, 30), (200, 40, 40), "resize"),  # color photos
+    ],
+)
+def test_folder_preprocessing_is_inferred_from_the_images(tmp_path, mode, background, ink, expected):
+    for label in ("x", "y"):
+        for i in range(3):
+            image = Image.new(mode, (30, 30), background)
+            image.paste(ink, (8 + i, 5, 20, 25))
+            (tmp_path / label).mkdir(exist_ok=True)
+            image.save(tmp_path / label / f"{i}.png")
+    ds = load_dataset(f"folder:{tmp_path}")
+    assert ds.preprocessing == expected
+    assert any(f"as {expected!r}" in note for note in ds.notes)

@@ -5,7 +5,6 @@ import pytest
 from PIL import Image, ImageDraw, ImageFont
 
 from cnnkit.checkpoint import load_model
-from cnnkit.data import Standardization
 from cnnkit.images import load_for_model
 from cnnkit.inference import predict_labels
 
@@ -22,10 +21,10 @@ CANVASES = {
 @pytest.fixture(scope="module")
 def reader(trained_run):
     model, ckpt = load_model(trained_run)
-    std = Standardization.from_dict(ckpt.meta["standardization"])
+    std = ckpt.record.standardization
 
     def read(paths):
-        images = np.stack([load_for_model(path, (1, 28, 28), ckpt.meta["preprocessing"]) for path in paths])
+        images = np.stack([load_for_model(path, (1, 28, 28), ckpt.record.preprocessing) for path in paths])
         return predict_labels(model, std.apply(images))
 
     return read

@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 from scipy import ndimage
 
 from cnnkit.errors import FileError
 from cnnkit.images import (
+    image_shape,
     load_digit,
     load_for_model,
     prepare_digit,
@@ -306,3 +307,78 @@ def test_load_for_model_names_the_file_of_a_blank_image(tmp_path):
     Image.new("L", (40, 40), 255).save(path)
     with pytest.raises(FileError, match=r"blank\.png.*no visible digit"):
         load_for_model(path, (1, 28, 28), "digit")
+
+
+# --- orientation, reduced decoding and the header ------------------------------------------------------
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_read_image_applies_the_exif_orientation_as_pillow_does(tmp_path, orientation):
+    stored = np.zeros((24, 40, 3), np.uint8)
+    stored[:8, :12] = (250, 30, 30)  # a red top-left corner shows where each transposition puts it
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / "phone.jpg"
+    Image.fromarray(stored).save(path, exif=exif, quality=95)
+    with Image.open(path) as img:
+        expected = np.asarray(ImageOps.exif_transpose(img))
+    out = read_image(path)
+    assert out.shape == expected.shape and np.array_equal(out, expected)
+    assert image_shape(path) == out.shape
+    assert out.shape[:2] == ((40, 24) if orientation >= 5 else (24, 40))
+
+
+def test_read_image_with_min_size_decodes_a_jpeg_reduced_but_no_smaller(tmp_path):
+    path = tmp_path / "big.jpg"
+    Image.fromarray(pixels((1200, 1600, 3))).save(path)
+    out = read_image(path, min_size=(100, 150))
+    assert out.shape == (150, 200, 3)  # 1/8 scale in the decoder; any further factor would go below 100 x 150
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P"])
+def test_read_image_with_min_size_reduces_by_a_whole_factor_averaging_blocks(tmp_path, mode):
+    base = np.kron(pixels((10, 15, 3)), np.ones((40, 40, 1), np.uint8))  # 400 x 600, blocks of 40
+    image = Image.fromarray(base).convert(mode, dither=Image.Dither.NONE)
+    path = tmp_path / "big.png"
+    image.save(path)
+    out = read_image(path, min_size=(100, 100))
+    assert out.shape[:2] == (100, 150)  # 400 // 100 = 4, the largest factor keeping both sides >= 100
+    full = read_image(path)
+    assert np.array_equal(out, full[::4, ::4])  # blocks of 40 pixels are uniform, so averaging keeps them
+
+
+def test_image_shape_reads_the_header_without_decoding(tmp_path):
+    path = tmp_path / "cut.png"
+    Image.fromarray(pixels((64, 48, 3))).save(path)
+    path.write_bytes(path.read_bytes()[:200])  # pixel data cut off: decoding would fail
+    assert image_shape(path) == (64, 48, 3)
+    with pytest.raises(FileError, match="truncated"):
+        read_image(path)
+
+
+def test_resize_style_keeps_the_polarity_of_the_photo():
+    photo = draw_digit("7", ink=0, paper=255)  # dark on light
+    out = prepare_for_model(photo, (1, 28, 28), "resize")
+    assert out[0, 0, 0] > 200 and out.min() < 60
+    inverted = prepare_for_model(photo, (1, 28, 28), "object")
+    assert inverted[0, 0, 0] == 0
+
+
+def test_load_for_model_reads_a_large_photo_reduced_like_the_full_one(tmp_path):
+    photo = draw_digit("7", canvas=(2400, 2000), box=(700, 400, 1500, 1700), width=150)
+    path = tmp_path / "large.png"
+    Image.fromarray(photo[..., 0]).save(path)
+    reduced = load_for_model(path, (1, 28, 28), "digit")
+    full = prepare_for_model(read_image(path), (1, 28, 28), "digit")
+    assert np.abs(reduced - full).mean() < 8
+
+
+def test_resize_dark_inverts_a_photo_on_paper_and_keeps_size_and_place():
+    # A small dark dot near the top-left of a light page, for a model trained on light-on-dark shapes.
+    page = np.full((40, 40, 3), 245, np.uint8)
+    page[4:12, 4:12] = 10
+    prepared = prepare_for_model(page, (1, 20, 20), "resize-dark")[0]
+    assert prepared.shape == (20, 20)
+    assert prepared[2:6, 2:6].mean() > 200 and prepared[10:, 10:].max() < 30  # bright dot, dark field
+    on_dark = 255 - page
+    np.testing.assert_allclose(prepare_for_model(on_dark, (1, 20, 20), "resize-dark")[0], prepared, atol=1)

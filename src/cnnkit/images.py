@@ -1,39 +1,148 @@
-"""Reading image files with Pillow, exactly as stored, and turning a photo of a digit into an MNIST digit."""
+"""Reading image files with Pillow, upright and within a pixel limit, and turning a photo of a digit or an
+object into a network's input."""
 
+import contextlib
+import math
+import re
+import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 
 from cnnkit.errors import FileError
+
+# The most pixels cnnkit decodes from one image file. Decoding holds the whole image once or twice
+# (4 bytes a pixel as RGBA, plus a converted copy), so reading stays near 400 MB; phone photos have
+# 12 to 50 megapixels. Checked from the header, before any pixel is decoded.
+MAX_IMAGE_PIXELS = 50_000_000
+
+# `load_digit` and `load_for_model` decode a larger photo for "digit" or "object" reduced to about this
+# many pixels (1400 x 1400): detail enough to find, crop and fit one digit or object into a 28 to 64
+# pixel input, and a bounded cost for the float64 steps that follow.
+DETAIL_PIXELS = 2_000_000
 
 # Pillow modes that map to uint8 arrays without losing information.
 _KEEP_MODES = {"L": 1, "RGB": 3, "RGBA": 4}
 
+# EXIF orientation -> the transposition that makes the image upright, as PIL.ImageOps.exif_transpose does.
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_SWAPS_AXES = (5, 6, 7, 8)
 
-def read_image(path) -> np.ndarray:
-    """Read an image file (PNG, JPEG, ...) into a uint8 array of shape (H, W, C).
+
+def read_image(path, min_size=None) -> np.ndarray:
+    """Read an image file (PNG, JPEG, ...) into a uint8 array of shape (H, W, C), upright.
 
     C is 1 for grayscale, 3 for RGB and 4 for RGBA, as stored in the file. Palette images become RGB
     (RGBA when the palette has transparency), gray+alpha becomes RGBA, and 16-bit grayscale is scaled
-    to 8 bits.
+    to 8 bits. An EXIF orientation (a phone photo stored on its side) is applied, so H x W is the
+    picture as it is meant to be seen.
 
-    Raises FileError naming the file when it is missing, not an image, or truncated.
+    `min_size` (H, W), when given, lets the image be decoded smaller, as long as it stays at least that
+    big: a JPEG is decoded at 1/2, 1/4 or 1/8 scale (Pillow's draft mode), and any image at least twice
+    as large as needed is reduced by a whole factor (averaging blocks of pixels). Without it the image
+    comes exactly as stored.
+
+    Raises FileError naming the file when it is missing, not an image, truncated, or over
+    MAX_IMAGE_PIXELS (checked from the header, before decoding).
+    """
+    with _opened(path) as img:
+        needed = None
+        if min_size is not None:
+            needed = (int(min_size[0]), int(min_size[1]))
+            if _orientation(img, decoded=False) in _SWAPS_AXES:
+                needed = needed[::-1]
+            if img.format == "JPEG":
+                img.draft(None, (needed[1], needed[0]))
+        img.load()
+        orientation = _orientation(img, decoded=True)
+        img = _keep_mode(img)
+        if needed is not None:
+            factor = min(img.height // max(needed[0], 1), img.width // max(needed[1], 1))
+            if factor >= 2:
+                img = _reduce(img, factor)
+        if orientation in _UPRIGHT:
+            img = img.transpose(_UPRIGHT[orientation])
+        array = np.asarray(img, dtype=np.uint8)
+    return array[..., None] if array.ndim == 2 else array
+
+
+def image_shape(path) -> tuple[int, int, int]:
+    """(H, W, C): the shape of the array `read_image(path)` returns, read from the file's header alone.
+
+    No pixel is decoded. Raises FileError as `read_image` does, including for an image over
+    MAX_IMAGE_PIXELS.
+    """
+    with _opened(path) as img:
+        width, height = img.size
+        if _orientation(img, decoded=False) in _SWAPS_AXES:
+            height, width = width, height
+        if img.mode in _KEEP_MODES:
+            channels = _KEEP_MODES[img.mode]
+        elif img.mode in ("1", "I", "I;16", "I;16B", "I;16L"):
+            channels = 1
+        elif img.mode in ("LA", "La", "PA") or (img.mode == "P" and "transparency" in img.info):
+            channels = 4
+        else:
+            channels = 3
+        return height, width, channels
+
+
+@contextlib.contextmanager
+def _opened(path):
+    """An opened (not yet decoded) Pillow image within MAX_IMAGE_PIXELS; any failure as a one-line FileError.
+
+    Pillow's own decompression-bomb warning is silenced and its error reworded: cnnkit's limit is lower,
+    so both only come up for images cnnkit refuses anyway.
     """
     path = Path(path)
     if not path.is_file():
         what = "is a directory, not an image file" if path.is_dir() else "does not exist"
         raise FileError(f"{path}: {what}")
     try:
-        with Image.open(path) as img:
-            img.load()
-            return _to_array(img)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                width, height = img.size
+                if width * height > MAX_IMAGE_PIXELS:
+                    raise FileError(
+                        f"{path}: {width}x{height} = {_megapixels(width * height)} is over "
+                        f"cnnkit's limit of {_megapixels(MAX_IMAGE_PIXELS)}"
+                    )
+                yield img
+    except Image.DecompressionBombError as exc:
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        size = _megapixels(int(found.group(1))) if found else "the image"
+        raise FileError(f"{path}: {size} is over cnnkit's limit of {_megapixels(MAX_IMAGE_PIXELS)}") from None
     except UnidentifiedImageError:
         raise FileError(
             f"{path}: not an image file Pillow can read (PNG, JPEG, BMP, GIF, TIFF, ...)"
         ) from None
-    except (OSError, SyntaxError, ValueError) as exc:
+    except (OSError, SyntaxError, ValueError, MemoryError) as exc:
         raise FileError(f"{path}: cannot read image ({_one_line(exc)}); is the file truncated?") from None
+
+
+def _megapixels(pixels: int) -> str:
+    return f"{pixels / 1e6:,.0f} megapixels"
+
+
+def _orientation(img: Image.Image, decoded: bool) -> int:
+    # A PNG keeps its EXIF in an eXIf chunk that may follow the pixels; asking for it before decoding
+    # would decode the image, so until then only an eXIf chunk found in the header counts.
+    if img.format == "PNG" and "exif" not in img.info and not decoded:
+        return 1
+    try:
+        return int(img.getexif().get(ExifTags.Base.Orientation, 1))
+    except (OSError, SyntaxError, ValueError, TypeError):
+        return 1  # unreadable EXIF: take the pixels as stored
 
 
 def load_digit(path, size=28, box=20) -> np.ndarray:
@@ -42,7 +151,7 @@ def load_digit(path, size=28, box=20) -> np.ndarray:
     Returns float32 (size, size) with values 0..255. Raises FileError for an unreadable file and
     ValueError when the image shows no digit.
     """
-    return prepare_digit(read_image(path), size=size, box=box)
+    return prepare_digit(_read_with_detail(path), size=size, box=box)
 
 
 def prepare_digit(image: np.ndarray, size: int = 28, box: int = 20) -> np.ndarray:
@@ -113,7 +222,7 @@ def resize_image(image: np.ndarray, size, channels: int) -> np.ndarray:
     return image
 
 
-PREPROCESSING = ("digit", "object", "resize")
+PREPROCESSING = ("digit", "object", "resize", "resize-dark")
 
 
 def prepare_for_model(image: np.ndarray, input_shape, style: str = "digit") -> np.ndarray:
@@ -121,7 +230,15 @@ def prepare_for_model(image: np.ndarray, input_shape, style: str = "digit") -> n
 
     style "digit" prepares it as MNIST's digits were made (`prepare_digit`), "object" as Fashion-MNIST's
     images (`prepare_object`), and "resize" just converts channels and resizes (`resize_image`), as the
-    `folder:` dataset source does. Standardize the result with the checkpoint's statistics.
+    `folder:` dataset source does. "resize-dark" is for gray pictures on a dark background that are not
+    fitted to their frame (drawings, small shapes): grayscale, inverted when its background is light,
+    resized, nothing cropped. Standardize the result with the checkpoint's statistics.
+
+    Only "digit" and "object" invert (a dark-on-light photo becomes light-on-dark, as those datasets
+    are). "resize" never does: the dataset sources choose it only for color images, where inverting
+    would turn a red shirt cyan, and for gray images on a light background, which a user's photo on
+    paper already matches; gray light-on-dark data always gets "digit" or "object", which invert.
+    A dataset that declares "resize" (preprocessing.txt) gets its photos exactly as stored.
     """
     channels, height, width = input_shape
     if style == "digit":
@@ -132,6 +249,13 @@ def prepare_for_model(image: np.ndarray, input_shape, style: str = "digit") -> n
         gray = prepare_object(image, (height, width))
     elif style == "resize":
         return resize_image(image, (height, width), channels).transpose(2, 0, 1).astype(np.float32)
+    elif style == "resize-dark":
+        gray = _grayscale(np.asarray(image))
+        if np.median(_border(gray)) > 127.5:  # dark on light: make it light on dark, as the data is
+            gray = 255.0 - gray
+        gray = np.asarray(
+            Image.fromarray(gray.astype(np.float32)).resize((width, height), Image.Resampling.BILINEAR)
+        )
     else:
         raise ValueError(f"style must be one of {', '.join(PREPROCESSING)}, got {style!r}")
     return np.repeat(gray[None], channels, axis=0).astype(np.float32)
@@ -140,13 +264,24 @@ def prepare_for_model(image: np.ndarray, input_shape, style: str = "digit") -> n
 def load_for_model(path, input_shape, style: str = "digit") -> np.ndarray:
     """Read an image file and bring it to a network's input: `prepare_for_model(read_image(path), ...)`.
 
-    Raises FileError naming the file when it cannot be read or shows nothing (blank).
+    A large photo is decoded reduced (see `read_image`'s `min_size`): to the input's size for "resize",
+    as the `folder:` source reads its images, and to about DETAIL_PIXELS for "digit" and "object",
+    which crop. Raises FileError naming the file when it cannot be read or shows nothing (blank).
     """
-    image = read_image(path)
+    _, height, width = input_shape
+    fits = style in ("resize", "resize-dark")
+    image = read_image(path, min_size=(height, width)) if fits else _read_with_detail(path)
     try:
         return prepare_for_model(image, input_shape, style)
     except ValueError as exc:
         raise FileError(f"{path}: {exc}") from None
+
+
+def _read_with_detail(path) -> np.ndarray:
+    """`read_image(path)`, decoded reduced by a whole factor to about DETAIL_PIXELS when it is larger."""
+    height, width, _ = image_shape(path)
+    factor = max(1, math.isqrt(height * width // DETAIL_PIXELS))
+    return read_image(path, min_size=(height // factor, width // factor))
 
 
 def _ink(image: np.ndarray, what: str) -> np.ndarray:
@@ -223,22 +358,40 @@ def _is_int(value) -> bool:
     return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
 
-def _to_array(img: Image.Image) -> np.ndarray:
+def _keep_mode(img: Image.Image) -> Image.Image:
+    """`img` in mode L, RGB or RGBA, as `read_image` describes."""
     mode = img.mode
     if mode in ("I;16", "I;16B", "I;16L", "I"):
-        wide = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if mode.startswith("I;16") or wide.max() > 255 else 255.0
-        return np.round(np.clip(wide, 0, top) * (255.0 / top)).astype(np.uint8)[..., None]
+        top = 65535 if mode.startswith("I;16") or img.getextrema()[1] > 255 else 255
+        gray = np.empty((img.height, img.width), dtype=np.uint8)
+        for row in range(0, img.height, _STRIP_ROWS):  # in strips: a whole wide copy would be 8 bytes a pixel
+            wide = np.asarray(img.crop((0, row, img.width, min(row + _STRIP_ROWS, img.height))), np.int64)
+            # round(x * 255 / top) in integers (no ties occur for top 65535 = 255 * 257)
+            gray[row : row + _STRIP_ROWS] = (np.clip(wide, 0, top) * 255 + top // 2) // top
+        return Image.fromarray(gray, "L")
     if mode == "1":
-        img = img.convert("L")
-    elif mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-    elif mode in ("LA", "La", "PA"):
-        img = img.convert("RGBA")
-    elif mode not in _KEEP_MODES:
-        img = img.convert("RGB")
-    array = np.asarray(img, dtype=np.uint8)
-    return array[..., None] if array.ndim == 2 else array
+        return img.convert("L")
+    if mode == "P":
+        return img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if mode in ("LA", "La", "PA"):
+        return img.convert("RGBA")
+    if mode not in _KEEP_MODES:
+        return img.convert("RGB")
+    return img
+
+
+def _reduce(img: Image.Image, factor: int) -> Image.Image:
+    """`img.reduce(factor)` a strip of rows at a time, since Pillow reduces RGBA through a premultiplied
+    copy of the whole image. Strips a multiple of `factor` high give exactly the same pixels."""
+    strip = factor * max(1, _STRIP_ROWS // factor)
+    reduced = Image.new(img.mode, (-(-img.width // factor), -(-img.height // factor)))
+    for row in range(0, img.height, strip):
+        part = img.crop((0, row, img.width, min(row + strip, img.height))).reduce(factor)
+        reduced.paste(part, (0, row // factor))
+    return reduced
+
+
+_STRIP_ROWS = 256
 
 
 def _one_line(exc: BaseException) -> str:

@@ -1,17 +1,26 @@
 """Datasets for cnnkit: files -> arrays (N, C, H, W) with labels -> standardized float32 -> mini-batches.
 
 `load_dataset(source)` reads one of: mnist-5k, mnist, fashion-mnist, idx:DIR, npz:FILE, folder:DIR
-(see `cnnkit.data.sources`). The Dataset it returns holds train/valid/test Splits and class names;
+(see `cnnkit.data.sources`); `resolve_source` makes a source's path absolute. The Dataset it returns
+holds train/valid/test Splits, class names (at most MAX_CLASSES) and how `predict` prepares photos;
 `split_validation` carves the validation split, `Standardization` holds the training statistics,
 `minibatch_indices` / `iterate_minibatches` make the batches.
 """
 
-from cnnkit.data.dataset import Dataset, Split, Standardization, iterate_minibatches, minibatch_indices
+from cnnkit.data.dataset import (
+    MAX_CLASSES,
+    Dataset,
+    Split,
+    Standardization,
+    iterate_minibatches,
+    minibatch_indices,
+)
 from cnnkit.data.idx import read_idx
 from cnnkit.data.info import info_table
-from cnnkit.data.sources import load_dataset
+from cnnkit.data.sources import load_dataset, resolve_source
 
 __all__ = [
+    "MAX_CLASSES",
     "Dataset",
     "Split",
     "Standardization",
@@ -20,4 +29,5 @@ __all__ = [
     "load_dataset",
     "minibatch_indices",
     "read_idx",
+    "resolve_source",
 ]

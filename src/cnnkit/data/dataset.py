@@ -11,8 +11,20 @@ from dataclasses import dataclass
 import numpy as np
 
 from cnnkit.errors import CnnkitError, DatasetError
+from cnnkit.images import PREPROCESSING
 
 SPLIT_NAMES = ("train", "valid", "test")
+
+# The most classes a dataset (or a checkpoint) may have: far beyond any image dataset cnnkit trains
+# (ImageNet has 1,000), and small enough that class names and a network's last layer stay small.
+MAX_CLASSES = 10_000
+
+# The most bytes one array read from a file (an IDX file's data, an npz member) may declare. A header
+# is a promise the reader checks before allocating, so a 3 MB file cannot claim 6 GB of memory.
+MAX_ARRAY_BYTES = 2 * 1024**3
+MAX_ARRAY_TEXT = "2 GiB"
+
+DIGITS = tuple(str(d) for d in range(10))
 
 # The chapter keeps the last 10,000 of MNIST's 60,000 training images for validation.
 CHAPTER_VALID_SIZE = 10_000
@@ -79,7 +91,13 @@ class Dataset:
     """Images with labels in up to three splits, and the names of the classes the labels index.
 
     `name` is the source string the dataset was loaded from (e.g. "mnist-5k", "idx:data/mnist").
-    A missing split is None; at least one is present, and all share one image shape.
+    A missing split is None; at least one is present, and all share one image shape. At most
+    MAX_CLASSES class names.
+
+    `preprocessing` says how `cnnkit predict` brings a user's photo to the model's input, matching
+    how this dataset's images were made (see `cnnkit.images.prepare_for_model`): "digit" (MNIST),
+    "object" (Fashion-MNIST) or "resize". `notes` are one-line facts about how the data was loaded
+    (e.g. the image size chosen), which the training command logs.
     """
 
     name: str
@@ -87,11 +105,22 @@ class Dataset:
     train: Split | None = None
     valid: Split | None = None
     test: Split | None = None
+    preprocessing: str = "resize"
+    notes: tuple[str, ...] = ()
 
     def __post_init__(self):
         splits = self.splits
         if not splits:
             raise DatasetError(f"{self.name}: dataset has no train, valid or test split")
+        if len(self.class_names) > MAX_CLASSES:
+            raise DatasetError(
+                f"{self.name}: {len(self.class_names):,} classes is over cnnkit's limit of {MAX_CLASSES:,}"
+            )
+        if self.preprocessing not in PREPROCESSING:
+            raise DatasetError(
+                f"{self.name}: preprocessing {self.preprocessing!r} is not one of {', '.join(PREPROCESSING)}"
+            )
+        object.__setattr__(self, "notes", tuple(self.notes))
         for split in splits:
             if split.images.shape[1:] != splits[0].images.shape[1:]:
                 raise DatasetError(
@@ -137,6 +166,53 @@ class Dataset:
             train=Split(images[:keep], labels[:keep], "train"),
             valid=Split(images[keep:], labels[keep:], "valid"),
         )
+
+
+def infer_preprocessing(images: np.ndarray, class_names) -> tuple[str, str]:
+    """The preprocessing that matches how `images` (N, C, H, W) were made, with its reason in a few words.
+
+    "digit" for gray 1 x 28 x 28 images on a dark background whose classes are the digits 0..9 (the
+    MNIST kind); "object" for other gray images on a dark background whose object fills the frame
+    (the Fashion-MNIST kind: a user's dark-on-light photo is inverted, cropped, fitted and centred to
+    match); "resize-dark" for gray pictures on a dark background that do not fill their frame (shapes,
+    drawings: inverted if need be and resized, so size and position survive); "resize" for color images
+    and for images on a light background, which `predict` takes as stored (see
+    `cnnkit.images.prepare_for_model` for why "resize" never inverts).
+
+    Gray means one channel, or three nearly equal ones. An image's background is the median of its
+    border pixels; the data's background is dark when the median of those lies below the middle of the
+    value range (0..255 for uint8, min..max otherwise). At most 1,000 evenly spaced images are looked at.
+    """
+    images = np.asarray(images)
+    n, channels, height, width = images.shape
+    if n == 0 or channels not in (1, 3):
+        return "resize", f"images with {channels} channel(s)" if n else "no images to look at"
+    sample = images[:: max(1, n // 1000)][:1000].astype(np.float32)
+    low, high = (0.0, 255.0) if images.dtype == np.uint8 else (float(sample.min()), float(sample.max()))
+    span = max(high - low, 1e-12)
+    if channels == 3 and np.abs(np.diff(sample, axis=1)).mean() / span > 0.01:
+        return "resize", "color images"
+    gray = sample.mean(axis=1)
+    border = np.concatenate([gray[:, 0, :], gray[:, -1, :], gray[:, 1:-1, 0], gray[:, 1:-1, -1]], axis=1)
+    if (np.median(np.median(border, axis=1)) - low) / span >= 0.5:
+        return "resize", "images on a light background"
+    if (channels, height, width) == (1, 28, 28) and tuple(class_names) == DIGITS:
+        return "digit", "gray 28x28 images of the digits 0-9 on a dark background, like MNIST"
+    if _fills_frame(gray, low + 0.2 * span):
+        return "object", "gray objects that fill the frame on a dark background, like Fashion-MNIST"
+    return "resize-dark", "gray pictures on a dark background that do not fill their frame"
+
+
+def _fills_frame(gray: np.ndarray, threshold: float) -> bool:
+    """True when in most images (N, H, W) the pixels above `threshold` span at least 85% of the frame's
+    height or width, as in Fashion-MNIST, whose objects were scaled until their longer side filled it."""
+    rows, cols = (gray > threshold).any(axis=2), (gray > threshold).any(axis=1)
+
+    def extent(mask):
+        first, last = mask.argmax(axis=1), mask.shape[1] - 1 - mask[:, ::-1].argmax(axis=1)
+        return np.where(mask.any(axis=1), last - first + 1, 0) / mask.shape[1]
+
+    return float(np.mean(np.maximum(extent(rows), extent(cols)) >= 0.85)) >= 0.75
 
 
 def _valid_count(valid_size, n: int) -> int:

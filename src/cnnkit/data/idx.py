@@ -3,6 +3,10 @@
 An IDX file is a magic number (two zero bytes, a type code, the number of dimensions), one big-endian
 uint32 per dimension, then the values in C order. cnnkit reads the unsigned-byte type (0x08), the one
 these datasets use. A file may be gzipped; that is detected from its first bytes, not its name.
+
+The header is a promise checked before anything is allocated: at most MAX_ARRAY_BYTES of data, and a
+gzipped file is decompressed as a stream that stops as soon as it holds more than the header says, so
+a small file cannot make cnnkit decompress gigabytes.
 """
 
 import gzip
@@ -13,47 +17,86 @@ from pathlib import Path
 
 import numpy as np
 
+from cnnkit.data.dataset import MAX_ARRAY_BYTES, MAX_ARRAY_TEXT
 from cnnkit.errors import FileError
 
 UBYTE = 0x08
 GZIP_MAGIC = b"\x1f\x8b"
 IMAGES_MAGIC = "00000803"
 LABELS_MAGIC = "00000801"
+_CHUNK = 1 << 20
 
 
 def read_idx(path) -> np.ndarray:
     """Read an unsigned-byte IDX file, gzipped or raw, into a uint8 array shaped by the file's dimensions.
 
     An images file (magic 0x00000803) gives (N, H, W), a labels file (0x00000801) gives (N,).
-    Raises FileError naming the file when it is missing, not IDX, truncated, or longer than its
-    header says.
+    Raises FileError naming the file when it is missing, not IDX, truncated, longer than its header
+    says, or declares more than MAX_ARRAY_BYTES of data.
     """
     path = Path(path)
-    data = _read_bytes(path)
-    magic = data[:4].hex()
-    if len(data) < 4 or data[:2] != b"\0\0":
+    try:
+        with open(path, "rb") as raw:
+            if raw.read(2) != GZIP_MAGIC:
+                raw.seek(0)
+                return _read(raw, path, gzipped=False)
+            raw.seek(0)
+            try:
+                with gzip.GzipFile(fileobj=raw, mode="rb") as stream:
+                    return _read(stream, path, gzipped=True)
+            except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+                raise FileError(f"{path}: corrupt or truncated gzip file ({_one_line(exc)})") from None
+    except FileNotFoundError:
+        raise FileError(f"{path}: does not exist") from None
+    except OSError as exc:
+        raise FileError(f"{path}: cannot read ({exc.strerror or exc})") from None
+
+
+def _read(f, path: Path, gzipped: bool) -> np.ndarray:
+    magic = f.read(4)
+    if len(magic) < 4 or magic[:2] != b"\0\0":
         raise FileError(
-            f"{path}: not an IDX file (magic number {magic or 'missing'}; expected "
+            f"{path}: not an IDX file (magic number {magic.hex() or 'missing'}; expected "
             f"{IMAGES_MAGIC} for images or {LABELS_MAGIC} for labels)"
         )
-    type_code, ndim = data[2], data[3]
+    type_code, ndim = magic[2], magic[3]
     if type_code != UBYTE:
         raise FileError(
             f"{path}: IDX type code 0x{type_code:02x} is not supported; cnnkit reads unsigned bytes (0x08)"
         )
-    header = 4 + 4 * ndim
-    if ndim == 0 or len(data) < header:
+    dims_bytes = f.read(4 * ndim)
+    if ndim == 0 or len(dims_bytes) < 4 * ndim:
         raise FileError(f"{path}: IDX header for {ndim} dimensions is incomplete; is the file truncated?")
-    dims = struct.unpack(f">{ndim}I", data[4:header])
-    expected, found = math.prod(dims), len(data) - header
-    if found != expected:
-        hint = "; is the file truncated?" if found < expected else ""
+    dims = struct.unpack(f">{ndim}I", dims_bytes)
+    expected = math.prod(dims)
+    shape = " x ".join(map(str, dims))
+    if expected > MAX_ARRAY_BYTES:
         raise FileError(
-            f"{path}: IDX dimensions {' x '.join(map(str, dims))} need {expected:,} bytes of data "
-            f"but the file has {found:,}{hint}"
+            f"{path}: IDX dimensions {shape} declare {expected:,} bytes, over cnnkit's limit of "
+            f"{MAX_ARRAY_TEXT} for one array"
         )
-    # A copy, so the array is writable and does not keep the file's bytes alive.
-    return np.frombuffer(data, np.uint8, count=expected, offset=header).reshape(dims).copy()
+    if not gzipped:  # a raw file's length is known before reading it
+        found = path.stat().st_size - 4 - 4 * ndim
+        if found != expected:
+            hint = "; is the file truncated?" if found < expected else ""
+            raise FileError(
+                f"{path}: IDX dimensions {shape} need {expected:,} bytes of data but the file has {found:,}{hint}"
+            )
+    data = np.empty(expected, dtype=np.uint8)
+    view, found = memoryview(data), 0
+    while found < expected and (n := f.readinto(view[found : found + _CHUNK])):
+        found += n
+    if found < expected:
+        raise FileError(
+            f"{path}: IDX dimensions {shape} need {expected:,} bytes of data but the file has {found:,}; "
+            "is the file truncated?"
+        )
+    if gzipped and f.read(1):
+        raise FileError(
+            f"{path}: decompresses to more than the {expected:,} bytes of data its IDX header declares "
+            f"({shape}); not a valid IDX file"
+        )
+    return data.reshape(dims)
 
 
 def read_idx_pair(images_path, labels_path) -> tuple[np.ndarray, np.ndarray]:
@@ -92,16 +135,5 @@ def write_idx(path, array) -> None:
     Path(path).write_bytes(data)
 
 
-def _read_bytes(path: Path) -> bytes:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise FileError(f"{path}: does not exist") from None
-    except OSError as exc:
-        raise FileError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    if data[:2] != GZIP_MAGIC:
-        return data
-    try:
-        return gzip.decompress(data)
-    except (EOFError, OSError, zlib.error) as exc:
-        raise FileError(f"{path}: corrupt or truncated gzip file ({exc})") from None
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__

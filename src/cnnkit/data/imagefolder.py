@@ -8,24 +8,34 @@ from pathlib import Path
 
 import numpy as np
 
-from cnnkit.data.dataset import Dataset, Split
+from cnnkit.data.dataset import Dataset, Split, infer_preprocessing
 from cnnkit.errors import DatasetError
-from cnnkit.images import read_image, resize_image
+from cnnkit.images import image_shape, read_image, resize_image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 
 # Files sorted by class would put only the last classes in the last-N validation split.
 SHUFFLE_SEED = 0
 
+# The default image size is the most common one, scaled down (aspect ratio kept) to at most this many
+# pixels on its longer side: a 12-megapixel photo is far more than a small CNN can use.
+MAX_DEFAULT_SIDE = 64
 
-def load_image_folder(folder, *, image_size=None, channels=None, name=None) -> Dataset:
+
+def load_image_folder(folder, *, image_size=None, channels=None, name=None, preprocessing=None) -> Dataset:
     """Load DIR/CLASS/*.png (and .jpg, .jpeg, .bmp, .gif; other files are ignored) as a Dataset.
 
     If DIR holds `train/` and/or `test/` folders of class folders, those are the splits; otherwise
-    every image is training data. Class names are the class folder names, sorted. Images are
-    brought to `image_size` (H, W) (default: the most common size) and `channels` 1 or 3 (default:
-    1 if every image is grayscale, else 3); RGBA is composited over white. The training split is
-    shuffled with a fixed seed (0), so its last images make a representative validation split.
+    every image is training data. Class names are the class folder names, sorted. Images are read
+    upright (EXIF orientation applied) and brought to `image_size` (H, W) and `channels` 1 or 3.
+    The default size is the most common one capped at MAX_DEFAULT_SIDE (see `default_image_size`);
+    the default channels 1 if every image is grayscale, else 3. RGBA is composited over white.
+
+    Image sizes come from the files' headers first; then each image is decoded reduced where it is
+    much larger than `image_size` and resized at once, so full-size images are never all in memory.
+    The training split is shuffled with a fixed seed (0), so its last images make a representative
+    validation split. `preprocessing` None infers it from the images (`infer_preprocessing`); the
+    dataset's `notes` say which size and preprocessing were chosen and why.
     Raises DatasetError for an empty folder or class, FileError naming any unreadable image.
     """
     root = Path(folder)
@@ -49,28 +59,58 @@ def load_image_folder(folder, *, image_size=None, channels=None, name=None) -> D
                     f"{split_roots[split] / class_name}: class folder holds no {'/'.join(IMAGE_SUFFIXES)} images"
                 )
 
-    loaded = {
-        split: [(read_image(path), class_names.index(c)) for c, paths in per_class.items() for path in paths]
+    labelled = {
+        split: [(path, class_names.index(c)) for c, paths in per_class.items() for path in paths]
         for split, per_class in files.items()
     }
-    everything = [image for pairs in loaded.values() for image, _ in pairs]
+    shapes = [image_shape(path) for pairs in labelled.values() for path, _ in pairs]
+    notes = []
     if image_size is None:
-        image_size = Counter(image.shape[:2] for image in everything).most_common(1)[0][0]
+        image_size, note = default_image_size([shape[:2] for shape in shapes])
+        notes.append(note)
     if channels is None:
-        channels = 1 if all(image.shape[2] == 1 for image in everything) else 3
+        channels = 1 if all(shape[2] == 1 for shape in shapes) else 3
     image_size, channels = check_image_size(image_size), check_channels(channels)
 
     splits = {}
-    for split, pairs in loaded.items():
-        images = np.stack(
-            [resize_image(image, image_size, channels).transpose(2, 0, 1) for image, _ in pairs]
-        )
+    for split, pairs in labelled.items():
+        images = np.empty((len(pairs), channels, *image_size), dtype=np.uint8)
+        for i, (path, _) in enumerate(pairs):
+            image = read_image(path, min_size=image_size)
+            images[i] = resize_image(image, image_size, channels).transpose(2, 0, 1)
         labels = np.array([label for _, label in pairs], dtype=np.int64)
         if split == "train":
             order = np.random.RandomState(SHUFFLE_SEED).permutation(len(labels))
             images, labels = images[order], labels[order]
         splits[split] = Split(images, labels, split)
-    return Dataset(name, class_names, **splits)
+    if preprocessing is None:
+        first = next(iter(splits.values()))
+        preprocessing, reason = infer_preprocessing(first.images, class_names)
+        notes.append(
+            f"predict prepares photos as {preprocessing!r}: {reason}; "
+            f"declare another in {root / 'preprocessing.txt'}"
+        )
+    return Dataset(name, class_names, **splits, preprocessing=preprocessing, notes=tuple(notes))
+
+
+def default_image_size(sizes) -> tuple[tuple[int, int], str]:
+    """The most common of `sizes` ((H, W) pairs), scaled down to at most MAX_DEFAULT_SIDE on its longer
+    side keeping the aspect ratio (each side rounded, at least 1), and a one-line note saying why."""
+    (height, width), count = Counter(sizes).most_common(1)[0]
+    scale = min(1.0, MAX_DEFAULT_SIDE / max(height, width))
+    size = (max(1, round(height * scale)), max(1, round(width * scale)))
+    chosen = f"{size[0]}x{size[1]} (height x width)"
+    if scale < 1:
+        return size, (
+            f"images resized to {chosen}: the most common size {height}x{width}, capped at "
+            f"{MAX_DEFAULT_SIDE} on the longer side"
+        )
+    if count == len(sizes):
+        return size, f"images are {chosen}, the size of every image"
+    return (
+        size,
+        f"images resized to {chosen}: the most common size, that of {count:,} of {len(sizes):,} images",
+    )
 
 
 def conform_images(images: np.ndarray, image_size=None, channels=None) -> np.ndarray:

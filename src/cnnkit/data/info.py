@@ -6,8 +6,9 @@ from cnnkit.data.dataset import Dataset, Standardization
 
 
 def info_table(ds: Dataset) -> str:
-    """A multi-line summary of `ds`: image shape, classes, the training split's per-channel mean and
-    std, and a table of per-class counts with one column per split and a total row."""
+    """A multi-line summary of `ds`: image shape, classes, how `predict` prepares photos, notes on how the
+    data was loaded, the training split's per-channel mean and std, and a table of per-class counts
+    with one column per split and a total row."""
     c, h, w = ds.image_shape
     dtype = ds.splits[0].images.dtype
     values = "0..255" if dtype == np.uint8 else "already scaled"
@@ -15,6 +16,8 @@ def info_table(ds: Dataset) -> str:
         f"dataset      {ds.name}",
         f"image shape  {c} x {h} x {w} (channels x height x width), {dtype} {values}",
         f"classes      {len(ds.class_names)}",
+        f"preprocess   {ds.preprocessing} (how cnnkit predict prepares a photo)",
+        *(f"note         {note}" for note in ds.notes),
     ]
     if ds.train is not None:
         stats = Standardization.fit(ds.train.images)

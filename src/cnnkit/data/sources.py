@@ -6,25 +6,50 @@ fashion-mnist   Fashion-MNIST, likewise (Debian's dataset-fashion-mnist package 
 idx:DIR         a folder of IDX files: train-images-idx3-ubyte[.gz], ..., or only the t10k- pair
 npz:FILE        a NumPy archive with X_train, y_train, X_test, y_test (or x_train, ...)
 folder:DIR      one sub-folder of images per class, optionally inside train/ and test/
+
+Each source says how `cnnkit predict` must prepare a user's photo (`Dataset.preprocessing`): mnist and
+mnist-5k "digit", fashion-mnist "object"; idx:DIR and folder:DIR may declare it in DIR/preprocessing.txt
+(one word), npz:FILE in a 0-d string array `preprocessing`; otherwise it is inferred from the images
+(`cnnkit.data.dataset.infer_preprocessing`). Every file is read within fixed limits (MAX_CLASSES
+classes, MAX_ARRAY_BYTES per array, MAX_TEXT_BYTES per text file), checked before allocating.
 """
 
+import dataclasses
+import math
 import os
 import re
+import tokenize
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from cnnkit.data.dataset import Dataset, Split, images_as_nchw
-from cnnkit.data.download import DEFAULT_TIMEOUT, DownloadError, fetch
+from cnnkit.data.dataset import (
+    DIGITS,
+    MAX_ARRAY_BYTES,
+    MAX_ARRAY_TEXT,
+    MAX_CLASSES,
+    Dataset,
+    Split,
+    images_as_nchw,
+    infer_preprocessing,
+)
+from cnnkit.data.download import DEFAULT_DEADLINE, DEFAULT_TIMEOUT, DownloadError, fetch
 from cnnkit.data.idx import read_idx_pair
 from cnnkit.data.imagefolder import conform_images, load_image_folder
 from cnnkit.errors import DatasetError, FileError
+from cnnkit.images import PREPROCESSING
 
 SOURCE_FORMS = "mnist-5k, mnist, fashion-mnist, idx:DIR, npz:FILE or folder:DIR"
+PATH_KINDS = ("idx", "npz", "folder")
 MNIST_5K_TRAIN = 4500
-DIGITS = tuple(str(d) for d in range(10))
+
+_ZIP_ERRORS = (KeyError, zipfile.BadZipFile, zlib.error)
+
+# classes.txt and preprocessing.txt are a few lines; anything larger is not what it claims to be.
+MAX_TEXT_BYTES = 1024**2
 
 
 @dataclass(frozen=True)
@@ -32,16 +57,23 @@ class PublishedDataset:
     """A dataset published as four gzipped IDX files on mirrors, with a checksum for each file.
 
     `checksums` maps each file name (train images, train labels, test images, test labels, in that
-    order) to "ALGORITHM:HEXDIGEST". `system_dirs` are folders where a system package may have put
-    the same files; those are used as they are, without a checksum (they may be re-compressed).
-    The environment variable `mirrors_env` replaces `mirrors` when set.
+    order) to "ALGORITHM:HEXDIGEST", `sizes` the same names to their published length in bytes.
+    `system_dirs` are folders where a system package may have put the same files; those are used as
+    they are, without a checksum (they may be re-compressed). The environment variable `mirrors_env`
+    replaces `mirrors` when set. `preprocessing` is the Dataset's (see the module docstring).
     """
 
     name: str
     class_names: tuple[str, ...]
+    preprocessing: str
     checksums: dict[str, str]
+    sizes: dict[str, int]
     mirrors: tuple[str, ...]
     system_dirs: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if list(self.sizes) != list(self.checksums):
+            raise ValueError(f"{self.name}: sizes and checksums must name the same files in the same order")
 
     @property
     def mirrors_env(self) -> str:
@@ -52,11 +84,18 @@ class PublishedDataset:
 MNIST = PublishedDataset(
     name="mnist",
     class_names=DIGITS,
+    preprocessing="digit",
     checksums={
         "train-images-idx3-ubyte.gz": "sha256:440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
         "train-labels-idx1-ubyte.gz": "sha256:3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
         "t10k-images-idx3-ubyte.gz": "sha256:8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
         "t10k-labels-idx1-ubyte.gz": "sha256:f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
+    },
+    sizes={
+        "train-images-idx3-ubyte.gz": 9912422,
+        "train-labels-idx1-ubyte.gz": 28881,
+        "t10k-images-idx3-ubyte.gz": 1648877,
+        "t10k-labels-idx1-ubyte.gz": 4542,
     },
     mirrors=(
         "https://ossci-datasets.s3.amazonaws.com/mnist/",
@@ -79,11 +118,18 @@ FASHION_MNIST = PublishedDataset(
         "Bag",
         "Ankle boot",
     ),
+    preprocessing="object",
     checksums={
         "train-images-idx3-ubyte.gz": "md5:8d4fb7e6c68d591d4c3dfef9ec88bf0d",
         "train-labels-idx1-ubyte.gz": "md5:25c81989df183df01b3e8a0aad5dffbe",
         "t10k-images-idx3-ubyte.gz": "md5:bef4ecab320f06d8554ea6380940ec79",
         "t10k-labels-idx1-ubyte.gz": "md5:bb300cfdad3c16e7a12a480ee83cd310",
+    },
+    sizes={
+        "train-images-idx3-ubyte.gz": 26421880,
+        "train-labels-idx1-ubyte.gz": 29515,
+        "t10k-images-idx3-ubyte.gz": 4422102,
+        "t10k-labels-idx1-ubyte.gz": 5148,
     },
     mirrors=(
         "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
@@ -103,20 +149,24 @@ def load_dataset(source: str, *, cache_dir=None, image_size=None, channels=None,
     `progress`: None shows download progress bars on a terminal only, True always, False never.
     Raises DatasetError (unknown source, no network, ...) or FileError (a bad file), one line each.
     """
-    kind, colon, argument = source.partition(":")
-    if colon and kind in ("idx", "npz", "folder") and not argument:
-        raise DatasetError(f"dataset {source!r} needs a path after the colon, e.g. {kind}:data/mnist")
+    kind, argument = _split_source(source)
     path = Path(argument).expanduser()
     if source == "mnist-5k":
         dataset = load_mnist_5k()
     elif source in PUBLISHED:
         dataset = load_published(PUBLISHED[source], cache_dir=cache_dir, progress=progress)
-    elif colon and kind == "idx":
+    elif kind == "idx":
         dataset = load_idx_folder(path, name=source)
-    elif colon and kind == "npz":
+    elif kind == "npz":
         dataset = load_npz(path, name=source)
-    elif colon and kind == "folder":
-        return load_image_folder(path, image_size=image_size, channels=channels, name=source)
+    elif kind == "folder":
+        return load_image_folder(
+            path,
+            image_size=image_size,
+            channels=channels,
+            name=source,
+            preprocessing=declared_preprocessing(path),
+        )
     else:
         hint = ""
         if Path(source).expanduser().is_dir():
@@ -130,7 +180,33 @@ def load_dataset(source: str, *, cache_dir=None, image_size=None, channels=None,
         split.name: Split(conform_images(split.images, image_size, channels), split.labels, split.name)
         for split in dataset.splits
     }
-    return Dataset(dataset.name, dataset.class_names, **splits)
+    return dataclasses.replace(dataset, **splits)
+
+
+def resolve_source(source: str) -> str:
+    """`source` as it names the same data from any working directory: the path of idx:, npz: and folder:
+    made absolute ("idx:~/data/mnist" -> "idx:/home/me/data/mnist"); other sources returned as given.
+
+    Raises DatasetError for an empty source or an empty path after the colon.
+    """
+    kind, argument = _split_source(source)
+    if kind in PATH_KINDS:
+        return f"{kind}:{Path(argument).expanduser().resolve()}"
+    return source
+
+
+def _split_source(source: str) -> tuple[str | None, str]:
+    """(kind, path) for idx:, npz: and folder: sources, else (None, source)."""
+    if not isinstance(source, str):
+        raise DatasetError(f"dataset source must be a string ({SOURCE_FORMS}), got {source!r}")
+    if not source.strip():
+        raise DatasetError(f"dataset source {source!r} is empty: expected {SOURCE_FORMS}")
+    kind, colon, argument = source.partition(":")
+    if not (colon and kind in PATH_KINDS):
+        return None, source
+    if not argument.strip():
+        raise DatasetError(f"dataset {source!r} needs a path after the colon, e.g. {kind}:data/mnist")
+    return kind, argument
 
 
 def default_cache_dir() -> Path:
@@ -158,16 +234,23 @@ def load_mnist_5k() -> Dataset:
         list(DIGITS),
         train=Split(images[:n], labels[:n], "train"),
         test=Split(images[n:], labels[n:], "test"),
+        preprocessing="digit",
     )
 
 
 def load_published(
-    spec: PublishedDataset, *, cache_dir=None, progress=None, timeout=DEFAULT_TIMEOUT
+    spec: PublishedDataset,
+    *,
+    cache_dir=None,
+    progress=None,
+    timeout=DEFAULT_TIMEOUT,
+    deadline=DEFAULT_DEADLINE,
 ) -> Dataset:
     """Load MNIST, Fashion-MNIST or another PublishedDataset: 60,000 train and 10,000 test images.
 
     Uses the files in `cache_dir`/`spec.name` when all are there (each checked against its checksum),
-    else those in a `spec.system_dirs` folder, else downloads the missing ones into the cache.
+    else those in a `spec.system_dirs` folder, else downloads the missing ones into the cache
+    (`timeout` and `deadline` as in `cnnkit.data.download.fetch`).
     """
     folder = (Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()) / spec.name
     names = list(spec.checksums)
@@ -183,7 +266,16 @@ def load_published(
             mirrors = tuple(re.split(r"[\s,]+", os.environ[spec.mirrors_env].strip()))
         try:
             paths = [
-                fetch(name, spec.checksums[name], folder, mirrors, progress=progress, timeout=timeout)
+                fetch(
+                    name,
+                    spec.checksums[name],
+                    folder,
+                    mirrors,
+                    size=spec.sizes[name],
+                    progress=progress,
+                    timeout=timeout,
+                    deadline=deadline,
+                )
                 for name in names
             ]
         except DownloadError as exc:
@@ -194,7 +286,9 @@ def load_published(
             ) from None
     train = Split(*read_idx_pair(paths[0], paths[1]), "train")
     test = Split(*read_idx_pair(paths[2], paths[3]), "test")
-    return Dataset(spec.name, list(spec.class_names), train=train, test=test)
+    return Dataset(
+        spec.name, list(spec.class_names), train=train, test=test, preprocessing=spec.preprocessing
+    )
 
 
 def load_idx_folder(folder, *, name=None) -> Dataset:
@@ -202,7 +296,8 @@ def load_idx_folder(folder, *, name=None) -> Dataset:
     t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte (also named train-images.idx3-ubyte, ...).
 
     Either pair may be missing (a test pair alone serves evaluation). Class names come from a
-    `classes.txt` (one per line) if present, else "0".."K-1" from the largest label.
+    `classes.txt` (UTF-8, one per line) if present, else "0".."K-1" from the largest label. The
+    preprocessing comes from `preprocessing.txt` if present, else `infer_preprocessing`.
     """
     folder = Path(folder)
     name = name or f"idx:{folder}"
@@ -224,7 +319,15 @@ def load_idx_folder(folder, *, name=None) -> Dataset:
             "t10k-images-idx3-ubyte[.gz], t10k-labels-idx1-ubyte[.gz])"
         )
     n_classes = 1 + max(int(s.labels.max(initial=0)) for s in splits.values())
-    return Dataset(name, _class_names(folder / "classes.txt", n_classes), **splits)
+    class_names = _class_names(folder / "classes.txt", n_classes)
+    preprocessing, notes = declared_preprocessing(folder), ()
+    if preprocessing is None:
+        preprocessing, reason = infer_preprocessing(next(iter(splits.values())).images, class_names)
+        notes = (
+            f"predict prepares photos as {preprocessing!r}: {reason}; "
+            f"declare another in {folder / 'preprocessing.txt'}",
+        )
+    return Dataset(name, class_names, **splits, preprocessing=preprocessing, notes=notes)
 
 
 def load_npz(path, *, name=None) -> Dataset:
@@ -233,6 +336,9 @@ def load_npz(path, *, name=None) -> Dataset:
 
     Images may be rows of H*W values (square images), (N, H, W), (N, H, W, C) or (N, C, H, W) with
     C 1 or 3. uint8 (or integers within 0..255) stay uint8; anything else becomes float32.
+    Optional members: `class_names`, 1-D strings (default "0".."K-1" from the largest label), and
+    `preprocessing`, a 0-d string (default: `infer_preprocessing`). Each member's .npy header is
+    checked (no objects, at most MAX_ARRAY_BYTES) before the member is read.
     """
     path = Path(path)
     name = name or f"npz:{path}"
@@ -241,7 +347,7 @@ def load_npz(path, *, name=None) -> Dataset:
     except FileNotFoundError:
         raise FileError(f"{path}: does not exist") from None
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise FileError(f"{path}: not a NumPy .npz archive ({exc})") from None
+        raise FileError(f"{path}: not a NumPy .npz archive ({_one_line(exc)})") from None
     if not isinstance(archive, np.lib.npyio.NpzFile):
         raise FileError(
             f"{path}: holds a single array, not an .npz archive with X_train, y_train, X_test, y_test"
@@ -257,21 +363,55 @@ def load_npz(path, *, name=None) -> Dataset:
             if x_key is None or y_key is None:
                 present, missing = (x_key, f"y_{split}") if y_key is None else (y_key, f"X_{split}")
                 raise FileError(f"{path}: has {present} but no {missing}")
-            images = _npz_images(_npz_array(archive, x_key, path), path, x_key)
             labels = _npz_labels(_npz_array(archive, y_key, path), path, y_key)
+            images = _npz_images(_npz_array(archive, x_key, path), path, x_key)
             if len(images) != len(labels):
                 raise FileError(
                     f"{path}: {x_key} has {len(images):,} images but {y_key} has {len(labels):,} labels"
                 )
             splits[split] = Split(images, labels, split)
-    if not splits:
-        raise FileError(
-            f"{path}: no X_train/y_train or X_test/y_test arrays (it has: {', '.join(sorted(keys)) or 'nothing'})"
-        )
+        if not splits:
+            raise FileError(
+                f"{path}: no X_train/y_train or X_test/y_test arrays "
+                f"(it has: {', '.join(sorted(keys)) or 'nothing'})"
+            )
+        class_names = _npz_strings(archive, "class_names", path, ndim=1) if "class_names" in keys else None
+        declared = _npz_strings(archive, "preprocessing", path, ndim=0) if "preprocessing" in keys else None
     if len({s.images.shape[1:] for s in splits.values()}) > 1:
         raise FileError(f"{path}: training and test images differ in shape")
     n_classes = 1 + max(int(s.labels.max(initial=0)) for s in splits.values())
-    return Dataset(name, [str(c) for c in range(n_classes)], **splits)
+    if class_names is None:
+        class_names = [str(c) for c in range(n_classes)]
+    elif len(class_names) < n_classes:
+        raise FileError(f"{path}: class_names lists {len(class_names)} names but the labels need {n_classes}")
+    notes = ()
+    if declared is None:
+        preprocessing, reason = infer_preprocessing(next(iter(splits.values())).images, class_names)
+        notes = (
+            f"predict prepares photos as {preprocessing!r}: {reason}; declare another in a 0-d string "
+            "array 'preprocessing' in the archive",
+        )
+    elif declared in PREPROCESSING:
+        preprocessing = declared
+    else:
+        raise FileError(
+            f"{path}: preprocessing is {declared[:40]!r}; expected one of {', '.join(PREPROCESSING)}"
+        )
+    return Dataset(name, class_names, **splits, preprocessing=preprocessing, notes=notes)
+
+
+def declared_preprocessing(folder) -> str | None:
+    """The word in `folder`/preprocessing.txt ("digit", "object" or "resize"), or None without that file.
+
+    Raises FileError naming the file when it holds anything else, is not UTF-8, or is too large.
+    """
+    path = Path(folder) / "preprocessing.txt"
+    if not path.is_file():
+        return None
+    word = _read_text(path).strip()
+    if word not in PREPROCESSING:
+        raise FileError(f"{path}: holds {word[:40]!r}; expected one word: {', '.join(PREPROCESSING)}")
+    return word
 
 
 def _find_idx(folder: Path, prefixes, kind: str, ndim: int) -> Path | None:
@@ -287,17 +427,77 @@ def _find_idx(folder: Path, prefixes, kind: str, ndim: int) -> Path | None:
 def _class_names(path: Path, n_classes: int) -> list[str]:
     if not path.is_file():
         return [str(c) for c in range(n_classes)]
-    names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    names = [line.strip() for line in _read_text(path).splitlines() if line.strip()]
     if len(names) < n_classes:
         raise FileError(f"{path}: lists {len(names)} class names but the labels need {n_classes}")
+    if len(names) > MAX_CLASSES:
+        raise FileError(f"{path}: lists {len(names):,} class names, over cnnkit's limit of {MAX_CLASSES:,}")
     return names
 
 
+def _read_text(path: Path) -> str:
+    """A small UTF-8 text file's contents; FileError naming it when it is large, unreadable or not UTF-8."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_TEXT_BYTES + 1)
+    except OSError as exc:
+        raise FileError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if len(data) > MAX_TEXT_BYTES:
+        raise FileError(f"{path}: is over {MAX_TEXT_BYTES // 1024**2} MiB; expected a few lines of text")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise FileError(
+            f"{path}: is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); save it as UTF-8"
+        ) from None
+
+
 def _npz_array(archive, key: str, path: Path) -> np.ndarray:
+    """Member `key` of an opened npz archive, read only after its .npy header passed the checks."""
+    names = archive.zip.namelist()
+    member = f"{key}.npy" if f"{key}.npy" in names else key
+    try:
+        with archive.zip.open(member) as f:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+            else:
+                raise ValueError(f"npy format version {version[0]}.{version[1]} is not supported")
+            if any(d < 0 for d in shape):
+                raise ValueError(f"shape {shape} has a negative dimension")
+    except (OSError, ValueError, SyntaxError, TypeError, EOFError, tokenize.TokenError, *_ZIP_ERRORS) as exc:
+        # NumPy parses the header with tokenize and ast.literal_eval, which raise all of these
+        raise FileError(f"{path}: member {member} has a malformed .npy header ({_one_line(exc)})") from None
+    if dtype.hasobject:
+        raise FileError(
+            f"{path}: {key} holds Python objects ({dtype}), which cnnkit does not unpickle; save numbers"
+        )
+    size = math.prod(shape) * dtype.itemsize
+    if size > MAX_ARRAY_BYTES:
+        raise FileError(
+            f"{path}: {key} declares shape {tuple(shape)} of {dtype} = {size:,} bytes, "
+            f"over cnnkit's limit of {MAX_ARRAY_TEXT} for one array"
+        )
     try:
         return archive[key]
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise FileError(f"{path}: cannot read array {key} ({exc})") from None
+    except (OSError, ValueError, EOFError, *_ZIP_ERRORS) as exc:
+        raise FileError(f"{path}: cannot read array {key} ({_one_line(exc)})") from None
+
+
+def _npz_strings(archive, key: str, path: Path, ndim: int):
+    """Member `key` as a list of strings (ndim 1) or one string (ndim 0)."""
+    array = _npz_array(archive, key, path)
+    if array.dtype.kind not in "US" or array.ndim != ndim:
+        form = "a 1-D array of strings" if ndim == 1 else "a single string (a 0-d array)"
+        raise FileError(f"{path}: {key} has dtype {array.dtype} and shape {array.shape}; expected {form}")
+    if array.dtype.kind == "S":
+        try:
+            array = np.char.decode(array, "utf-8")
+        except UnicodeDecodeError:
+            raise FileError(f"{path}: {key} holds bytes that are not UTF-8 text") from None
+    return str(array[()]) if ndim == 0 else [str(s) for s in array]
 
 
 def _npz_images(x: np.ndarray, path: Path, key: str) -> np.ndarray:
@@ -313,11 +513,24 @@ def _npz_images(x: np.ndarray, path: Path, key: str) -> np.ndarray:
 
 
 def _npz_labels(y: np.ndarray, path: Path, key: str) -> np.ndarray:
+    """Labels as int64 class indices, checked below MAX_CLASSES before any conversion."""
     if y.ndim != 1:
         raise FileError(f"{path}: {key} has shape {y.shape}; expected one label per image (N,)")
     if not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating)):
         raise FileError(f"{path}: {key} has dtype {y.dtype}; expected integer labels")
-    labels = y.astype(np.int64)
-    if np.any(labels != y) or (labels.size and labels.min() < 0):
+    if not y.size:
+        return y.astype(np.int64)
+    whole = np.issubdtype(y.dtype, np.integer) or bool(np.all(np.isfinite(y)) and np.all(y == np.floor(y)))
+    if not whole or y.min() < 0:
         raise FileError(f"{path}: {key} must hold non-negative whole numbers (class indices)")
-    return labels
+    if y.max() >= MAX_CLASSES:
+        raise FileError(
+            f"{path}: {key} holds the label {int(y.max()):,}, which would make {int(y.max()) + 1:,} classes; "
+            f"cnnkit's limit is {MAX_CLASSES:,}"
+        )
+    return y.astype(np.int64)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 200 else text[:200] + "..."

@@ -1,0 +1,314 @@
+"""Hostile data and image files: each one is refused by the command line with one line, in bounded memory.
+
+Every file here is small on disk and made in a temporary folder. Run through `python -m cnnkit` in a
+child process (the `cli` fixture), each must end with exit code 2, exactly one line
+`cnnkit: error: ...` naming the file and what was wrong, no traceback, and a peak RSS under 1 GB.
+"""
+
+import gzip
+import math
+import struct
+import warnings
+import zipfile
+import zlib
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cnnkit.data import MAX_CLASSES, read_idx
+from cnnkit.data.idx import write_idx
+from cnnkit.errors import FileError
+from cnnkit.images import MAX_IMAGE_PIXELS, read_image
+
+CHECKPOINT = "tests/data/v1/epoch-002.safetensors"  # a tiny 1 x 28 x 28 network
+
+
+# --- making hostile files ------------------------------------------------------------------------------
+
+
+def zeros_deflated(n_blocks: int, block_size: int) -> bytes:
+    """A zlib stream of n_blocks * block_size zero bytes, made in milliseconds.
+
+    After a full flush deflate starts afresh, so the compressed form of one block of zeros can be
+    repeated; only the final Adler-32 checksum covers the whole stream.
+    """
+    block = bytes(block_size)
+    c = zlib.compressobj(9)
+    first = c.compress(block) + c.flush(zlib.Z_FULL_FLUSH)
+    again = c.compress(block) + c.flush(zlib.Z_FULL_FLUSH)
+    end = c.flush()[:-4]
+    adler = 1
+    for _ in range(n_blocks):
+        adler = zlib.adler32(block, adler)
+    return first + again * (n_blocks - 1) + end + adler.to_bytes(4, "big")
+
+
+def png(width: int, height: int, color_type: int = 6, idat: bytes = b"") -> bytes:
+    """A PNG file: 8-bit, `color_type` 0 (gray), 2 (RGB) or 6 (RGBA), with the given compressed pixels."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def png_bomb(side: int) -> bytes:
+    """A real side x side RGBA PNG of transparent black, a few hundred KB on disk."""
+    row = side * 4 + 1  # a filter byte, then the pixels
+    rows_per_block = 100
+    assert side % rows_per_block == 0
+    return png(side, side, 6, zeros_deflated(side // rows_per_block, row * rows_per_block))
+
+
+def idx_header(dims, type_code=0x08) -> bytes:
+    return bytes([0, 0, type_code, len(dims)]) + struct.pack(f">{len(dims)}I", *dims)
+
+
+def gzip_bomb(header: bytes, zero_bytes: int) -> bytes:
+    """`header` followed by `zero_bytes` zeros, gzipped in repeated members of 16 MiB (gzip allows many)."""
+    member = gzip.compress(bytes(16 * 1024**2), compresslevel=9, mtime=0)
+    return gzip.compress(header, mtime=0) + member * (zero_bytes // (16 * 1024**2))
+
+
+def npy_member(header: dict | bytes, data: bytes = b"") -> bytes:
+    """An .npy file (format 1.0) with the given header dict, or raw header bytes, and data."""
+    text = header if isinstance(header, bytes) else repr(header).encode("latin1")
+    text += b" " * ((64 - (10 + len(text) + 1) % 64) % 64) + b"\n"
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(text)) + text + data
+
+
+def write_npz(path, members: dict):
+    """An .npz archive holding `members`: name -> .npy bytes (or an array, saved as NumPy does)."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, member in members.items():
+            if isinstance(member, np.ndarray):
+                with z.open(f"{name}.npy", "w") as f:
+                    np.lib.format.write_array(f, member, allow_pickle=False)
+            else:
+                z.writestr(f"{name}.npy", member)
+    return path
+
+
+def small_idx_folder(folder, max_label=9):
+    """A valid idx:DIR of 4 dark 28 x 28 images with a bright square."""
+    folder.mkdir(parents=True, exist_ok=True)
+    images = np.zeros((4, 28, 28), np.uint8)
+    images[:, 8:20, 10:18] = 255
+    write_idx(folder / "train-images-idx3-ubyte.gz", images)
+    write_idx(folder / "train-labels-idx1-ubyte.gz", np.array([0, 1, 2, max_label], np.uint8))
+    return folder
+
+
+# --- npz:FILE ------------------------------------------------------------------------------------------
+
+
+def test_npz_with_one_huge_label_is_the_class_limit_not_a_memory_error(cli, tmp_path):
+    path = tmp_path / "bad.npz"
+    np.savez(path, X_train=np.zeros((1, 784), np.uint8), y_train=np.array([1_000_000_000]))
+    result = cli("data", "info", f"npz:{path}")
+    result.assert_one_line_error("bad.npz", "y_train", "1,000,000,000", f"limit is {MAX_CLASSES:,}")
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [
+        (np.array([np.inf]), "non-negative whole numbers"),
+        (np.array([1e300]), "which would make"),
+        (np.array([2**64 - 1], np.uint64), "which would make"),
+    ],
+)
+def test_npz_labels_out_of_any_range_are_refused_without_warnings(cli, tmp_path, labels, message):
+    path = tmp_path / "bad.npz"
+    np.savez(path, X_train=np.zeros((1, 784), np.uint8), y_train=labels)
+    cli("data", "info", f"npz:{path}").assert_one_line_error("bad.npz", message)
+
+
+def test_npz_member_declaring_a_huge_array_is_refused_before_reading(cli, tmp_path):
+    # 100,000 x 100,000 x 100 bytes = 1 TB declared, a few bytes stored
+    huge = npy_member({"descr": "|u1", "fortran_order": False, "shape": (100_000, 100_000, 100)})
+    path = write_npz(tmp_path / "bad.npz", {"X_train": huge, "y_train": np.zeros(1, np.int64)})
+    result = cli("data", "info", f"npz:{path}")
+    result.assert_one_line_error("bad.npz", "X_train", "1,000,000,000,000 bytes", "limit of 2 GiB")
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"{'descr': '|u1', 'fortran_order': False, 'shape': (2, 784)",  # cut short
+        b"{'descr': 'not a dtype', 'fortran_order': False, 'shape': (2,)}",
+        b"{'descr': '|u1', 'fortran_order': False, 'shape': (-5,)}",
+        b"__import__('os').system('echo pwned')",
+    ],
+)
+def test_npz_member_with_a_malformed_npy_header_names_the_member(cli, tmp_path, header):
+    path = write_npz(tmp_path / "bad.npz", {"X_train": npy_member(header), "y_train": np.zeros(2, np.int64)})
+    result = cli("data", "info", f"npz:{path}")
+    result.assert_one_line_error("bad.npz", "X_train.npy", "malformed .npy header")
+    assert "pwned" not in result.out
+
+
+def test_npz_member_that_is_not_npy_at_all(cli, tmp_path):
+    path = write_npz(tmp_path / "bad.npz", {"X_train": b"PK garbage", "y_train": np.zeros(2, np.int64)})
+    cli("data", "info", f"npz:{path}").assert_one_line_error("bad.npz", "X_train.npy", "malformed")
+
+
+def test_npz_member_shorter_than_its_header_says(cli, tmp_path):
+    short = npy_member({"descr": "|u1", "fortran_order": False, "shape": (2, 784)}, bytes(100))
+    path = write_npz(tmp_path / "bad.npz", {"X_train": short, "y_train": np.zeros(2, np.int64)})
+    cli("data", "info", f"npz:{path}").assert_one_line_error("bad.npz", "cannot read array X_train")
+
+
+def test_npz_with_pickled_class_names_is_refused(cli, tmp_path):
+    names = npy_member({"descr": "|O", "fortran_order": False, "shape": (2,)}, b"\x80\x04N.")
+    path = write_npz(
+        tmp_path / "bad.npz",
+        {"X_train": np.zeros((2, 784), np.uint8), "y_train": np.zeros(2, np.int64), "class_names": names},
+    )
+    cli("data", "info", f"npz:{path}").assert_one_line_error("bad.npz", "class_names", "Python objects")
+
+
+# --- idx:DIR -------------------------------------------------------------------------------------------
+
+
+def test_gzip_idx_bomb_declaring_more_than_the_limit_is_refused_from_its_header(cli, tmp_path):
+    folder = small_idx_folder(tmp_path / "idx")
+    bomb = gzip_bomb(idx_header((100_000, 256, 256)), 64 * 1024**2)  # declares 6.5 GB
+    (folder / "train-images-idx3-ubyte.gz").write_bytes(bomb)
+    result = cli("data", "info", f"idx:{folder}")
+    result.assert_one_line_error("train-images-idx3-ubyte.gz", "6,553,600,000 bytes", "limit of 2 GiB")
+
+
+def test_gzip_idx_bomb_is_decompressed_only_as_far_as_its_header_declares(cli, tmp_path):
+    folder = small_idx_folder(tmp_path / "idx")
+    # declares 4 images of 28 x 28 but decompresses to 1.5 GB
+    bomb = gzip_bomb(idx_header((4, 28, 28)), 1536 * 1024**2)
+    assert len(bomb) < 2 * 1024**2
+    (folder / "train-images-idx3-ubyte.gz").write_bytes(bomb)
+    result = cli("data", "info", f"idx:{folder}")
+    result.assert_one_line_error("train-images-idx3-ubyte.gz", "decompresses to more than the 3,136 bytes")
+
+
+def test_raw_idx_declaring_more_than_it_holds_is_refused_before_allocating(cli, tmp_path):
+    folder = small_idx_folder(tmp_path / "idx")
+    (folder / "train-images-idx3-ubyte.gz").unlink()
+    (folder / "train-images-idx3-ubyte").write_bytes(idx_header((60_000, 150, 150)) + bytes(1000))
+    result = cli("data", "info", f"idx:{folder}")
+    result.assert_one_line_error("train-images-idx3-ubyte", "need 1,350,000,000 bytes", "truncated")
+
+
+def test_classes_txt_that_is_not_utf8(cli, tmp_path):
+    folder = small_idx_folder(tmp_path / "idx")
+    (folder / "classes.txt").write_bytes("zéro\nun\n".encode("latin-1") + b"2\n3\n4\n5\n6\n7\n8\n9\n")
+    cli("data", "info", f"idx:{folder}").assert_one_line_error("classes.txt", "not UTF-8", "0xe9")
+
+
+def test_classes_txt_that_is_absurdly_large(cli, tmp_path):
+    folder = small_idx_folder(tmp_path / "idx")
+    (folder / "classes.txt").write_bytes(b"x" * (8 * 1024**2))
+    cli("data", "info", f"idx:{folder}").assert_one_line_error("classes.txt", "over 1 MiB")
+
+
+def test_classes_txt_with_more_classes_than_the_limit(cli, tmp_path):
+    folder = small_idx_folder(tmp_path / "idx")
+    (folder / "classes.txt").write_text("".join(f"class {i}\n" for i in range(MAX_CLASSES + 1)))
+    cli("data", "info", f"idx:{folder}").assert_one_line_error("classes.txt", "10,001 class names", "10,000")
+
+
+def test_preprocessing_txt_with_an_unknown_word(cli, tmp_path):
+    folder = small_idx_folder(tmp_path / "idx")
+    (folder / "preprocessing.txt").write_text("sharpen\n")
+    result = cli("data", "info", f"idx:{folder}")
+    result.assert_one_line_error("preprocessing.txt", "'sharpen'", "digit, object, resize")
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    type_code=st.sampled_from([0x08, 0x08, 0x08, 0x09, 0x0D]),
+    dims=st.lists(st.one_of(st.integers(0, 6), st.integers(0, 2**32 - 1)), min_size=0, max_size=4),
+    extra=st.integers(-30, 30),
+    gzipped=st.booleans(),
+    cut_header=st.booleans(),
+)
+def test_any_idx_header_gives_its_array_or_one_line_file_error(
+    tmp_path, type_code, dims, extra, gzipped, cut_header
+):
+    declared = int(np.prod(dims, dtype=object)) if dims else 0
+    payload_size = max(0, min(declared, 1000) + extra)
+    data = idx_header(dims, type_code) + bytes(range(256)) * (payload_size // 256) + bytes(payload_size % 256)
+    if cut_header:
+        data = data[: len(data) // 3]
+    path = tmp_path / "x-idx3-ubyte"
+    path.write_bytes(gzip.compress(data, mtime=0) if gzipped else data)
+    valid = type_code == 0x08 and dims and len(data) == 4 + 4 * len(dims) + declared
+    try:
+        array = read_idx(path)
+    except FileError as exc:
+        assert not valid, exc
+        assert str(path) in str(exc) and "\n" not in str(exc)
+    else:
+        assert valid and array.shape == tuple(dims) and array.dtype == np.uint8
+
+
+# --- image files, through predict ---------------------------------------------------------------------
+
+
+def test_png_bomb_of_144_megapixels_is_refused_from_its_header(cli, tmp_path):
+    path = tmp_path / "bomb.png"
+    path.write_bytes(png_bomb(12_000))
+    assert path.stat().st_size < 1024**2
+    result = cli("predict", CHECKPOINT, path)
+    result.assert_one_line_error(
+        "bomb.png", "12000x12000 = 144 megapixels is over cnnkit's limit of 50 megapixels"
+    )
+
+
+def test_png_declaring_ten_gigapixels_is_refused_with_cnnkits_message(cli, tmp_path):
+    # Pillow itself refuses this (DecompressionBombError) before cnnkit sees the size.
+    path = tmp_path / "huge.png"
+    path.write_bytes(png(100_000, 100_000, 6, zeros_deflated(1, 400_001)))
+    result = cli("predict", CHECKPOINT, path)
+    result.assert_one_line_error("huge.png", "10,000 megapixels is over cnnkit's limit of 50 megapixels")
+    assert "DecompressionBomb" not in result.err
+
+
+def test_png_between_cnnkits_and_pillows_limits_gives_no_pillow_warning(cli, tmp_path):
+    path = tmp_path / "big.png"
+    path.write_bytes(png(10_000, 10_000, 0, zeros_deflated(1, 1000)))  # 100 MP: Pillow would only warn
+    result = cli("predict", CHECKPOINT, path)
+    result.assert_one_line_error("big.png", "10000x10000 = 100 megapixels")
+
+
+def test_image_just_under_the_pixel_limit_is_read_in_bounded_memory(cli, tmp_path):
+    side = math.isqrt(MAX_IMAGE_PIXELS) // 100 * 100  # 7000: 49 megapixels of RGBA, 196 MB decoded
+    path = tmp_path / "large.png"
+    path.write_bytes(png_bomb(side))
+    result = cli("predict", CHECKPOINT, path)
+    # fully transparent: nothing drawn, which predict reports; what matters is that it was decoded
+    result.assert_one_line_error("large.png", "no visible digit")
+
+
+def test_truncated_and_fake_images_are_one_line_errors(cli, tmp_path):
+    (tmp_path / "cut.png").write_bytes(png(64, 64, 0, zeros_deflated(1, 65 * 64))[:60])
+    (tmp_path / "fake.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    cli("predict", CHECKPOINT, tmp_path / "cut.png").assert_one_line_error("cut.png", "cannot read image")
+    cli("predict", CHECKPOINT, tmp_path / "fake.jpg").assert_one_line_error("fake.jpg")
+
+
+def test_folder_source_refuses_an_image_bomb_from_its_header(cli, tmp_path):
+    (tmp_path / "cats").mkdir()
+    (tmp_path / "cats" / "bomb.png").write_bytes(png_bomb(12_000))
+    result = cli("data", "info", f"folder:{tmp_path}")
+    result.assert_one_line_error("bomb.png", "144 megapixels is over cnnkit's limit")
+
+
+def test_read_image_never_lets_pillows_bomb_warning_or_error_escape(tmp_path):
+    (tmp_path / "a.png").write_bytes(png(10_000, 10_000, 0))
+    (tmp_path / "b.png").write_bytes(png(100_000, 100_000, 0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for name in ("a.png", "b.png"):
+            with pytest.raises(FileError, match=f"{name}: .* megapixels is over cnnkit's limit of 50"):
+                read_image(tmp_path / name)

@@ -1,0 +1,207 @@
+"""Run folders as a user meets them: folder datasets end to end, class names, callbacks, any directory, pipes."""
+
+import csv
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import TINY
+from PIL import Image
+
+from cnnkit.checkpoint import list_checkpoints, load_checkpoint
+from cnnkit.recipes import TrainConfig, default_valid_size
+from cnnkit.runs import start_run
+from cnnkit.training import EarlyStopping, EpochRecord
+
+quiet = {"log": lambda line: None, "show_progress": False}
+
+
+def _shape_image(kind: str, rng) -> Image.Image:
+    """A 20x20 gray picture: a bright horizontal bar, vertical bar or dot on a dark field, jittered."""
+    image = np.zeros((20, 20), np.uint8)
+    a, b = rng.integers(4, 16, 2)
+    if kind == "bar-h":
+        image[a - 1 : a + 2, 2:18] = 230
+    elif kind == "bar-v":
+        image[2:18, b - 1 : b + 2] = 230
+    else:
+        image[a - 2 : a + 2, b - 2 : b + 2] = 230
+    return Image.fromarray(np.clip(image + rng.integers(0, 25, image.shape), 0, 255).astype(np.uint8))
+
+
+def _shapes_folder(root, splits, seed=0):
+    """root/SPLIT/CLASS/i.png for {split: {class: count}}."""
+    rng = np.random.default_rng(seed)
+    for split, classes in splits.items():
+        for kind, count in classes.items():
+            folder = root / split / kind
+            folder.mkdir(parents=True)
+            for i in range(count):
+                _shape_image(kind, rng).save(folder / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    counts = {"bar-h": 60, "bar-v": 60, "dot": 60}
+    return _shapes_folder(root / "shapes", {"train": counts, "test": dict.fromkeys(counts, 15)})
+
+
+def test_a_folder_dataset_through_the_command_line(cli, tmp_path, shapes):
+    run = tmp_path / "run"
+    result = cli(
+        "train",
+        "--dataset",
+        f"folder:{shapes}",
+        "--epochs",
+        6,
+        "--lr",
+        "1e-3",
+        "--valid-size",
+        30,
+        "--out",
+        run,
+    )
+    assert result.code == 0, result.err
+    assert "1 x 20 x 20" in result.out and "parameters" in result.out
+    full = json.loads(cli("evaluate", run, "--json", "--precision", "fp32").out)
+    assert full["n"] == 45 and full["accuracy"] > 0.8
+    # Another folder whose test split holds 2 of the 3 classes, so its own order is (bar-v, dot):
+    other = _shapes_folder(tmp_path / "other", {"test": {"dot": 15, "bar-v": 15}}, seed=0)
+    (other / "test" / "bar-v").rename(other / "test" / "bar-v")
+    subset = json.loads(
+        cli("evaluate", run, "--dataset", f"folder:{other}", "--json", "--precision", "fp32").out
+    )
+    assert subset["n"] == 30 and set(subset["per_class"]) == {"bar-h", "bar-v", "dot"}
+    assert subset["per_class"]["bar-h"]["n"] == 0 and subset["per_class"]["dot"]["n"] == 15
+    assert subset["accuracy"] > 0.8  # by position it would score the dots as bar-v: about 0 or 50%
+    stars = _shapes_folder(tmp_path / "stars", {"test": {"dot": 3, "star": 3}})
+    cli("evaluate", run, "--dataset", f"folder:{stars}").assert_one_line_error("'star'", "does not know")
+    images = sorted((shapes / "test" / "dot").glob("*.png"))[:5]
+    predicted = json.loads(cli("predict", run, *images, "--json").out)
+    assert [p["class_name"] for p in predicted].count("dot") >= 4
+    summary = cli("summary", run)
+    assert summary.code == 0 and "bar-h, bar-v, dot" in summary.out and "parameters" in summary.out
+
+
+def test_a_run_works_from_any_directory(cli, tmp_path, small_npz):
+    here, elsewhere = tmp_path / "here", tmp_path / "elsewhere"
+    here.mkdir()
+    elsewhere.mkdir()
+    npz = small_npz.removeprefix("npz:")
+    (here / "digits.npz").write_bytes(Path(npz).read_bytes())
+    result = cli("train", "--dataset", "npz:digits.npz", "--epochs", 1, "--out", "run", "--quiet", cwd=here)
+    assert result.code == 0, result.err
+    assert load_checkpoint(here / "run").record.dataset == f"npz:{here / 'digits.npz'}"
+    evaluated = cli("evaluate", here / "run", "--json", cwd=elsewhere)
+    assert evaluated.code == 0 and json.loads(evaluated.out)["n"] == 200, evaluated.err
+    resumed = cli("train", "--resume", here / "run", "--epochs", 2, "--quiet", cwd=elsewhere)
+    assert resumed.code == 0, resumed.err
+    assert load_checkpoint(here / "run").epoch == 2
+
+
+def test_epoch_lines_reach_a_pipe_as_they_are_written(tmp_path, small_npz):
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cnnkit",
+            "train",
+            "--dataset",
+            small_npz,
+            "--epochs",
+            "6",
+            "--out",
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    arrivals = {}
+    for line in proc.stdout:
+        if line.startswith("epoch "):
+            arrivals[line.split()[1]] = (time.monotonic(), proc.poll())
+    assert proc.wait() == 0
+    first, last = arrivals["1/6"], arrivals["6/6"]
+    assert first[1] is None  # the process was still running when epoch 1's line arrived
+    assert last[0] - first[0] > 0.2, "the lines arrived together, as a block buffer would give them"
+
+
+def test_best_epoch_is_kept_beside_the_newest_and_addressable(cli, tiny_run):
+    record = load_checkpoint(tiny_run).record
+    best = record.best_epoch
+    accuracies = [h["valid_accuracy"] for h in record.history]
+    assert best == 1 + accuracies.index(max(accuracies))
+    kept = sorted({best, 3})
+    assert [p.name for p in list_checkpoints(tiny_run)] == [f"epoch-{e:03d}.safetensors" for e in kept]
+    report = json.loads(cli("evaluate", tiny_run, "--checkpoint", "best", "--json").out)
+    assert report["epoch"] == best and report["checkpoint"].endswith(f"epoch-{best:03d}.safetensors")
+    cli("evaluate", tiny_run, "--checkpoint", "9").assert_one_line_error("epoch 9 is not kept")
+
+
+def test_metrics_csv_has_one_row_per_epoch_with_keras_columns(tiny_run):
+    with open(tiny_run / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["epoch", "loss", "val_loss", "val_accuracy", "lr", "seconds"]
+    history = [json.loads(line) for line in (tiny_run / "history.jsonl").read_text().splitlines()]
+    assert [int(r["epoch"]) for r in rows] == [h["epoch"] for h in history] == [1, 2, 3]
+    assert [float(r["val_accuracy"]) for r in rows] == [h["valid_accuracy"] for h in history]
+    assert all(float(r["lr"]) == 1e-3 for r in rows)
+
+
+def test_early_stopping_counts_epochs_without_a_lower_validation_loss():
+    stopping = EarlyStopping(patience=2)
+    losses = [1.0, 0.8, 0.9, 0.85, 0.7, 0.75, 0.75]
+    stops = [
+        stopping.on_epoch_end(EpochRecord(i + 1, 1.0, loss, 0.5, 1e-3, 1.0, 1.0))
+        for i, loss in enumerate(losses)
+    ]
+    assert stops == [False, False, False, True, False, False, True]
+    assert "epoch 7" in stopping.reason and "best 0.7000 at epoch 5" in stopping.reason
+
+
+def test_patience_stops_a_run_and_resume_continues_its_count_exactly(tmp_path, small_npz):
+    # A learning rate of 1e-30 cannot move float32 weights: the validation loss never gets lower.
+    config = TrainConfig(epochs=8, learning_rate=1e-30, patience=2, seed=0)
+    lines = []
+    run = start_run(
+        small_npz, config, tmp_path / "a", architecture=TINY, log=lines.append, show_progress=False
+    )
+    assert [h["epoch"] for h in run.history] == [1, 2, 3]
+    assert lines[-1].startswith("early stop after epoch 3: no lower valid_loss for 2 epochs")
+    state = load_checkpoint(tmp_path / "a").record.trainer_state["early_stopping"]
+    assert state["wait"] == 2 and state["best_epoch"] == 1
+
+
+def test_the_fast_recipe_sets_aside_a_tenth_at_most_2000():
+    assert default_valid_size("fast", 4500) == 450 and default_valid_size("fast", 60000) == 2000
+    assert default_valid_size("chapter", 60000) == 10000 and default_valid_size("chapter", 4500) == 750
+
+
+def test_keep_is_remembered_across_resume(cli, tmp_path, small_npz):
+    run = tmp_path / "run"
+    assert (
+        cli(
+            "train",
+            "--dataset",
+            small_npz,
+            "--epochs",
+            2,
+            "--keep",
+            1,
+            "--valid-size",
+            0,
+            "--out",
+            run,
+            "--quiet",
+        ).code
+        == 0
+    )
+    assert cli("train", "--resume", run, "--epochs", 4, "--quiet").code == 0
+    assert [p.name for p in list_checkpoints(run)] == ["epoch-004.safetensors"]
+    assert load_checkpoint(run).record.config.keep == 1
