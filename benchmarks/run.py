@@ -43,6 +43,8 @@ from cnnkit.device import cpu_has_fast_bf16, memory_format, resolve_precision
 from cnnkit.inference import predict_logits
 from cnnkit.model import Architecture, build_model
 from cnnkit.quantize import quantize_int8
+from cnnkit.recipes import TrainConfig
+from cnnkit.record import ModelRecord
 from cnnkit.runs import to_tensors
 from cnnkit.training import make_optimizer, train_epoch
 
@@ -128,12 +130,14 @@ def bench_inference(dataset, standardization, args, report, peer, only):
     with tempfile.TemporaryDirectory() as tmp:
         # A model as `cnnkit predict` gets it: saved, then loaded from its checkpoint.
         trained = build_model(Architecture(), seed=0)
-        meta = {
-            "build": "layers",
-            "architecture": Architecture().to_dict(),
-            "class_names": dataset.class_names,
-        }
-        path = save_checkpoint(Path(tmp) / "model.safetensors", trained, {**meta, "epoch": 0, "history": []})
+        record = ModelRecord(
+            architecture=Architecture(),
+            class_names=tuple(dataset.class_names),
+            standardization=standardization,
+            preprocessing=dataset.preprocessing,
+            config=TrainConfig(),
+        )
+        path = save_checkpoint(Path(tmp) / "model.safetensors", trained, record)
         model, _ = load_model(path)
     int8 = quantize_int8(model, calibration)
     fast = resolve_precision("auto", torch.device("cpu"))
