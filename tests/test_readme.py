@@ -20,7 +20,11 @@ def test_quick_start_has_exactly_two_one_line_commands():
     assert (
         "torch==2.13.0" in setup and "cnnkit train --dataset mnist-5k" in setup and "cnnkit predict" in setup
     )
-    assert "torch==2.13.0" in tests and tests.endswith("python3 -m pytest")
+    assert "torch==2.13.0" in tests and tests.endswith(".venv/bin/python -m pytest")
+    # Both make and use a virtual environment, so they work where pip refuses the system Python (PEP 668).
+    for command in commands:
+        assert command.startswith("python3 -m venv .venv && .venv/bin/pip install")
+        assert " pip " not in command.replace(".venv/bin/pip install", "")
 
 
 def test_ci_runs_the_quick_start_test_command():
