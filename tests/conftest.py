@@ -77,7 +77,10 @@ def tiny_run(tmp_path_factory, small_npz):
 
 
 class _Handler(BaseHTTPRequestHandler):
-    """Serves server.routes: path -> (behaviour, body), where behaviour is "ok", "truncate" or "stall"."""
+    """Serves server.routes: path -> (behaviour, body). Behaviours: "ok"; "truncate" (promises the whole
+    body, sends half and closes); "stall" (waits 1 s first); "no length" (no Content-Length: the body
+    ends when the connection closes); "endless" (zeros until the client hangs up); "trickle" (one
+    byte every 0.2 s)."""
 
     def do_GET(self):
         self.server.requests.append(self.path)
@@ -89,12 +92,21 @@ class _Handler(BaseHTTPRequestHandler):
             time.sleep(1.0)
         try:
             self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
+            if behaviour not in ("no length", "endless"):
+                self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            # "truncate" promises the whole body, sends half of it, and closes the connection.
-            self.wfile.write(body[: len(body) // 2] if behaviour == "truncate" else body)
+            if behaviour == "endless":
+                while True:
+                    self.wfile.write(bytes(1 << 16))
+            elif behaviour == "trickle":
+                for i in range(len(body)):
+                    self.wfile.write(body[i : i + 1])
+                    self.wfile.flush()
+                    time.sleep(0.2)
+            else:
+                self.wfile.write(body[: len(body) // 2] if behaviour == "truncate" else body)
         except (BrokenPipeError, ConnectionResetError):
-            pass  # the client gave up first (the stall test's timeout)
+            pass  # the client gave up first (a timeout, a deadline, a size limit)
 
     def log_message(self, *args):
         pass

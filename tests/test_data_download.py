@@ -2,9 +2,7 @@ import dataclasses
 import hashlib
 import os
 import socket
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -173,50 +171,6 @@ def test_cache_folder_comes_from_cnnkit_data(monkeypatch, tmp_path):
 # --- bounded downloads: published size, deadline, stale files, timeouts told from no network ---
 
 
-class _OddHandler(BaseHTTPRequestHandler):
-    """Serves server.routes: path -> (behaviour, body): "no length" (body delimited by closing the
-    connection), "endless" (zeros until the client hangs up) or "trickle" (one byte every 0.2 s)."""
-
-    protocol_version = "HTTP/1.0"
-
-    def do_GET(self):
-        behaviour, body = self.server.routes[self.path]
-        try:
-            self.send_response(200)
-            if behaviour == "trickle":
-                self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            if behaviour == "no length":
-                self.wfile.write(body)
-            elif behaviour == "endless":
-                while True:
-                    self.wfile.write(bytes(1 << 16))
-            elif behaviour == "trickle":
-                for i in range(len(body)):
-                    self.wfile.write(body[i : i + 1])
-                    self.wfile.flush()
-                    time.sleep(0.2)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def odd_server():
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _OddHandler)
-    httpd.daemon_threads = True
-    httpd.routes = {}
-    httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
-    thread = threading.Thread(target=httpd.serve_forever, args=(0.02,), daemon=True)
-    thread.start()
-    yield httpd
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join()
-
-
 def test_published_sizes_name_the_same_files_as_the_checksums():
     for spec in (MNIST, FASHION_MNIST):
         assert list(spec.sizes) == list(spec.checksums) and all(n > 1000 for n in spec.sizes.values())
@@ -238,11 +192,11 @@ def test_content_length_other_than_the_published_size_fails_that_mirror(server, 
 
 
 @pytest.mark.parametrize("behaviour", ["no length", "endless"])
-def test_reading_stops_at_the_published_size(odd_server, server, fake_mnist, tmp_path, behaviour):
+def test_reading_stops_at_the_published_size(server, fake_mnist, tmp_path, behaviour):
     files, _ = fake_mnist
-    odd_server.routes["/m/" + FILE] = (behaviour, files[FILE] + b"and more")
+    server.routes["/m/" + FILE] = (behaviour, files[FILE] + b"and more")
     server.routes["/good/" + FILE] = ("ok", files[FILE])
-    mirrors = [odd_server.url + "/m/", server.url + "/good/"]
+    mirrors = [server.url + "/m/", server.url + "/good/"]
     path = download(FILE, sha256(files[FILE]), tmp_path, mirrors, size=len(files[FILE]), progress=False)
     assert path.read_bytes() == files[FILE]
     with pytest.raises(DownloadError, match=f"sent more than the published {len(files[FILE]):,} bytes"):
@@ -251,16 +205,16 @@ def test_reading_stops_at_the_published_size(odd_server, server, fake_mnist, tmp
         )
 
 
-def test_a_trickling_server_is_cut_off_at_the_deadline(odd_server, fake_mnist, tmp_path):
+def test_a_trickling_server_is_cut_off_at_the_deadline(server, fake_mnist, tmp_path):
     files, _ = fake_mnist
-    odd_server.routes["/m/" + FILE] = ("trickle", files[FILE])
+    server.routes["/m/" + FILE] = ("trickle", files[FILE])
     started = time.monotonic()
     with pytest.raises(DownloadError, match="did not finish in time") as err:
         download(
             FILE,
             sha256(files[FILE]),
             tmp_path / "cache",
-            [odd_server.url + "/m/"],
+            [server.url + "/m/"],
             progress=False,
             deadline=1.0,
         )
