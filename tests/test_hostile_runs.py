@@ -12,8 +12,10 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -323,3 +325,48 @@ def test_too_many_threads_are_capped(cli, tmp_path, small_npz):
     )
     assert result.code == 0, result.err
     assert checkpoint_path(tmp_path / "run", 1).exists()
+
+
+def _write_source(tmp_path, kind, images, labels):
+    """The same images as an npz:, idx: or folder: source."""
+    from cnnkit.data.idx import write_idx
+
+    if kind == "npz":
+        path = tmp_path / "data.npz"
+        np.savez(path, x_train=images, y_train=labels)
+        return f"npz:{path}"
+    if kind == "idx":
+        write_idx(tmp_path / "train-images-idx3-ubyte", images)
+        write_idx(tmp_path / "train-labels-idx1-ubyte", labels.astype(np.uint8))
+        return f"idx:{tmp_path}"
+    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+        (tmp_path / str(label)).mkdir(exist_ok=True)
+        Image.fromarray(image).save(tmp_path / str(label) / f"{i}.png")
+    return f"folder:{tmp_path}"
+
+
+@pytest.mark.parametrize("kind", ["npz", "idx", "folder"])
+@pytest.mark.parametrize(
+    ("side", "labels", "fragment"),
+    [(12, [0, 1] * 10, "at least 13x13"), (28, [0] * 20, "1 class; training needs at least 2")],
+)
+def test_data_the_network_cannot_learn_from_is_one_line(cli, tmp_path, kind, side, labels, fragment):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (len(labels), side, side), dtype=np.uint8)
+    (tmp_path / "data").mkdir()
+    source = _write_source(tmp_path / "data", kind, images, np.array(labels))
+    cli("train", "--dataset", source, "--epochs", 1, "--out", tmp_path / "run").assert_one_line_error(
+        fragment
+    )
+
+
+def test_convnn_load_raises_only_cnnkit_errors(tmp_path):
+    from cnnkit import ConvNN
+    from cnnkit.errors import CheckpointError
+
+    for name, data in [("empty", b""), ("garbage", b"\x10" + bytes(100)), ("text", b"{}" * 10)]:
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(CheckpointError):
+            ConvNN.load(tmp_path / name)
+    with pytest.raises(CheckpointError):
+        ConvNN.load(tmp_path)

@@ -85,6 +85,13 @@ def test_a_folder_dataset_through_the_command_line(cli, tmp_path, shapes):
     images = sorted((shapes / "test" / "dot").glob("*.png"))[:5]
     predicted = json.loads(cli("predict", run, *images, "--json").out)
     assert [p["class_name"] for p in predicted].count("dot") >= 4
+    # The same dots drawn dark on light paper, as a user's photo would be: read as dots too.
+    on_paper = []
+    for image in images:
+        on_paper.append(tmp_path / f"paper-{image.name}")
+        Image.fromarray(255 - np.asarray(Image.open(image))).save(on_paper[-1])
+    predicted = json.loads(cli("predict", run, *on_paper, "--json").out)
+    assert [p["class_name"] for p in predicted].count("dot") >= 4
     summary = cli("summary", run)
     assert summary.code == 0 and "bar-h, bar-v, dot" in summary.out and "parameters" in summary.out
 
@@ -205,3 +212,46 @@ def test_keep_is_remembered_across_resume(cli, tmp_path, small_npz):
     assert cli("train", "--resume", run, "--epochs", 4, "--quiet").code == 0
     assert [p.name for p in list_checkpoints(run)] == ["epoch-004.safetensors"]
     assert load_checkpoint(run).record.config.keep == 1
+
+
+def test_the_progress_bar_shows_eta_and_the_running_loss(capsys, small_npz):
+    import torch
+
+    from cnnkit.data import Standardization, load_dataset
+    from cnnkit.model import Architecture, build_model
+    from cnnkit.training import make_optimizer, train
+
+    split = load_dataset(small_npz).train
+    images = torch.from_numpy(Standardization.fit(split.images).apply(split.images))
+    model = build_model(Architecture(**TINY), seed=0)
+    config = TrainConfig(epochs=1, batch_size=16, learning_rate=1e-3)
+    train(
+        model,
+        make_optimizer(model, 1e-3),
+        (images, torch.from_numpy(split.labels)),
+        config=config,
+        show_progress=True,
+    )
+    err = capsys.readouterr().err
+    assert "epoch 1/1" in err and "/40 [" in err and "<00:" in err and ", loss 2." in err  # tqdm: elapsed<remaining
+
+
+def test_a_network_over_100_mb_is_announced_with_a_hint():
+    from cnnkit.model import Architecture
+    from cnnkit.runs import _log_summary
+
+    lines = []
+    _log_summary(Architecture(input_shape=(3, 224, 224), num_classes=3), "layers", lines.append)
+    assert "184,1" in lines[-2] or "parameters" in lines[-2]
+    assert lines[-1].startswith("warning: the weights take") and "--image-size" in lines[-1]
+    lines.clear()
+    _log_summary(Architecture(), "layers", lines.append)
+    assert not lines[-1].startswith("warning")
+
+
+def test_evaluate_and_predict_take_device_and_threads(cli, tiny_run, tmp_path, mnist_5k):
+    result = cli("evaluate", tiny_run, "--device", "cpu", "--threads", 1, "--json")
+    assert result.code == 0 and json.loads(result.out)["device"] == "cpu", result.err
+    path = tmp_path / "digit.png"
+    Image.fromarray(mnist_5k.test.images[0, 0]).save(path)
+    assert cli("predict", tiny_run, path, "--device", "cpu", "--threads", 1).code == 0
