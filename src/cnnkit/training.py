@@ -206,7 +206,7 @@ def train_epoch(
         if progress is not None:
             progress.update(1)
             if step % 20 == 0:
-                progress.set_postfix_str(f"loss {total.item() / seen:.4f}", refresh=False)
+                progress.set_postfix_str(f"loss {total.item() / seen:.4f}")
     if int(first_bad) >= 0:
         raise TrainingDiverged(f"step {int(first_bad)}: the training loss became {float(total):.0f}")
     return float(total) / max(seen, 1)
