@@ -105,7 +105,8 @@ def _add_runtime(p, precisions=("auto", "fp32", "bf16")):
         "--threads",
         type=_positive_int,
         default=None,
-        help="CPU threads (default: one per CPU this process may use; capped at that count)",
+        help="CPU threads (default: the CPUs this process may use, after its affinity mask and cgroup quota; "
+        "capped at that count); results are bit-reproducible for a given count",
     )
     p.add_argument(
         "--precision",
@@ -278,13 +279,12 @@ def log(line: str):
 
 
 def _runtime(args):
-    """Apply --threads and resolve --device: returns the torch.device to run on."""
+    """Apply the thread count (decided in `main`, before torch loaded) and resolve --device."""
     import torch
 
     from cnnkit.device import resolve_device
 
-    if getattr(args, "threads", None):
-        torch.set_num_threads(min(args.threads, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads)
     return resolve_device(args.device)
 
 
@@ -515,6 +515,12 @@ def main(argv=None) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
+        if "threads" in args:  # before torch loads: see cnnkit.threads
+            from cnnkit.threads import configure_threads
+
+            args.threads = configure_threads(
+                args.threads, log=lambda line: print(f"cnnkit: {line}", file=sys.stderr)
+            )
         return args.run(args)
     except CnnkitError as exc:
         print(f"cnnkit: error: {exc}", file=sys.stderr)
