@@ -253,3 +253,8 @@ def test_record_of_a_convnn_keeps_label_values(tmp_path):
     path, _ = _saved(tmp_path, record)
     assert read_record(path).classes == (3, 7, 9)
     assert np.asarray(read_record(path).classes).dtype.kind == "i"
+
+
+def test_optimizer_state_saved_before_the_first_step_restores_nothing(tmp_path):
+    path, model = _saved(tmp_path, optimizer_steps=0)
+    assert load_optimizer_state(path, model) is None

@@ -178,7 +178,7 @@ def load_optimizer_state(weights_path, model: torch.nn.Module, required: bool = 
         expected[f"state.{i}.exp_avg"] = ("F32", list(param.shape))
         expected[f"state.{i}.exp_avg_sq"] = ("F32", list(param.shape))
         expected[f"state.{i}.step"] = ("F32", [])
-    if not saved and all(name == "__metadata__" for name in header):
+    if not saved and all(name.startswith("__") for name in header):
         return None  # saved before the first step: nothing to restore
     if set(saved) != {str(i) for i in range(len(params))}:
         raise CheckpointError(

@@ -364,7 +364,7 @@ def run_evaluate(args) -> int:
     import numpy as np
 
     from cnnkit.checkpoint import load_model
-    from cnnkit.data.sources import resolve_source
+    from cnnkit.data import resolve_source
     from cnnkit.device import resolve_precision
     from cnnkit.inference import evaluate
     from cnnkit.quantize import quantize_int8

@@ -10,7 +10,6 @@ import contextlib
 import csv
 import dataclasses
 import errno
-import io
 import json
 import os
 import re
@@ -30,8 +29,7 @@ from cnnkit.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
 )
-from cnnkit.data import Dataset, Split, Standardization, load_dataset
-from cnnkit.data.sources import resolve_source
+from cnnkit.data import Dataset, Split, Standardization, load_dataset, resolve_source
 from cnnkit.device import memory_format, resolve_device, resolve_precision
 from cnnkit.errors import CheckpointError, CnnkitError, DatasetError, FileError
 from cnnkit.model import Architecture, build_model, summary
@@ -310,11 +308,10 @@ class HistoryFiles:
         # Rewritten whole (and atomically) each epoch: a killed run never leaves half a line.
         with atomic_write(self.run_dir / HISTORY_FILE, "w") as f:
             f.writelines(json.dumps(h, allow_nan=False) + "\n" for h in self.history)
-        table = io.StringIO()
-        writer = csv.writer(table, lineterminator="\n")
-        writer.writerow(["epoch", "loss", "val_loss", "val_accuracy", "lr", "seconds"])
-        for h in self.history:
-            writer.writerow(
+        with atomic_write(self.run_dir / METRICS_FILE, "w") as f:
+            writer = csv.writer(f, lineterminator="\n")  # None (no validation) is written as an empty cell
+            writer.writerow(["epoch", "loss", "val_loss", "val_accuracy", "lr", "seconds"])
+            writer.writerows(
                 [
                     h["epoch"],
                     h["train_loss"],
@@ -323,9 +320,8 @@ class HistoryFiles:
                     h.get("learning_rate"),
                     h["epoch_seconds"],
                 ]
+                for h in self.history
             )
-        with atomic_write(self.run_dir / METRICS_FILE, "w") as f:
-            f.write(table.getvalue().replace(",None", ","))
 
 
 class Checkpointer:
