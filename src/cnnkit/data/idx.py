@@ -69,10 +69,12 @@ def _read(f, path: Path, gzipped: bool) -> np.ndarray:
         raise FileError(f"{path}: IDX header for {ndim} dimensions is incomplete; is the file truncated?")
     dims = struct.unpack(f">{ndim}I", dims_bytes)
     expected = math.prod(dims)
+    # An empty array (a zero dimension) still needs a shape NumPy can hold: the other sizes count too.
+    declared = max(expected, math.prod(d for d in dims if d))
     shape = " x ".join(map(str, dims))
-    if expected > MAX_ARRAY_BYTES:
+    if declared > MAX_ARRAY_BYTES:
         raise FileError(
-            f"{path}: IDX dimensions {shape} declare {expected:,} bytes, over cnnkit's limit of "
+            f"{path}: IDX dimensions {shape} declare {declared:,} bytes, over cnnkit's limit of "
             f"{MAX_ARRAY_TEXT} for one array"
         )
     if not gzipped:  # a raw file's length is known before reading it
