@@ -18,6 +18,7 @@ optimizer state beside it.
 
 import hashlib
 import json
+import math
 import os
 import re
 import stat
@@ -303,7 +304,7 @@ def _check_tensors(path: Path, header: dict, expected: dict):
                 f"{path}: tensor {name} is {entry.get('dtype') if isinstance(entry, dict) else '?'} "
                 f"{entry.get('shape') if isinstance(entry, dict) else '?'}, expected {dtype} {shape}"
             )
-        size = 4 * _prod(shape)
+        size = 4 * math.prod(shape)
         if not (isinstance(offsets, list) and len(offsets) == 2 and offsets[1] - offsets[0] == size):
             raise CheckpointError(f"{path}: tensor {name} has corrupt data offsets")
         spans.append(tuple(offsets))
@@ -329,15 +330,6 @@ def _read_tensors(path: Path, header: dict) -> dict:
     if stored is not None and tensors_sha256(tensors) != stored:
         raise CheckpointError(f"{path}: tensor data does not match its SHA-256 (the file is corrupt)")
     return tensors
-
-
-def _prod(shape) -> int:
-    n = 1
-    for d in shape:
-        if not isinstance(d, int) or d < 0:
-            return -1
-        n *= d
-    return n
 
 
 def _flatten_optimizer_state(state_dict: dict) -> tuple[dict, dict]:

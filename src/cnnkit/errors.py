@@ -5,6 +5,13 @@ names the file or argument at fault and says what was expected.
 """
 
 
+def one_line(exc: BaseException, limit: int = 200) -> str:
+    """An exception's text on one line (whitespace collapsed, at most `limit` characters), to quote in
+    a cnnkit message; its type name when it has no text."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 class CnnkitError(Exception):
     """Base class: an error caused by input the user controls (a file, an argument, a dataset)."""
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError
 
-from cnnkit.errors import FileError
+from cnnkit.errors import FileError, one_line
 
 # The most pixels cnnkit decodes from one image file. Decoding holds the whole image once or twice
 # (4 bytes a pixel as RGBA, plus a converted copy), so reading stays near 400 MB; phone photos have
@@ -127,7 +127,7 @@ def _opened(path):
             f"{path}: not an image file Pillow can read (PNG, JPEG, BMP, GIF, TIFF, ...)"
         ) from None
     except (OSError, SyntaxError, ValueError, MemoryError) as exc:
-        raise FileError(f"{path}: cannot read image ({_one_line(exc)}); is the file truncated?") from None
+        raise FileError(f"{path}: cannot read image ({one_line(exc)}); is the file truncated?") from None
 
 
 def _megapixels(pixels: int) -> str:
@@ -392,7 +392,3 @@ def _reduce(img: Image.Image, factor: int) -> Image.Image:
 
 
 _STRIP_ROWS = 256
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__

@@ -168,6 +168,12 @@ class Dataset:
         )
 
 
+def infer_preprocessing_with_note(images, class_names, declare: str) -> tuple[str, tuple[str, ...]]:
+    """`infer_preprocessing`'s choice, and the Dataset note that says it and how to `declare` another."""
+    style, reason = infer_preprocessing(images, class_names)
+    return style, (f"predict prepares photos as {style!r}: {reason}; declare another {declare}",)
+
+
 def infer_preprocessing(images: np.ndarray, class_names) -> tuple[str, str]:
     """The preprocessing that matches how `images` (N, C, H, W) were made, with its reason in a few words.
 

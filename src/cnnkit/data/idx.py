@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from cnnkit.data.dataset import MAX_ARRAY_BYTES, MAX_ARRAY_TEXT
-from cnnkit.errors import FileError
+from cnnkit.errors import FileError, one_line
 
 UBYTE = 0x08
 GZIP_MAGIC = b"\x1f\x8b"
@@ -45,7 +45,7 @@ def read_idx(path) -> np.ndarray:
                 with gzip.GzipFile(fileobj=raw, mode="rb") as stream:
                     return _read(stream, path, gzipped=True)
             except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
-                raise FileError(f"{path}: corrupt or truncated gzip file ({_one_line(exc)})") from None
+                raise FileError(f"{path}: corrupt or truncated gzip file ({one_line(exc)})") from None
     except FileNotFoundError:
         raise FileError(f"{path}: does not exist") from None
     except OSError as exc:
@@ -135,7 +135,3 @@ def write_idx(path, array) -> None:
     if str(path).endswith(".gz"):
         data = gzip.compress(data, mtime=0)
     Path(path).write_bytes(data)
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cnnkit.data.dataset import Dataset, Split, infer_preprocessing
+from cnnkit.data.dataset import Dataset, Split, infer_preprocessing_with_note
 from cnnkit.errors import DatasetError
 from cnnkit.images import image_shape, read_image, resize_image
 
@@ -85,11 +85,10 @@ def load_image_folder(folder, *, image_size=None, channels=None, name=None, prep
         splits[split] = Split(images, labels, split)
     if preprocessing is None:
         first = next(iter(splits.values()))
-        preprocessing, reason = infer_preprocessing(first.images, class_names)
-        notes.append(
-            f"predict prepares photos as {preprocessing!r}: {reason}; "
-            f"declare another in {root / 'preprocessing.txt'}"
+        preprocessing, note = infer_preprocessing_with_note(
+            first.images, class_names, f"in {root / 'preprocessing.txt'}"
         )
+        notes.extend(note)
     return Dataset(name, class_names, **splits, preprocessing=preprocessing, notes=tuple(notes))
 
 

@@ -34,12 +34,12 @@ from cnnkit.data.dataset import (
     Dataset,
     Split,
     images_as_nchw,
-    infer_preprocessing,
+    infer_preprocessing_with_note,
 )
 from cnnkit.data.download import DEFAULT_DEADLINE, DEFAULT_TIMEOUT, DownloadError, fetch
 from cnnkit.data.idx import read_idx_pair
 from cnnkit.data.imagefolder import conform_images, load_image_folder
-from cnnkit.errors import DatasetError, FileError
+from cnnkit.errors import DatasetError, FileError, one_line
 from cnnkit.images import PREPROCESSING
 
 SOURCE_FORMS = "mnist-5k, mnist, fashion-mnist, idx:DIR, npz:FILE or folder:DIR"
@@ -322,10 +322,8 @@ def load_idx_folder(folder, *, name=None) -> Dataset:
     class_names = _class_names(folder / "classes.txt", n_classes)
     preprocessing, notes = declared_preprocessing(folder), ()
     if preprocessing is None:
-        preprocessing, reason = infer_preprocessing(next(iter(splits.values())).images, class_names)
-        notes = (
-            f"predict prepares photos as {preprocessing!r}: {reason}; "
-            f"declare another in {folder / 'preprocessing.txt'}",
+        preprocessing, notes = infer_preprocessing_with_note(
+            next(iter(splits.values())).images, class_names, f"in {folder / 'preprocessing.txt'}"
         )
     return Dataset(name, class_names, **splits, preprocessing=preprocessing, notes=notes)
 
@@ -347,7 +345,7 @@ def load_npz(path, *, name=None) -> Dataset:
     except FileNotFoundError:
         raise FileError(f"{path}: does not exist") from None
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise FileError(f"{path}: not a NumPy .npz archive ({_one_line(exc)})") from None
+        raise FileError(f"{path}: not a NumPy .npz archive ({one_line(exc)})") from None
     if not isinstance(archive, np.lib.npyio.NpzFile):
         raise FileError(
             f"{path}: holds a single array, not an .npz archive with X_train, y_train, X_test, y_test"
@@ -386,10 +384,10 @@ def load_npz(path, *, name=None) -> Dataset:
         raise FileError(f"{path}: class_names lists {len(class_names)} names but the labels need {n_classes}")
     notes = ()
     if declared is None:
-        preprocessing, reason = infer_preprocessing(next(iter(splits.values())).images, class_names)
-        notes = (
-            f"predict prepares photos as {preprocessing!r}: {reason}; declare another in a 0-d string "
-            "array 'preprocessing' in the archive",
+        preprocessing, notes = infer_preprocessing_with_note(
+            next(iter(splits.values())).images,
+            class_names,
+            "in a 0-d string array 'preprocessing' in the archive",
         )
     elif declared in PREPROCESSING:
         preprocessing = declared
@@ -401,7 +399,7 @@ def load_npz(path, *, name=None) -> Dataset:
 
 
 def declared_preprocessing(folder) -> str | None:
-    """The word in `folder`/preprocessing.txt ("digit", "object" or "resize"), or None without that file.
+    """The word in `folder`/preprocessing.txt (one of cnnkit.images.PREPROCESSING), or None without that file.
 
     Raises FileError naming the file when it holds anything else, is not UTF-8, or is too large.
     """
@@ -469,7 +467,7 @@ def _npz_array(archive, key: str, path: Path) -> np.ndarray:
                 raise ValueError(f"shape {shape} has a negative dimension")
     except (OSError, ValueError, SyntaxError, TypeError, EOFError, tokenize.TokenError, *_ZIP_ERRORS) as exc:
         # NumPy parses the header with tokenize and ast.literal_eval, which raise all of these
-        raise FileError(f"{path}: member {member} has a malformed .npy header ({_one_line(exc)})") from None
+        raise FileError(f"{path}: member {member} has a malformed .npy header ({one_line(exc)})") from None
     if dtype.hasobject:
         raise FileError(
             f"{path}: {key} holds Python objects ({dtype}), which cnnkit does not unpickle; save numbers"
@@ -483,7 +481,7 @@ def _npz_array(archive, key: str, path: Path) -> np.ndarray:
     try:
         return archive[key]
     except (OSError, ValueError, EOFError, *_ZIP_ERRORS) as exc:
-        raise FileError(f"{path}: cannot read array {key} ({_one_line(exc)})") from None
+        raise FileError(f"{path}: cannot read array {key} ({one_line(exc)})") from None
 
 
 def _npz_strings(archive, key: str, path: Path, ndim: int):
@@ -529,8 +527,3 @@ def _npz_labels(y: np.ndarray, path: Path, key: str) -> np.ndarray:
             f"cnnkit's limit is {MAX_CLASSES:,}"
         )
     return y.astype(np.int64)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 200 else text[:200] + "..."
