@@ -198,6 +198,17 @@ def run_cnnkit(*args, cwd=None, env=None, timeout=300, stdin=None) -> CliRun:
     )
 
 
+def start_cnnkit(*args, text=False) -> subprocess.Popen:
+    """`python -m cnnkit ARGS` started in a child with stdout and stderr piped, for tests that read its
+    output while it runs or send it signals."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "cnnkit", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=text,
+    )
+
+
 @pytest.fixture
 def cli():
     """`cli("train", "--dataset", ...)` runs the command line in a child process: see `run_cnnkit`."""

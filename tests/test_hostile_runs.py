@@ -15,6 +15,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import start_cnnkit
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -208,22 +209,8 @@ def test_a_diverging_run_stops_naming_epoch_and_step_and_keeps_strict_json(cli, 
 
 
 def test_an_interrupted_run_says_what_is_on_disk(tmp_path, small_npz):
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "cnnkit",
-            "train",
-            "--dataset",
-            small_npz,
-            "--epochs",
-            "200",
-            "--out",
-            str(tmp_path / "run"),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    proc = start_cnnkit(
+        "train", "--dataset", small_npz, "--epochs", "200", "--out", str(tmp_path / "run"), text=True
     )
     while "epoch 001/200" not in proc.stdout.readline():
         assert proc.poll() is None, proc.stderr.read()
@@ -237,12 +224,7 @@ def test_an_interrupted_run_says_what_is_on_disk(tmp_path, small_npz):
 
 
 def test_an_interrupt_before_the_first_epoch_says_no_checkpoint(tmp_path, small_npz):
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cnnkit", "train", "--dataset", small_npz, "--out", str(tmp_path / "run")],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_cnnkit("train", "--dataset", small_npz, "--out", str(tmp_path / "run"), text=True)
     while "parameters" not in proc.stdout.readline():
         assert proc.poll() is None, proc.stderr.read()
     proc.send_signal(signal.SIGINT)
@@ -262,11 +244,7 @@ def test_sigint_while_the_command_loads_is_never_a_traceback():
 
 @pytest.mark.parametrize("delay", [0.1, 0.4])
 def test_sigint_at_start_up_is_never_a_traceback(delay):
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cnnkit", "data", "info", "mnist-5k"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    proc = start_cnnkit("data", "info", "mnist-5k")
     time.sleep(delay)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
@@ -275,22 +253,7 @@ def test_sigint_at_start_up_is_never_a_traceback(delay):
 
 def test_output_into_a_closed_pipe_keeps_training(tmp_path, small_npz):
     # `cnnkit train ... | head -1`: the reader goes away after one line; the run must still finish.
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "cnnkit",
-            "train",
-            "--dataset",
-            small_npz,
-            "--epochs",
-            "2",
-            "--out",
-            str(tmp_path / "run"),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    proc = start_cnnkit("train", "--dataset", small_npz, "--epochs", "2", "--out", str(tmp_path / "run"))
     proc.stdout.readline()
     proc.stdout.close()
     err = proc.stderr.read().decode()

@@ -3,14 +3,12 @@
 import csv
 import json
 import re
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY
+from conftest import TINY, start_cnnkit
 from PIL import Image
 
 from cnnkit.checkpoint import list_checkpoints, load_checkpoint
@@ -114,22 +112,7 @@ def test_a_run_works_from_any_directory(cli, tmp_path, small_npz):
 
 
 def test_epoch_lines_reach_a_pipe_as_they_are_written(tmp_path, small_npz):
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "cnnkit",
-            "train",
-            "--dataset",
-            small_npz,
-            "--epochs",
-            "6",
-            "--out",
-            str(tmp_path),
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_cnnkit("train", "--dataset", small_npz, "--epochs", "6", "--out", str(tmp_path), text=True)
     arrivals = {}
     for line in proc.stdout:
         if line.startswith("epoch "):
