@@ -30,6 +30,17 @@ def pytest_collection_modifyitems(items):
 TINY = {"conv_channels": (4, 8), "hidden_units": 32}
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Tiny networks train fastest on one thread, and the CPU is shared; the count is restored after."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def mnist_5k():
     return load_dataset("mnist-5k")

@@ -19,13 +19,7 @@ TINY = {"conv_channels": (2, 4), "hidden_units": 8, "precision": "fp32"}
 FAST_CHECKPOINT = "tests/data/v1/epoch-002.safetensors"  # `cnnkit train --recipe fast`, a tiny network
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny networks train fastest on one thread, and the CPU is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ with a channel per feature, and then all of them pass.
 """
 
 import pytest
-import torch
 from sklearn.utils import get_tags
 from sklearn.utils.estimator_checks import check_estimator
 
@@ -63,13 +62,7 @@ class RowsAsPixels(ConvNN):
         return X.reshape(len(X), -1, 1, 1) if X.ndim == 2 else ConvNN._as_nchw(X)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The checks train tiny networks about a hundred times: one thread is fastest, and the CPU is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def run_checks(estimator, expected_failed_checks=None) -> dict:
