@@ -7,6 +7,7 @@ import math
 from dataclasses import asdict, dataclass
 
 LR_SCHEDULES = ("constant", "one-cycle")
+AUGMENTATIONS = ("none", "affine")
 
 
 @dataclass(frozen=True)
@@ -15,6 +16,12 @@ class TrainConfig:
 
     learning_rate is the peak of a "one-cycle" schedule (see `learning_rate_at`); label_smoothing
     mixes that much of a uniform distribution into the targets (0: plain cross-entropy).
+
+    augment "affine" transforms every training image afresh each epoch (see `cnnkit.augment`): rotated
+    by up to +-rotate degrees, sheared by up to +-shear degrees, scaled by a factor in [scale_low,
+    scale_high], shifted by up to +-shift pixels each way; `flip` mirrors half of the images left-right
+    (for datasets where a mirrored image keeps its class; never digits). The ranges apply only to
+    "affine"; `flip` works with either.
     """
 
     epochs: int = 20
@@ -30,6 +37,13 @@ class TrainConfig:
     recipe: str = "chapter"
     patience: int = 0  # early stopping: epochs without a better validation loss (0: never stop early)
     keep: int = 0  # checkpoints kept: the newest `keep` and the best (0: all)
+    augment: str = "none"
+    rotate: float = 12.0
+    shift: float = 2.5
+    scale_low: float = 0.9
+    scale_high: float = 1.1
+    shear: float = 10.0
+    flip: bool = False
 
     def __post_init__(self):
         if self.lr_schedule not in LR_SCHEDULES:
@@ -48,6 +62,21 @@ class TrainConfig:
             raise ValueError(f"learning_rate must be positive and finite, got {self.learning_rate}")
         if not 0.0 <= self.dropout_rate < 1.0:
             raise ValueError(f"dropout_rate must be in [0, 1), got {self.dropout_rate}")
+        if self.augment not in AUGMENTATIONS:
+            raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {self.augment!r}")
+        if not 0 <= self.rotate <= 180:
+            raise ValueError(f"rotate must be 0 to 180 degrees, got {self.rotate}")
+        if not 0 <= self.shear < 80:
+            raise ValueError(f"shear must be 0 to under 80 degrees, got {self.shear}")
+        if not 0 <= self.shift < math.inf:
+            raise ValueError(f"shift must be a non-negative number of pixels, got {self.shift}")
+        if not 0 < self.scale_low <= self.scale_high < math.inf:
+            raise ValueError(f"scale must be LO,HI with 0 < LO <= HI, got {self.scale_low},{self.scale_high}")
+
+    @property
+    def augments(self) -> bool:
+        """Whether training images are transformed at all."""
+        return self.augment != "none" or self.flip
 
     def to_dict(self) -> dict:
         return asdict(self)
