@@ -16,7 +16,7 @@ import sys
 
 from cnnkit import __version__
 from cnnkit.errors import CnnkitError
-from cnnkit.recipes import CALIBRATION_IMAGES, RECIPES
+from cnnkit.recipes import AFFINE_RANGES, AUGMENTATIONS, CALIBRATION_IMAGES, DATASET_DEFAULTS, RECIPES
 
 SOURCES_HELP = "mnist-5k (embedded), mnist, fashion-mnist, idx:DIR, npz:FILE or folder:DIR"
 CHECKPOINT_HELP = "a run folder, or a checkpoint file"
@@ -56,6 +56,24 @@ _which = _checked(
     str, lambda v: v in ("best", "newest") or (v.isdigit() and int(v) >= 1), "best, newest or an epoch number"
 )
 _size = _checked(_image_size, lambda s: all(1 <= d <= 4096 for d in s), "HxW in pixels, e.g. 28x28 or 64")
+
+
+def _degrees(limit: float):
+    return _checked(float, lambda v: 0 <= v <= limit, f"a number of degrees from 0 to {limit:g}")
+
+
+_non_negative_float = _checked(float, lambda v: 0 <= v < math.inf, "a number >= 0")
+
+
+def _scale_range(text: str):
+    low, comma, high = text.partition(",")
+    try:
+        low, high = float(low), float(high if comma else low)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO,HI such as 0.9,1.1, got {text!r}") from None
+    if not 0 < low <= high < math.inf:
+        raise argparse.ArgumentTypeError(f"expected LO,HI with 0 < LO <= HI, got {text!r}")
+    return low, high
 
 
 def _valid_size(text):
@@ -142,6 +160,48 @@ def _add_train(commands):
     p.add_argument("--batch-size", type=_positive_int, default=None, help="mini-batch size (default: 64)")
     p.add_argument("--lr", type=_positive_float, default=None, help="Adam's learning rate (default: 1e-4)")
     p.add_argument("--dropout", type=_probability, default=None, help="dropout rate (default: 0.5)")
+    p.add_argument(
+        "--augment",
+        choices=AUGMENTATIONS,
+        default=None,
+        help="affine: transform every training image afresh each epoch with a random rotation, shear, "
+        "scale and shift within the ranges below (default: none; the accurate recipe: affine)",
+    )
+    p.add_argument(
+        "--rotate",
+        type=_degrees(180),
+        default=None,
+        metavar="DEG",
+        help="affine: up to +-DEG degrees (default: 12)",
+    )
+    p.add_argument(
+        "--shift",
+        type=_non_negative_float,
+        default=None,
+        metavar="PX",
+        help="affine: up to +-PX pixels each way (default: 2.5)",
+    )
+    p.add_argument(
+        "--scale",
+        type=_scale_range,
+        default=None,
+        metavar="LO,HI",
+        help="affine: a size factor from LO to HI (default: 0.9,1.1)",
+    )
+    p.add_argument(
+        "--shear",
+        type=_degrees(79),
+        default=None,
+        metavar="DEG",
+        help="affine: up to +-DEG degrees (default: 10)",
+    )
+    p.add_argument(
+        "--flip",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="mirror half of the training images left-right, for data where that keeps the class (clothes, "
+        "photos; never digits) (default: off; the accurate recipe: on for objects and photos)",
+    )
     p.add_argument(
         "--seed", type=_seed, default=None, help="seed for weights, batch order and dropout (default: 123)"
     )
@@ -308,6 +368,12 @@ def run_train(args) -> int:
             "--precision": args.precision,
             "--recipe": args.recipe,
             "--patience": args.patience,
+            "--augment": args.augment,
+            "--rotate": args.rotate,
+            "--shift": args.shift,
+            "--scale": args.scale,
+            "--shear": args.shear,
+            "--flip": args.flip,
         }
         given = [name for name, value in fixed.items() if value is not None] + [
             "--no-shuffle"
@@ -339,7 +405,16 @@ def run_train(args) -> int:
             "patience": args.patience,
             "keep": args.keep,
             "shuffle": False if args.no_shuffle else None,
+            "augment": args.augment,
+            "rotate": args.rotate,
+            "shift": args.shift,
+            "scale_low": args.scale and args.scale[0],
+            "scale_high": args.scale and args.scale[1],
+            "shear": args.shear,
+            "flip": args.flip,
         }
+        if args.augment is None and any(chosen[name] is not None for name in AFFINE_RANGES):
+            chosen["augment"] = "affine"  # a range given alone turns the transform on
         config = dataclasses.replace(
             RECIPES[args.recipe or "chapter"],
             precision=args.precision or "auto",
@@ -349,6 +424,7 @@ def run_train(args) -> int:
             args.dataset or "mnist",
             config,
             args.out,
+            dataset_defaults=[name for name in DATASET_DEFAULTS if chosen.get(name) is None],
             valid_size=args.valid_size,
             image_size=args.image_size,
             device=device,
@@ -364,11 +440,9 @@ def run_evaluate(args) -> int:
     import numpy as np
 
     from cnnkit.checkpoint import load_model
-    from cnnkit.data import resolve_source
     from cnnkit.device import resolve_precision
-    from cnnkit.inference import evaluate
+    from cnnkit.evaluation import evaluate_split, evaluation_split
     from cnnkit.quantize import quantize_int8
-    from cnnkit.runs import dataset_for_model
 
     device = _runtime(args)
     int8 = args.precision == "int8"
@@ -376,35 +450,13 @@ def run_evaluate(args) -> int:
         raise CnnkitError("--precision int8 runs on the CPU only; add --device cpu")
     model, ckpt = load_model(args.checkpoint, args.which, device)
     record = ckpt.record
-    source = resolve_source(args.dataset) if args.dataset else record.dataset
-    dataset = dataset_for_model(record, source, ckpt.path)
-    if args.split != "test" and dataset.train is not None:
-        dataset = dataset.split_validation(record.valid_size)
-    split = getattr(dataset, args.split)
-    if split is None or len(split) == 0:
-        raise CnnkitError(
-            f"dataset {source!r} has no {args.split} split; try --split valid or another --dataset"
-        )
+    source, dataset, split = evaluation_split(record, ckpt.path, args.dataset, args.split)
     precision = "int8" if int8 else resolve_precision(args.precision or "auto", device)
     if int8:
         calibration = dataset.train or dataset.valid or split
         model = quantize_int8(model, record.standardization.apply(calibration.images[:CALIBRATION_IMAGES]))
-    result = evaluate(
-        model,
-        record.standardization.apply(split.images),
-        split.labels,
-        args.batch_size,
-        precision="fp32" if int8 else precision,
-    )
-    report = {
-        "checkpoint": str(ckpt.path),
-        "epoch": record.epoch,
-        "dataset": source,
-        "split": args.split,
-        "precision": precision,
-        "device": str(device),
-    }
-    report.update(result.to_dict(record.class_names))
+    scored = evaluate_split(model, ckpt, source, split, precision, device, args.batch_size)
+    result, report = scored.evaluation, scored.numbers
     if args.json:
         log(json.dumps(report, allow_nan=False))
         return 0
@@ -464,6 +516,7 @@ def run_predict(args) -> int:
 def run_summary(args) -> int:
     from cnnkit.checkpoint import read_record, resolve_checkpoint
     from cnnkit.model import summary
+    from cnnkit.recipes import describe_augmentation
 
     path = resolve_checkpoint(args.checkpoint, args.which)
     record = read_record(path)
@@ -478,6 +531,7 @@ def run_summary(args) -> int:
                 f"epoch        {record.epoch} of {config.epochs}{best}",
                 f"recipe       {config.recipe}: batch {config.batch_size}, lr {config.learning_rate:g} "
                 f"({config.lr_schedule}), dropout {config.dropout_rate:g}, seed {config.seed}, {config.precision}",
+                f"augmentation {describe_augmentation(config)}",
                 f"images       {' x '.join(map(str, record.architecture.input_shape))} (C x H x W), "
                 f"prepared as {record.preprocessing!r}",
                 "",

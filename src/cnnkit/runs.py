@@ -33,7 +33,7 @@ from cnnkit.data import Dataset, Split, Standardization, load_dataset, resolve_s
 from cnnkit.device import memory_format, resolve_device, resolve_precision
 from cnnkit.errors import CheckpointError, CnnkitError, DatasetError, FileError
 from cnnkit.model import Architecture, build_model, summary
-from cnnkit.recipes import TrainConfig, default_valid_size
+from cnnkit.recipes import TrainConfig, default_valid_size, describe_augmentation, for_dataset
 from cnnkit.record import ModelRecord
 from cnnkit.training import (
     BestEpoch,
@@ -114,13 +114,15 @@ def start_run(
     log=print,
     show_progress=None,
     overwrite: bool = False,
+    dataset_defaults=(),
 ) -> RunResult:
     """Train a new network on dataset `source` (see cnnkit.data.load_dataset), checkpointing each epoch.
 
     valid_size: a count, a fraction or 0 (default: the recipe's, see recipes.default_valid_size).
     image_size: (H, W) for sources whose images are resized (folder:). architecture: overrides of
     Architecture's layer sizes (conv_channels, hidden_units, kernel_size), e.g. a tiny network for tests.
-    A run folder that already holds checkpoints is refused unless `overwrite`, which deletes them.
+    dataset_defaults: settings of `config` that its recipe may choose for the dataset (see
+    recipes.for_dataset; the command line passes those the user did not set). A run folder that already holds checkpoints is refused unless `overwrite`, which deletes them.
     """
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(source)
     source = resolve_source(source)
@@ -137,6 +139,7 @@ def start_run(
         if valid_size is None:
             valid_size = default_valid_size(config.recipe, len(dataset.train))
         dataset = dataset.split_validation(valid_size)
+        config = for_dataset(config, dataset.preprocessing, len(dataset.train), dataset_defaults)
         device = resolve_device(device)
         config = dataclasses.replace(config, precision=resolve_precision(config.precision, device))
         arch = _architecture_for(dataset, config, architecture or {})
@@ -153,6 +156,10 @@ def start_run(
             f"training on {source}: {len(dataset.train):,} train / {record.valid_size:,} valid images "
             f"{_shape(arch.input_shape)}, {arch.num_classes} classes; {config.build} build, {config.precision} "
             f"on {device}; run folder {run_dir}"
+        )
+        log(
+            f"recipe {config.recipe}: {config.epochs} epochs, batch {config.batch_size}, lr {config.learning_rate:g} "
+            f"({config.lr_schedule}), augmentation {describe_augmentation(config)}"
         )
         for note in dataset.notes:
             log(note)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cnnkit.augment import epoch_generator, random_affine
 from cnnkit.data import minibatch_indices
 from cnnkit.device import autocast
 from cnnkit.errors import CnnkitError
@@ -175,11 +176,13 @@ def train_epoch(
     progress=None,
     learning_rates=None,
     label_smoothing=0.0,
+    transform=None,
 ) -> float:
     """One pass over `batches` (index arrays into images/labels); returns the mean loss per image.
 
     images (N, C, H, W) float32 and labels (N,) int64 are tensors already on the model's device.
-    `learning_rates`, if given, holds the learning rate of each step; `progress` is a tqdm bar.
+    `learning_rates`, if given, holds the learning rate of each step; `progress` is a tqdm bar;
+    `transform`, if given, maps each batch of images to the images trained on (augmentation).
     Losses are summed on the device, so no step waits for the host (the bar's running loss is read
     every 20 steps). Raises TrainingDiverged naming the first step whose loss was not finite.
     """
@@ -194,6 +197,8 @@ def train_epoch(
                 group["lr"] = learning_rates[step - 1]
         idx = torch.from_numpy(idx).to(device)
         x, y = images.index_select(0, idx), labels.index_select(0, idx)
+        if transform is not None:
+            x = transform(x)
         with autocast(device, precision):
             loss = F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)
@@ -252,6 +257,7 @@ def train(
                     bar,
                     learning_rates,
                     config.label_smoothing,
+                    _augmentation(config, epoch, images.device),
                 )
         except TrainingDiverged as exc:
             raise TrainingDiverged(f"epoch {epoch}, {exc}; try a lower --lr") from None
@@ -279,6 +285,14 @@ def train(
         if stop:
             break
     return records
+
+
+def _augmentation(config: TrainConfig, epoch: int, device):
+    """Epoch `epoch`'s batch transform (None without augmentation), drawn from (seed, epoch) alone."""
+    if not config.augments:
+        return None
+    generator = epoch_generator(config.seed, epoch)
+    return lambda images: random_affine(images, config, generator)
 
 
 def _progress_bar(total: int, desc: str):
