@@ -39,9 +39,17 @@ def test_epoch_loss_is_the_true_mean_over_images_partial_batch_included(mnist_5k
     assert mean_loss == pytest.approx(evaluate(model, images, labels).loss, rel=1e-5)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_resume_2_plus_1_epochs_is_bit_identical_to_3_straight(tmp_path, small_npz, precision):
-    config = TrainConfig(epochs=3, seed=5, precision=precision)
+@pytest.mark.parametrize(
+    ("precision", "augmentation"),
+    [
+        ("fp32", {}),
+        ("bf16", {}),
+        ("fp32", {"augment": "affine", "flip": True}),
+        ("bf16", {"augment": "affine"}),
+    ],
+)
+def test_resume_2_plus_1_epochs_is_bit_identical_to_3_straight(tmp_path, small_npz, precision, augmentation):
+    config = TrainConfig(epochs=3, seed=5, precision=precision, **augmentation)
     start_run(small_npz, config, tmp_path / "straight", device="cpu", **tiny)
     start_run(
         small_npz,
@@ -145,3 +153,30 @@ def test_overwrite_starts_a_run_folder_afresh(tmp_path, small_npz):
     ]
     assert load_checkpoint(tmp_path).record.config.seed == 1
     assert len((tmp_path / "history.jsonl").read_text().splitlines()) == 1
+
+
+# SHA-256 of the tiny network's weights after 2 fp32 epochs on one thread, as cnnkit trained them before
+# augmentation existed (commit d627837, torch 2.13.0 on this CPU).
+BEFORE_AUGMENTATION = "c577ae266e7efcbdec0be470be6d1825f0aa827391928d39ebd54aa2a4ef6886"
+
+
+@pytest.mark.skipif(
+    torch.__version__.split("+")[0] != "2.13.0", reason="the hash was taken with torch 2.13.0"
+)
+def test_no_augmentation_trains_exactly_as_before_augmentation_existed(tmp_path, small_npz, one_torch_thread):
+    from cnnkit.checkpoint import tensors_sha256
+
+    config = TrainConfig(epochs=2, seed=5, precision="fp32", augment="none")
+    start_run(small_npz, config, tmp_path / "run", device="cpu", valid_size=128, **tiny)
+    assert tensors_sha256(_weights(tmp_path / "run", 2)) == BEFORE_AUGMENTATION
+
+
+def test_augmentation_changes_what_is_learned_and_is_stored_in_the_record(tmp_path, small_npz):
+    for name, extra in (("plain", {}), ("affine", {"augment": "affine", "rotate": 20.0})):
+        start_run(
+            small_npz, TrainConfig(epochs=1, seed=5, precision="fp32", **extra), tmp_path / name, **tiny
+        )
+    plain, affine = _weights(tmp_path / "plain", 1), _weights(tmp_path / "affine", 1)
+    assert not torch.equal(plain["features.0.weight"], affine["features.0.weight"])
+    config = load_checkpoint(tmp_path / "affine").record.config
+    assert (config.augment, config.rotate, config.shift) == ("affine", 20.0, 2.5)

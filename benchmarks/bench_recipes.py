@@ -1,0 +1,100 @@
+"""Test accuracy and training time of the recipes (chapter, fast, accurate) on mnist-5k and Fashion-MNIST.
+
+Each (recipe, dataset, seed) trains once through `cnnkit train`'s own code (runs.start_run), with the
+dataset's full training split (--valid-size 0: the settings were chosen on validation splits before),
+then scores the test split. Prints one JSON line per run and the medians over seeds per (recipe, dataset).
+Training time is the sum of the epochs' times (training and validation; checkpoints and reading excluded).
+
+    python3 benchmarks/bench_recipes.py [--recipes chapter,fast,accurate] [--datasets mnist-5k,fashion-mnist]
+        [--seeds 1,2,3] [--threads 2] [--valid-size 0] [--out results.jsonl]
+"""
+
+import argparse
+import json
+import statistics
+import tempfile
+
+
+def measure(recipe: str, source: str, seed: int, valid_size) -> dict:
+    import dataclasses
+
+    from cnnkit.checkpoint import load_model
+    from cnnkit.inference import evaluate
+    from cnnkit.recipes import DATASET_DEFAULTS, RECIPES
+    from cnnkit.runs import dataset_for_model, start_run
+
+    config = dataclasses.replace(RECIPES[recipe], seed=seed, precision="auto", keep=1)
+    with tempfile.TemporaryDirectory() as run_dir:
+        result = start_run(
+            source,
+            config,
+            run_dir,
+            valid_size=valid_size,
+            log=lambda line: None,
+            show_progress=False,
+            dataset_defaults=DATASET_DEFAULTS,
+        )
+        model, ckpt = load_model(result.last_checkpoint)
+        record = ckpt.record
+        test = dataset_for_model(record, source, ckpt.path).test
+        score = evaluate(model, record.standardization.apply(test.images), test.labels)
+    history = record.history
+    return {
+        "recipe": recipe,
+        "dataset": source,
+        "seed": seed,
+        "epochs": record.epoch,
+        "augmentation": record.config.augment + (" + flip" if record.config.flip else ""),
+        "test_accuracy": score.accuracy,
+        "train_seconds": sum(epoch["epoch_seconds"] for epoch in history),
+        "images_per_s": statistics.median(epoch["images_per_s"] for epoch in history),
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipes", default="chapter,fast,accurate")
+    parser.add_argument("--datasets", default="mnist-5k,fashion-mnist")
+    parser.add_argument("--seeds", default="1,2,3")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: cnnkit's choice)")
+    parser.add_argument("--valid-size", default="0", help="validation images set aside (default: 0)")
+    parser.add_argument("--out", help="append the JSON lines to this file too")
+    args = parser.parse_args(argv)
+
+    from cnnkit.threads import configure_threads
+
+    threads = configure_threads(args.threads)
+    import torch
+
+    torch.set_num_threads(threads)
+    valid_size = float(args.valid_size) if "." in args.valid_size else int(args.valid_size)
+    rows = []
+    for source in args.datasets.split(","):
+        for recipe in args.recipes.split(","):
+            for seed in (int(s) for s in args.seeds.split(",")):
+                row = measure(recipe, source, seed, valid_size)
+                rows.append(row)
+                _emit(row, args.out)
+            runs = [r for r in rows if r["recipe"] == recipe and r["dataset"] == source]
+            _emit(
+                {
+                    "recipe": recipe,
+                    "dataset": source,
+                    "seeds": len(runs),
+                    "median_test_accuracy": statistics.median(r["test_accuracy"] for r in runs),
+                    "median_train_seconds": statistics.median(r["train_seconds"] for r in runs),
+                },
+                args.out,
+            )
+
+
+def _emit(row: dict, out):
+    line = json.dumps(row)
+    print(line, flush=True)
+    if out:
+        with open(out, "a") as f:
+            f.write(line + "\n")
+
+
+if __name__ == "__main__":
+    main()
