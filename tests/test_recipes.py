@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from cnnkit.checkpoint import load_checkpoint
 from cnnkit.cli import main
 from cnnkit.errors import CheckpointError
-from cnnkit.recipes import RECIPES, TrainConfig, learning_rate_at
+from cnnkit.recipes import RECIPES, TrainConfig, for_dataset, learning_rate_at
 from cnnkit.runs import resume_run, start_run
 
 quiet = {"log": lambda line: None, "show_progress": False}
@@ -86,3 +86,30 @@ def test_fast_recipe_from_the_command_line(capsys, tmp_path, small_npz):
     config = load_checkpoint(tmp_path).record.config
     assert config.recipe == "fast" and config.lr_schedule == "one-cycle" and config.batch_size == 256
     assert config.label_smoothing == 0.1 and config.dropout_rate == 0.3 and config.epochs == 1
+
+
+def test_the_accurate_recipe_chooses_flips_and_epochs_by_the_dataset_unless_told():
+    accurate = RECIPES["accurate"]
+    assert (accurate.lr_schedule, accurate.learning_rate, accurate.augment) == ("one-cycle", 1e-3, "affine")
+    digits = for_dataset(accurate, "digit", 4_500)
+    assert not digits.flip and digits.epochs == 53  # 240,000 images / 4,500
+    clothes = for_dataset(accurate, "object", 58_000)
+    assert clothes.flip and clothes.epochs == 15  # never fewer than 15 epochs
+    assert for_dataset(accurate, "resize", 100).epochs == 60  # nor more than 60
+    assert for_dataset(accurate, "object", 58_000, choose=("epochs",)).flip is False  # --no-flip was given
+    assert for_dataset(accurate, "object", 58_000, choose=()) == accurate
+    assert for_dataset(RECIPES["fast"], "object", 100) == RECIPES["fast"]
+
+
+def test_augmentation_options_from_the_command_line(cli, tmp_path, small_npz):
+    args = ("train", "--dataset", small_npz, "--epochs", 1, "--valid-size", 0, "--threads", 1)
+    result = cli(*args, "--shear", 5, "--flip", "--out", tmp_path / "run")
+    assert result.code == 0, result.err
+    assert "augmentation affine (rotate +-12 deg, shift +-2.5 px, scale 0.9-1.1, shear +-5 deg)" in result.out
+    config = load_checkpoint(tmp_path / "run").record.config
+    assert (config.recipe, config.augment, config.shear, config.flip) == ("chapter", "affine", 5.0, True)
+    cli(*args, "--scale", "1.2,1.1", "--out", tmp_path / "x").assert_one_line_error("--scale", "LO <= HI")
+    cli(*args, "--rotate", 200, "--out", tmp_path / "x").assert_one_line_error("--rotate", "0 to 180")
+    cli(*args, "--augment", "elastic", "--out", tmp_path / "x").assert_one_line_error("--augment")
+    resumed = cli("train", "--resume", tmp_path / "run", "--epochs", 2, "--augment", "none")
+    resumed.assert_one_line_error("--augment", "cannot change when resuming")
