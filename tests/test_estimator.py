@@ -206,6 +206,11 @@ def test_random_seed_still_works_with_a_future_warning(digits):
         ({"patience": -1}, ValueError, "patience must be an int >= 0"),
         ({"conv_channels": (8,)}, TypeError, "conv_channels must be a pair of ints"),
         ({"kernel_size": 0}, ValueError, "kernel_size must be an int >= 1"),
+        ({"augment": "elastic"}, ValueError, "augment must be one of 'none', 'affine'"),
+        ({"rotate": 181}, ValueError, "rotate must be a number of degrees from 0 to 180"),
+        ({"scale": (1.1, 0.9)}, ValueError, r"scale must be \(low, high\) with 0 < low <= high"),
+        ({"scale": 1.1}, TypeError, "scale must be a pair"),
+        ({"flip": 1}, TypeError, "flip must be True or False"),
     ],
 )
 def test_bad_parameters_are_refused_at_fit_naming_the_parameter(digits, params, error, expected):
@@ -270,3 +275,28 @@ def test_a_saved_model_continues_training_exactly(tmp_path, digits):
     loaded.set_params(warm_start=True).fit(X[:256], y[:256])
     for a, b in zip(straight.model_.parameters(), loaded.model_.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_augmentation_parameters_train_as_cnnkit_train_does_and_survive_save_and_load(tmp_path, digits):
+    X, y, _, _ = digits
+    params = dict(
+        epochs=1, random_state=0, augment="affine", rotate=20.0, scale=(0.8, 1.2), flip=True, **SMALL
+    )
+    model = ConvNN(**params).fit(X[:256], y[:256])
+    config = model.config_
+    assert (config.augment, config.rotate, config.scale_low, config.scale_high, config.flip) == (
+        "affine",
+        20.0,
+        0.8,
+        1.2,
+        True,
+    )
+    plain = ConvNN(**{**params, "augment": "none", "flip": False}).fit(X[:256], y[:256])
+    assert not np.allclose(model.predict_proba(X[:20]), plain.predict_proba(X[:20]))
+    loaded = ConvNN.load(model.save(tmp_path / "m.safetensors"), device="cpu").get_params()
+    assert (loaded["augment"], loaded["rotate"], loaded["scale"], loaded["flip"]) == (
+        "affine",
+        20.0,
+        (0.8, 1.2),
+        True,
+    )

@@ -18,7 +18,7 @@ from cnnkit.data.dataset import MAX_CLASSES, images_as_nchw, infer_preprocessing
 from cnnkit.device import DEVICES, PRECISIONS, memory_format, resolve_device, resolve_precision
 from cnnkit.inference import predict_logits
 from cnnkit.model import BUILDS, Architecture, build_model
-from cnnkit.recipes import LR_SCHEDULES, TrainConfig
+from cnnkit.recipes import AUGMENTATIONS, LR_SCHEDULES, TrainConfig
 from cnnkit.record import ModelRecord
 from cnnkit.training import EarlyStopping, EpochLogger, make_optimizer, restore_optimizer, train
 
@@ -37,7 +37,8 @@ class ConvNN(ClassifierMixin, BaseEstimator):
     Training: batch_size, epochs, learning_rate (the peak of a "one-cycle" lr_schedule), dropout_rate,
     shuffle, label_smoothing, and patience (stop after that many epochs without a lower loss on
     `validation_data`; 0 never stops early) - the chapter's values by default, `cnnkit train`'s
-    TrainConfig fields. random_state is None (a seed drawn from NumPy's global generator), an int or
+    TrainConfig fields; augment ("none" or "affine") with its ranges rotate, shift, scale (low, high)
+    and shear, and flip, as `cnnkit train --augment` (see cnnkit.augment). random_state is None (a seed drawn from NumPy's global generator), an int or
     a NumPy RandomState / Generator; the seed used is kept in `seed_`. random_seed is its deprecated
     name. The network: conv_channels (filters of the two convolutions), kernel_size and hidden_units;
     images must be at least (3 * kernel_size - 2) pixels a side (13x13 for the chapter's 5x5).
@@ -69,6 +70,12 @@ class ConvNN(ClassifierMixin, BaseEstimator):
         lr_schedule="constant",
         label_smoothing=0.0,
         patience=0,
+        augment="none",
+        rotate=12.0,
+        shift=2.5,
+        scale=(0.9, 1.1),
+        shear=10.0,
+        flip=False,
         conv_channels=(32, 64),
         kernel_size=5,
         hidden_units=1024,
@@ -88,6 +95,12 @@ class ConvNN(ClassifierMixin, BaseEstimator):
         self.lr_schedule = lr_schedule
         self.label_smoothing = label_smoothing
         self.patience = patience
+        self.augment = augment
+        self.rotate = rotate
+        self.shift = shift
+        self.scale = scale
+        self.shear = shear
+        self.flip = flip
         self.conv_channels = conv_channels
         self.kernel_size = kernel_size
         self.hidden_units = hidden_units
@@ -125,6 +138,13 @@ class ConvNN(ClassifierMixin, BaseEstimator):
             lr_schedule=self.lr_schedule,
             label_smoothing=float(self.label_smoothing),
             patience=int(self.patience),
+            augment=self.augment,
+            rotate=float(self.rotate),
+            shift=float(self.shift),
+            scale_low=float(self.scale[0]),
+            scale_high=float(self.scale[1]),
+            shear=float(self.shear),
+            flip=bool(self.flip),
         )
         valid = None
         if validation_data is not None:
@@ -199,6 +219,12 @@ class ConvNN(ClassifierMixin, BaseEstimator):
             lr_schedule=config.lr_schedule,
             label_smoothing=config.label_smoothing,
             patience=config.patience,
+            augment=config.augment,
+            rotate=config.rotate,
+            shift=config.shift,
+            scale=(config.scale_low, config.scale_high),
+            shear=config.shear,
+            flip=config.flip,
             conv_channels=arch.conv_channels,
             kernel_size=arch.kernel_size,
             hidden_units=arch.hidden_units,
@@ -242,6 +268,20 @@ class ConvNN(ClassifierMixin, BaseEstimator):
         _choice(self, "lr_schedule", LR_SCHEDULES)
         _number(self, "label_smoothing", "a number in [0, 1)", lambda v: 0 <= v < 1)
         _integer(self, "patience", 0)
+        _choice(self, "augment", AUGMENTATIONS)
+        _number(self, "rotate", "a number of degrees from 0 to 180", lambda v: 0 <= v <= 180)
+        _number(self, "shift", "a number of pixels >= 0", lambda v: 0 <= v < math.inf)
+        _number(self, "shear", "a number of degrees from 0 to under 80", lambda v: 0 <= v < 80)
+        _boolean(self, "flip")
+        scale = self.scale
+        if not (
+            isinstance(scale, tuple | list)
+            and len(scale) == 2
+            and all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in scale)
+        ):
+            raise TypeError(f"scale must be a pair (low, high) of numbers, got {scale!r}")
+        if not 0 < scale[0] <= scale[1] < math.inf:
+            raise ValueError(f"scale must be (low, high) with 0 < low <= high, got {scale!r}")
         channels = self.conv_channels
         if not (
             isinstance(channels, tuple | list)

@@ -1,0 +1,75 @@
+"""Test-time augmentation and ensembles: averaged probabilities that reduce to the single model."""
+
+import numpy as np
+import torch
+
+from cnnkit.data import Standardization
+from cnnkit.inference import (
+    average_probabilities,
+    evaluate,
+    evaluate_probabilities,
+    predict_proba,
+    predict_proba_tta,
+    tta_views,
+)
+from cnnkit.model import Architecture, build_model
+from cnnkit.recipes import TrainConfig
+from cnnkit.record import ModelRecord
+
+ARCH = Architecture(input_shape=(1, 16, 16), num_classes=3, conv_channels=(4, 6), hidden_units=16)
+
+
+def _record(flip=False):
+    return ModelRecord(
+        architecture=ARCH,
+        class_names=("a", "b", "c"),
+        standardization=Standardization((100.0,), (50.0,)),
+        preprocessing="resize",
+        config=TrainConfig(flip=flip),
+    )
+
+
+def test_views_are_the_image_and_its_one_pixel_shifts_and_mirrors():
+    image = torch.arange(16.0).reshape(1, 1, 4, 4)
+    views = tta_views(image)
+    assert len(views) == 5 and torch.equal(views[0], image)
+    down = views[2][0, 0]  # (dy, dx) = (1, 0): the content moves one row down, the top row repeated
+    assert torch.equal(down[1:], image[0, 0, :3]) and torch.equal(down[0], image[0, 0, 0])
+    right = views[4][0, 0]
+    assert torch.equal(right[:, 1:], image[0, 0, :, :3])
+    mirrored = tta_views(image, flip=True)
+    assert len(mirrored) == 10 and torch.equal(mirrored[5], torch.flip(image, dims=[-1]))
+
+
+def test_tta_of_an_image_that_shifting_does_not_change_equals_the_model():
+    model = build_model(ARCH, seed=0)
+    flat = torch.full((3, 1, 16, 16), 0.7)  # every shifted view is the same image
+    np.testing.assert_allclose(predict_proba_tta(model, flat), predict_proba(model, flat), rtol=1e-6)
+    noisy = torch.randn(3, 1, 16, 16)
+    assert not np.allclose(predict_proba_tta(model, noisy), predict_proba(model, noisy))
+
+
+def test_an_ensemble_of_one_model_repeated_equals_that_model_and_scores_the_same():
+    model, record = build_model(ARCH, seed=1), _record()
+    raw = np.random.default_rng(0).uniform(0, 255, (20, 1, 16, 16)).astype(np.float32)
+    labels = np.arange(20) % 3
+    single = predict_proba(model, record.standardization.apply(raw))
+    np.testing.assert_allclose(average_probabilities([(model, record)] * 3, raw), single, rtol=1e-6)
+    alone = evaluate(model, record.standardization.apply(raw), labels)
+    together = evaluate_probabilities(average_probabilities([(model, record)] * 2, raw), labels)
+    assert together.accuracy == alone.accuracy
+    np.testing.assert_array_equal(together.confusion, alone.confusion)
+    assert abs(together.loss - alone.loss) < 1e-5
+
+
+def test_an_ensemble_averages_different_models_and_mirrors_only_for_those_trained_with_flips():
+    a, b = build_model(ARCH, seed=1), build_model(ARCH, seed=2)
+    raw = np.random.default_rng(1).uniform(0, 255, (5, 1, 16, 16)).astype(np.float32)
+    std = _record().standardization.apply(raw)
+    expected = (predict_proba(a, std) + predict_proba(b, std)) / 2
+    np.testing.assert_allclose(
+        average_probabilities([(a, _record()), (b, _record())], raw), expected, rtol=1e-6
+    )
+    mirrored = average_probabilities([(a, _record(flip=True))], raw, tta=True)
+    np.testing.assert_allclose(mirrored, predict_proba_tta(a, std, flip=True), rtol=1e-6)
+    assert not np.allclose(mirrored, predict_proba_tta(a, std, flip=False))
