@@ -11,9 +11,11 @@ peer taking turns so that a busy neighbour slows both alike, and medians are com
 Measurements (on Fashion-MNIST, Debian's dataset-fashion-mnist):
   train       images/s of the chapter's recipe (batch 64, Adam, dropout): cnnkit fp32, cnnkit's default
               fast path (bf16 where native), and the peer
-  inference   images/s predicting batches of 1,000: cnnkit fp32, bf16, int8, and the peer (cnnkit
-              passes each batch through its network in chunks of its default_batch_size)
-  latency     one image at a time, p50 and p99, with a model loaded from a checkpoint
+  inference   images/s predicting batches of 1,000: cnnkit fp32, bf16, int8, the checkpoint exported
+              (`cnnkit export`, fp32 and int8) run by onnxruntime, and the peer (cnnkit passes each
+              batch through its network in chunks of its default_batch_size; onnxruntime takes each
+              batch whole); and batches of 256, cnnkit's paths only
+  latency     one image at a time, p50 and p99, with a model loaded from a checkpoint (or its export)
   full        (--full) 20-epoch runs of the chapter's recipe (fp32 and the fast path), `--recipe fast`,
               and the peer: test accuracy, training seconds, peak RSS of the training process.
               Repeat r uses seed 123 + r on both sides (the peer through a copy of its script with
@@ -32,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +43,7 @@ import torch
 from cnnkit.checkpoint import load_model, save_checkpoint
 from cnnkit.data import Standardization, load_dataset, minibatch_indices
 from cnnkit.device import cpu_has_fast_bf16, memory_format, resolve_precision
+from cnnkit.errors import CnnkitError
 from cnnkit.inference import predict_logits
 from cnnkit.model import Architecture, build_model
 from cnnkit.quantize import quantize_int8
@@ -139,27 +143,34 @@ def bench_inference(dataset, standardization, args, report, peer, only):
         )
         path = save_checkpoint(Path(tmp) / "model.safetensors", trained, record)
         model, _ = load_model(path)
+        exported = onnx_sessions(path, Path(tmp))
     int8 = quantize_int8(model, calibration)
     fast = resolve_precision("auto", torch.device("cpu"))
+    # name -> (a function from a batch to logits, the images it takes: standardized, or raw pixels)
     variants = {
-        "cnnkit fp32": (model, "fp32"),
-        f"cnnkit {fast} (default)": (model, fast),
-        "cnnkit int8": (int8, "fp32"),
+        "cnnkit fp32": (partial(predict_logits, model, precision="fp32"), test),
+        f"cnnkit {fast} (default)": (partial(predict_logits, model, precision=fast), test),
+        "cnnkit int8": (partial(predict_logits, int8, precision="fp32"), test),
     }
+    raw = dataset.test.images.astype(np.float32)
+    for name, session in exported.items():
+        variants[name] = (lambda batch, session=session: session.predict_logits(batch, len(batch)), raw)
     throughput = {name: [] for name in variants} | {"peer": []}
+    throughput_256 = {name: [] for name in variants}
     p50 = {name: [] for name in variants} | {"peer": []}
     p99 = {name: [] for name in variants} | {"peer": []}
     for repeat in range(args.repeats):
-        for name, (net, precision) in variants.items():
-            predict_logits(net, test[:2000], precision=precision)  # warm-up
-            start = time.perf_counter()
-            for first in range(0, len(test), 1000):  # batches of 1,000 handed to cnnkit, as to the peer
-                predict_logits(net, test[first : first + 1000], precision=precision)
-            throughput[name].append(len(test) / (time.perf_counter() - start))
+        for name, (predict, images) in variants.items():
+            predict(images[:1000])  # warm-up
+            for batch, results in ((1000, throughput), (256, throughput_256)):
+                start = time.perf_counter()
+                for first in range(0, len(images), batch):  # each batch handed over whole, as to the peer
+                    predict(images[first : first + batch])
+                results[name].append(len(images) / (time.perf_counter() - start))
             latencies = []
             for i in range(300):
                 start = time.perf_counter()
-                predict_logits(net, test[i : i + 1], precision=precision)
+                predict(images[i : i + 1])
                 latencies.append(time.perf_counter() - start)
             latencies = np.array(latencies[20:]) * 1e3
             p50[name].append(float(np.percentile(latencies, 50)))
@@ -178,9 +189,35 @@ def bench_inference(dataset, standardization, args, report, peer, only):
         )
     if "inference" in only:
         report.compare("inference_images_per_s", throughput, batch_size=1000)
+        report.compare("inference_images_per_s_b256", throughput_256, batch_size=256)
     if "latency" in only:
         report.compare("latency_p50_ms", p50, lower_is_better=True)
         report.compare("latency_p99_ms", p99, lower_is_better=True)
+
+
+def onnx_sessions(checkpoint, folder: Path) -> dict:
+    """The checkpoint exported as `cnnkit export` does (fp32, and int8 calibrated on the first 512
+    Fashion-MNIST training images) in onnxruntime sessions with torch's thread count; {} without the
+    onnx extra."""
+    try:
+        from cnnkit.export import export_onnx
+        from cnnkit.onnx_model import load_onnx
+
+        return {
+            f"onnxruntime {precision}": load_onnx(
+                export_onnx(
+                    checkpoint,
+                    folder / f"{precision}.onnx",
+                    precision=precision,
+                    dataset="fashion-mnist" if precision == "int8" else None,
+                ).path,
+                threads=torch.get_num_threads(),
+            )
+            for precision in ("fp32", "int8")
+        }
+    except CnnkitError as exc:
+        print(f"# onnxruntime rows skipped: {exc}", file=sys.stderr)
+        return {}
 
 
 # --- full 20-epoch runs ---
