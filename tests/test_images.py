@@ -382,3 +382,19 @@ def test_resize_dark_inverts_a_photo_on_paper_and_keeps_size_and_place():
     assert prepared[2:6, 2:6].mean() > 200 and prepared[10:, 10:].max() < 30  # bright dot, dark field
     on_dark = 255 - page
     np.testing.assert_allclose(prepare_for_model(on_dark, (1, 20, 20), "resize-dark")[0], prepared, atol=1)
+
+
+def test_image_bytes_are_read_and_prepared_as_the_same_file_with_its_errors(tmp_path):
+    from cnnkit.images import ImageBytes
+
+    path = tmp_path / "seven.png"
+    Image.fromarray(pixels((40, 30))).save(path)
+    data = ImageBytes(path.read_bytes(), "upload.png")
+    assert np.array_equal(read_image(data), read_image(path))
+    assert image_shape(data) == image_shape(path)
+    shape = (1, 28, 28)
+    assert np.array_equal(load_for_model(data, shape, "resize"), load_for_model(path, shape, "resize"))
+    with pytest.raises(FileError, match=r"^upload\.png: not an image file"):
+        read_image(ImageBytes(b"hello", "upload.png"))
+    with pytest.raises(FileError, match=r"^upload\.png: .*truncated"):
+        read_image(ImageBytes(path.read_bytes()[:200], "upload.png"))

@@ -2,9 +2,11 @@
 object into a network's input."""
 
 import contextlib
+import io
 import math
 import re
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +38,21 @@ _UPRIGHT = {
     8: Image.Transpose.ROTATE_90,
 }
 _SWAPS_AXES = (5, 6, 7, 8)
+
+
+@dataclass(frozen=True)
+class ImageBytes:
+    """An image file held in memory (an upload), named `name` in error messages.
+
+    Every function here that reads an image file (`read_image`, `image_shape`, `load_digit`,
+    `load_for_model`) takes one in place of a path, with the same checks and the same errors.
+    """
+
+    data: bytes
+    name: str = "image"
+
+    def __str__(self) -> str:
+        return self.name
 
 
 def read_image(path, min_size=None) -> np.ndarray:
@@ -100,17 +117,22 @@ def image_shape(path) -> tuple[int, int, int]:
 def _opened(path):
     """An opened (not yet decoded) Pillow image within MAX_IMAGE_PIXELS; any failure as a one-line FileError.
 
+    `path` is a file path or an ImageBytes.
+
     Pillow's own decompression-bomb warning is silenced and its error reworded: cnnkit's limit is lower,
     so both only come up for images cnnkit refuses anyway.
     """
-    path = Path(path)
-    if not path.is_file():
-        what = "is a directory, not an image file" if path.is_dir() else "does not exist"
-        raise FileError(f"{path}: {what}")
+    if isinstance(path, ImageBytes):
+        source = io.BytesIO(path.data)
+    else:
+        path = source = Path(path)
+        if not path.is_file():
+            what = "is a directory, not an image file" if path.is_dir() else "does not exist"
+            raise FileError(f"{path}: {what}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(source) as img:
                 width, height = img.size
                 if width * height > MAX_IMAGE_PIXELS:
                     raise FileError(

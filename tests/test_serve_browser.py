@@ -1,0 +1,215 @@
+"""cnnkit serve in a real browser: Debian's chromium, driven by Playwright with real mouse events.
+
+Skipped when chromium or Playwright is missing, except under CI=true, where that is a failure: CI
+installs chromium (see .ci/run) and must run these tests. CNNKIT_CHROMIUM names another chromium.
+"""
+
+import base64
+import itertools
+import json
+import os
+import shutil
+import signal
+import statistics
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import start_cnnkit
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = os.environ.get("CNNKIT_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
+PANELS = ("conv1", "relu1", "pool1", "conv2", "relu2", "pool2", "dense3", "logits", "probabilities")
+
+# A seven in two strokes (top bar and stem, then the crossbar), as fractions of the drawing pad.
+SEVEN = [[(0.25, 0.2), (0.75, 0.2), (0.45, 0.85)], [(0.35, 0.52), (0.62, 0.52)]]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    reason = None
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError as exc:
+        reason = f"Playwright is not installed ({exc})"
+    if reason is None and not Path(CHROMIUM).is_file():
+        reason = f"no chromium at {CHROMIUM} (apt-get install chromium)"
+    if reason is None:
+        try:
+            playwright = sync_playwright().start()
+        except Exception as exc:
+            reason = f"Playwright did not start ({exc})"
+        else:
+            try:
+                chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            except Exception as exc:
+                playwright.stop()
+                reason = f"chromium did not start ({' '.join(str(exc).split())[:300]})"
+    if reason is not None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI must run the browser tests, but: {reason}")
+        pytest.skip(reason)
+    yield chromium
+    chromium.close()
+    playwright.stop()
+
+
+class Server:
+    """`cnnkit serve ARGS --port 0` in a child process: its URL, and Ctrl-C at the end."""
+
+    def __init__(self, *args):
+        self.proc = start_cnnkit("serve", *args, "--port", "0", text=True)
+        line = self.proc.stdout.readline()
+        assert " at http://127.0.0.1:" in line, (line, self.proc.poll())
+        self.url = line.split(" at ")[1].split()[0]
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGINT)
+        _, err = self.proc.communicate(timeout=60)
+        assert self.proc.returncode == 130 and "Traceback" not in err, err
+
+
+def open_page(browser, url):
+    """A page at `url` (1320 x 1000), collecting console errors and uncaught exceptions in page.problems."""
+    page = browser.new_page(viewport={"width": 1320, "height": 1000})
+    page.problems = []
+    page.on("console", lambda m: m.type == "error" and page.problems.append(m.text))
+    page.on("pageerror", lambda e: page.problems.append(str(e)))
+    page.goto(url)
+    page.wait_for_selector("#model-picker option", state="attached")
+    return page
+
+
+def draw(page, strokes, steps=12):
+    """Draw `strokes` (lists of points as fractions of the pad) with mouse down, moves and up."""
+    box = page.locator("#pad").bounding_box()
+
+    def at(x, y):
+        return box["x"] + x * box["width"], box["y"] + y * box["height"]
+
+    for stroke in strokes:
+        page.mouse.move(*at(*stroke[0]))
+        page.mouse.down()
+        for (x0, y0), (x1, y1) in itertools.pairwise(stroke):
+            for i in range(1, steps + 1):
+                t = i / steps
+                page.mouse.move(*at(x0 + (x1 - x0) * t, y0 + (y1 - y0) * t))
+        page.mouse.up()
+    settle(page)
+
+
+def settle(page):
+    """Wait until the page has sent every change and drawn the last answer."""
+    page.wait_for_function("window.cnnkit.renders > 0 && !window.cnnkit.busy()", timeout=30_000)
+
+
+def canvas_png(page) -> bytes:
+    url = page.evaluate("document.getElementById('pad').toDataURL('image/png')")
+    return base64.b64decode(url.split(",", 1)[1])
+
+
+def painted(page, selector) -> bool:
+    """Whether a canvas holds any pixel that is neither transparent nor black."""
+    return page.evaluate(
+        """(selector) => {
+            const c = document.querySelector(selector);
+            const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+            for (let i = 0; i < d.length; i += 4) if (d[i + 3] && (d[i] || d[i + 1] || d[i + 2])) return true;
+            return false;
+        }""",
+        selector,
+    )
+
+
+def test_the_page_shows_what_the_api_answers_and_follows_training_live(browser, tiny_run, tmp_path):
+    """Plumbing on tiny networks: the page's answer is /api/predict's for the same canvas; every layer
+    panel is drawn; the model picker switches models; the training view follows history.jsonl."""
+    first = Path(shutil.copytree(tiny_run, tmp_path / "first", ignore=shutil.ignore_patterns(".lock")))
+    second = Path(shutil.copytree(tiny_run, tmp_path / "second", ignore=shutil.ignore_patterns(".lock")))
+    server = Server(first, second)
+    try:
+        page = open_page(browser, server.url)
+        assert page.locator("#model-picker option").all_text_contents()[1].startswith("second (npz:")
+        assert "epoch 3 of 3" in page.text_content("#model-info")
+        draw(page, SEVEN)
+        shown = page.evaluate("window.cnnkit.last")
+        api = httpx.post(server.url + "api/predict", files={"file": ("pad.png", canvas_png(page))}).json()
+        assert page.text_content("#answer-label") == api["class_name"] == shown["class_name"]
+        for name, p in api["probabilities"].items():
+            assert shown["probabilities"][name] == pytest.approx(p, rel=1e-4, abs=1e-6)
+        for name in PANELS:
+            assert page.locator(f'.panel[data-layer="{name}"][data-rendered="1"]').count() == 1, name
+        assert painted(page, "#input-view")
+
+        page.select_option("#model-picker", "second")
+        settle(page)
+        assert page.evaluate("window.cnnkit.last.model") == "second"
+
+        page.click("#tab-training")
+        page.wait_for_function("document.getElementById('chart-loss').dataset.points === '3'")
+        assert "This page's model is epoch 3" in page.text_content("#history-info")
+        history = second / "history.jsonl"
+        last = json.loads(history.read_text().splitlines()[-1])
+        with open(history, "a") as f:  # as `cnnkit train --resume` would write the next epoch
+            f.write(json.dumps({**last, "epoch": 4, "train_loss": last["train_loss"] / 2}) + "\n")
+        page.wait_for_function("document.getElementById('chart-loss').dataset.points === '4'", timeout=15_000)
+        assert page.locator("#history-table tr").count() == 5  # a header and four epochs
+
+        page.click("#tab-draw")
+        page.click("#clear")
+        assert page.text_content("#answer-label").strip() == ""
+        assert page.locator(".panel").count() == 0
+        assert page.problems == []
+    finally:
+        server.stop()
+
+
+def test_draw_a_seven_and_read_seven_layer_by_layer(browser, trained_run, tmp_path):
+    """The chapter's network trained on mnist-5k: a 7 drawn with the mouse reads 7; an uploaded and a
+    dropped file are read; a map enlarges with its filter. Saves a screenshot and the timings."""
+    server = Server(trained_run)
+    try:
+        page = open_page(browser, server.url)
+        draw(page, SEVEN)
+        assert page.text_content("#answer-label") == "7"
+        api = httpx.post(server.url + "api/predict", files={"file": ("pad.png", canvas_png(page))}).json()
+        assert api["class_name"] == "7"
+        for name in PANELS:
+            assert page.locator(f'.panel[data-layer="{name}"][data-rendered="1"]').count() == 1, name
+        for name in ("conv1", "relu1", "pool1", "conv2", "relu2", "pool2", "dense3"):
+            assert painted(page, f'.panel[data-layer="{name}"] canvas'), name
+        page.screenshot(path=tmp_path / "serve.png", full_page=True)
+
+        page.locator('.panel[data-layer="relu1"] canvas').click(position={"x": 30, "y": 20})
+        page.wait_for_selector("#zoom-body canvas.kernel")
+        assert page.text_content("#zoom-title") == "Convolution 1, map 1 of 32"
+        assert page.locator("#zoom-body canvas.big").count() == 3
+        page.screenshot(path=tmp_path / "serve-zoom.png")
+        page.keyboard.press("Escape")
+        assert page.locator("#zoom").is_hidden()
+
+        page.set_input_files("#upload", ROOT / "examples" / "two.png")
+        page.wait_for_function("document.getElementById('answer-label').textContent === '2'")
+        settle(page)
+        data = base64.b64encode((ROOT / "examples" / "seven.png").read_bytes()).decode()
+        page.evaluate(
+            """(data) => {
+                const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
+                const drop = new DataTransfer();
+                drop.items.add(new File([bytes], "seven.png", {type: "image/png"}));
+                document.getElementById("drop-zone").dispatchEvent(new DragEvent("drop", {dataTransfer: drop, bubbles: true}));
+            }""",
+            data,
+        )
+        page.wait_for_function("document.getElementById('answer-label').textContent === '7'")
+        settle(page)
+        assert page.problems == []
+
+        timings = page.evaluate("window.cnnkit.timings")
+        (tmp_path / "timings.json").write_text(json.dumps(timings))
+        around = [t["request_and_render"] for t in timings]
+        print(f"\nrequest + drawing, p50 {statistics.median(around):.1f} ms over {len(around)} answers")
+        assert timings and all(t["request"] > 0 for t in timings)
+    finally:
+        server.stop()
