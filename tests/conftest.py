@@ -224,3 +224,63 @@ def start_cnnkit(*args, text=False) -> subprocess.Popen:
 def cli():
     """`cli("train", "--dataset", ...)` runs the command line in a child process: see `run_cnnkit`."""
     return run_cnnkit
+
+
+# --- more kinds of trained runs, for the report and its figures ---
+
+
+@pytest.fixture(scope="session")
+def rgb_folder_run(tmp_path_factory):
+    """A run folder of a tiny network trained 2 epochs on folder:DIR of 20x20 RGB pictures (a coloured
+    square on noise): 4 classes, one with a non-ASCII name, in train/ and test/, 8 validation images."""
+    from PIL import Image
+
+    from cnnkit.recipes import TrainConfig
+    from cnnkit.runs import start_run
+
+    root = tmp_path_factory.mktemp("pictures")
+    rng = np.random.default_rng(0)
+    colors = {"blue": (0, 0, 255), "green": (0, 200, 0), "red": (230, 0, 0), "λ yellow": (240, 220, 0)}
+    for split, count in (("train", 16), ("test", 6)):
+        for name, color in colors.items():
+            (root / split / name).mkdir(parents=True)
+            for i in range(count):
+                image = rng.integers(0, 60, (20, 20, 3)).astype(np.uint8)
+                top, left = rng.integers(0, 10, 2)
+                image[top : top + 10, left : left + 10] = color
+                Image.fromarray(image, "RGB").save(root / split / name / f"{i}.png")
+    run_dir = tmp_path_factory.mktemp("runs") / "rgb"
+    config = TrainConfig(epochs=2, seed=0, learning_rate=1e-3)
+    start_run(f"folder:{root}", config, run_dir, architecture=TINY, valid_size=8, log=lambda line: None)
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def three_class_run(tmp_path_factory):
+    """A run folder of a tiny network trained 2 epochs without a validation split on an npz of 16x16
+    gray images of 3 named classes (a square, a vertical bar, a horizontal bar on noise)."""
+    from cnnkit.recipes import TrainConfig
+    from cnnkit.runs import start_run
+
+    rng = np.random.default_rng(1)
+
+    def images(n):
+        labels = np.arange(n) % 3
+        x = rng.integers(0, 40, (n, 16, 16)).astype(np.uint8)
+        for image, label in zip(x, labels, strict=True):
+            if label == 0:
+                image[4:12, 4:12] = 255
+            elif label == 1:
+                image[:, 7:9] = 255
+            else:
+                image[7:9, :] = 255
+        return x, labels
+
+    (x_train, y_train), (x_test, y_test) = images(90), images(30)
+    path = tmp_path_factory.mktemp("data") / "three.npz"
+    names = np.array(["square", "vertical bar", "horizontal bar"])
+    np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test, class_names=names)
+    run_dir = tmp_path_factory.mktemp("runs") / "three"
+    config = TrainConfig(epochs=2, seed=0, learning_rate=1e-3)
+    start_run(f"npz:{path}", config, run_dir, architecture=TINY, valid_size=0, log=lambda line: None)
+    return run_dir

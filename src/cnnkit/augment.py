@@ -15,9 +15,11 @@ from cnnkit.recipes import TrainConfig
 _NO_AFFINE = TrainConfig(rotate=0, shift=0, scale_low=1, scale_high=1, shear=0)
 
 
-def epoch_generator(seed: int, epoch: int, device="cpu") -> torch.Generator:
-    """The generator that draws epoch `epoch`'s transforms: a function of (seed, epoch) alone."""
-    state = np.random.SeedSequence([seed, epoch, 0xA11E]).generate_state(1, np.uint64)[0] >> 1
+def epoch_generator(seed: int, epoch: int, rank: int = 0, device="cpu") -> torch.Generator:
+    """The generator that draws epoch `epoch`'s transforms: a function of (seed, epoch) alone, and of
+    the rank in a distributed run (rank 0's is the single process's)."""
+    entropy = [seed, epoch, 0xA11E] + ([rank] if rank else [])
+    state = np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1
     return torch.Generator(device=device).manual_seed(int(state))
 
 

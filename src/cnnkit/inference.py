@@ -1,12 +1,10 @@
 """Using a network: logits, probabilities, labels and evaluation metrics, in inference mode, batched."""
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from cnnkit.device import autocast
+from cnnkit.metrics import Evaluation, evaluate_logits
 
 # Images per forward pass of a float network on a CPU. Larger batches are slower here: the first
 # layer's activations for 1,000 images (74 MB in fp32) spill out of the cache, and max-pooling and
@@ -57,59 +55,52 @@ def predict_labels(model, images, **kwargs) -> np.ndarray:
     return predict_logits(model, images, **kwargs).argmax(dim=1).numpy()
 
 
-@dataclass
-class Evaluation:
-    """Loss and accuracy on a labelled set, with per-class accuracy and the confusion matrix.
-
-    confusion[i, j] counts images of true class i predicted as class j.
-    """
-
-    loss: float
-    accuracy: float
-    n: int
-    confusion: np.ndarray
-
-    @property
-    def per_class_accuracy(self) -> np.ndarray:
-        """Recall of each class; NaN for a class with no images."""
-        totals = self.confusion.sum(axis=1)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(totals > 0, np.diag(self.confusion) / np.maximum(totals, 1), np.nan)
-
-    def to_dict(self, class_names) -> dict:
-        per_class = {
-            name: {"accuracy": None if np.isnan(acc) else float(acc), "n": int(n)}
-            for name, acc, n in zip(
-                class_names, self.per_class_accuracy, self.confusion.sum(axis=1), strict=True
-            )
-        }
-        return {  # strict JSON: NaN (no images, or a diverged network) becomes null
-            "accuracy": _finite_or_none(self.accuracy),
-            "loss": _finite_or_none(self.loss),
-            "n": self.n,
-            "per_class": per_class,
-            "confusion_matrix": self.confusion.tolist(),
-        }
-
-
-def _finite_or_none(value: float) -> float | None:
-    return value if np.isfinite(value) else None
-
-
 def evaluate(model, images, labels, batch_size=None, device=None, precision="fp32") -> Evaluation:
     """Mean cross-entropy, accuracy and confusion matrix of `model` on standardized images and labels."""
-    num_classes = model.arch.num_classes
     logits = predict_logits(model, images, batch_size=batch_size, device=device, precision=precision)
-    labels = torch.as_tensor(labels).to("cpu", torch.int64)  # a NumPy array, or a tensor on any device
-    if len(labels) == 0:
-        return Evaluation(float("nan"), float("nan"), 0, np.zeros((num_classes, num_classes), np.int64))
-    loss = F.cross_entropy(logits, labels).item()
-    predicted = logits.argmax(dim=1)
-    confusion = torch.bincount(labels * num_classes + predicted, minlength=num_classes**2)
-    confusion = confusion.reshape(num_classes, num_classes).numpy()
-    return Evaluation(
-        loss=loss,
-        accuracy=float((predicted == labels).double().mean()),
-        n=len(labels),
-        confusion=confusion,
-    )
+    return evaluate_logits(logits, labels)
+
+
+# Test-time augmentation (--tta): the image itself and its 1-pixel shifts up, down, left and right (the
+# border repeated), each also mirrored left-right when the model was trained with flips; the views'
+# probabilities are averaged.
+TTA_SHIFTS = ((0, 0), (-1, 0), (1, 0), (0, -1), (0, 1))
+
+
+def tta_views(images, flip: bool = False) -> list[torch.Tensor]:
+    """The TTA views of images (N, C, H, W): 5 shifted copies, or 10 with their mirrors."""
+    images = torch.as_tensor(images)
+    padded = torch.nn.functional.pad(images.float(), (1, 1, 1, 1), mode="replicate")
+    height, width = images.shape[-2:]
+    views = [padded[..., 1 - dy : 1 - dy + height, 1 - dx : 1 - dx + width] for dy, dx in TTA_SHIFTS]
+    if flip:
+        views += [torch.flip(view, dims=[-1]) for view in views]
+    return views
+
+
+def predict_proba_tta(model, images, flip: bool = False, **kwargs) -> np.ndarray:
+    """`predict_proba` averaged over `tta_views(images, flip)`."""
+    return np.mean([predict_proba(model, view, **kwargs) for view in tta_views(images, flip)], axis=0)
+
+
+def average_probabilities(members, raw_images, tta: bool = False, **kwargs) -> np.ndarray:
+    """An ensemble's class probabilities (N, K) for raw images (N, C, H, W): the mean of its members'.
+
+    members: (model, record) pairs; each standardizes the images with its own record's statistics
+    (and, with `tta`, mirrors them only if it was trained with flips).
+    """
+    total = None
+    for model, record in members:
+        images = record.standardization.apply(raw_images)
+        if tta:
+            proba = predict_proba_tta(model, images, flip=record.config.flip, **kwargs)
+        else:
+            proba = predict_proba(model, images, **kwargs)
+        total = proba if total is None else total + proba
+    return total / len(members)
+
+
+def evaluate_probabilities(probabilities, labels) -> Evaluation:
+    """`evaluate_logits` for averaged probabilities (N, K): the loss is the mean of -log p(true class)."""
+    tiny = np.finfo(np.float32).tiny
+    return evaluate_logits(np.log(np.maximum(np.asarray(probabilities, np.float32), tiny)), labels)

@@ -17,9 +17,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from cnnkit import distributed
 from cnnkit.atomic import atomic_write, remove_stale_temp_files
 from cnnkit.checkpoint import (
     checkpoint_path,
@@ -29,7 +29,7 @@ from cnnkit.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
 )
-from cnnkit.data import Dataset, Split, Standardization, load_dataset, resolve_source
+from cnnkit.data import Dataset, Standardization, load_dataset, load_for_model, resolve_source
 from cnnkit.device import memory_format, resolve_device, resolve_precision
 from cnnkit.errors import CheckpointError, CnnkitError, DatasetError, FileError
 from cnnkit.model import Architecture, build_model, summary
@@ -102,6 +102,11 @@ def run_folder_lock(run_dir):
         os.close(fd)  # closing releases the lock
 
 
+def _writer_lock(run_dir):
+    """The run folder's lock, held by the one process that writes it: rank 0 of a distributed run."""
+    return run_folder_lock(run_dir) if distributed.is_main() else contextlib.nullcontext()
+
+
 def start_run(
     source: str,
     config: TrainConfig,
@@ -126,7 +131,8 @@ def start_run(
     """
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(source)
     source = resolve_source(source)
-    with run_folder_lock(run_dir), _interrupted_says("No epoch finished, so no checkpoint was written"):
+    log = log if distributed.is_main() else _silent
+    with _writer_lock(run_dir), _interrupted_says("No epoch finished, so no checkpoint was written"):
         existing = list_checkpoints(run_dir)
         if existing and not overwrite:
             raise CheckpointError(
@@ -164,7 +170,7 @@ def start_run(
         for note in dataset.notes:
             log(note)
         _log_summary(arch, config.build, log)
-        if existing:
+        if existing and distributed.is_main():
             prune_checkpoints(run_dir, keep=0)
         model = build_model(arch, config.build, seed=config.seed).to(
             device, memory_format=memory_format(device)
@@ -195,7 +201,8 @@ def resume_run(
     record = ckpt.record
     source_run = ckpt.path.parent.parent
     run_dir = Path(run_dir) if run_dir is not None else source_run
-    with run_folder_lock(run_dir), _interrupted_says(f"No new epoch finished; {ckpt.path} is as it was"):
+    log = log if distributed.is_main() else _silent
+    with _writer_lock(run_dir), _interrupted_says(f"No new epoch finished; {ckpt.path} is as it was"):
         newest = list_checkpoints(run_dir)
         own_folder = ckpt.path.parent.resolve() == (run_dir / "checkpoints").resolve()
         if own_folder and newest and newest[-1].resolve() != ckpt.path.resolve():
@@ -237,57 +244,20 @@ def resume_run(
         restore_optimizer(optimizer, load_optimizer_state(ckpt.path, model))
         record = record.replace(config=config, dataset=source)
         log(f"resuming {ckpt.path} at epoch {ckpt.epoch + 1} of {epochs}; run folder {run_dir}")
-        if not own_folder and newest:
+        if not own_folder and newest and distributed.is_main():
             prune_checkpoints(run_dir, keep=0)
         return _run(model, optimizer, record, run_dir, data, log, show_progress)
 
 
 def dataset_for_model(record: ModelRecord, source: str | None, checkpoint_path=None) -> Dataset:
-    """Dataset `source` as the model of `record` takes it: folder images brought to its input shape,
-    and labels re-indexed to the model's classes by class name.
-
-    A dataset whose class names are just "0".."K-1" (it names no classes) is matched by position.
-    A class the model does not know is a DatasetError naming it.
-    """
+    """Dataset `source` as the model of `record` takes it (see cnnkit.data.load_for_model): folder
+    images brought to its input shape, and labels re-indexed to the model's classes by class name."""
     if source is None:
         raise CheckpointError(
             f"{checkpoint_path}: trained on arrays with ConvNN, so no dataset is recorded; "
             "name one with --dataset, or use ConvNN.load(...) in Python"
         )
-    channels, height, width = record.architecture.input_shape
-    if source.startswith("folder:"):  # image files are brought to the input size, as training did
-        dataset = load_dataset(source, image_size=(height, width), channels=channels)
-    else:
-        dataset = load_dataset(source)
-    if dataset.image_shape != record.architecture.input_shape:
-        raise DatasetError(
-            f"dataset {source!r} has images of shape {_shape(dataset.image_shape)} but the model takes "
-            f"{_shape(record.architecture.input_shape)}"
-        )
-    return match_classes(dataset, record.class_names, source)
-
-
-def match_classes(dataset: Dataset, class_names, source: str) -> Dataset:
-    """`dataset` with labels indexing `class_names` (a model's outputs) instead of its own names."""
-    model_names = list(class_names)
-    own = list(dataset.class_names)
-    if own == model_names:
-        return dataset
-    if own == [str(i) for i in range(len(own))] and len(own) <= len(model_names):
-        mapping = np.arange(len(own))  # the dataset names no classes: its labels are output indices
-    else:
-        present = set()
-        for split in dataset.splits:
-            present.update(np.unique(split.labels).tolist())
-        unknown = [own[i] for i in sorted(present) if own[i] not in model_names]
-        if unknown:
-            raise DatasetError(
-                f"dataset {source!r} has class {unknown[0]!r}, which the model does not know "
-                f"(it knows {', '.join(model_names[:12])}{', ...' if len(model_names) > 12 else ''})"
-            )
-        mapping = np.array([model_names.index(n) if n in model_names else -1 for n in own], dtype=np.int64)
-    splits = {s.name: Split(s.images, mapping[s.labels], s.name) for s in dataset.splits}
-    return dataclasses.replace(dataset, class_names=model_names, **splits)
+    return load_for_model(source, record.architecture.input_shape, record.class_names)
 
 
 def to_tensors(split, standardization, device):
@@ -359,27 +329,35 @@ def _run(model, optimizer, record: ModelRecord, run_dir, dataset: Dataset, log, 
     """Train from the epoch after `record.epoch`, writing a checkpoint and the history after every epoch."""
     config = record.config
     device = next(model.parameters()).device
+    main, world = distributed.is_main(), distributed.world_size()
+    distributed.check_batch_size(config.batch_size, world)
     train_data = to_tensors(dataset.train, record.standardization, device)
-    valid_data = (
-        to_tensors(dataset.valid, record.standardization, device) if dataset.valid is not None else None
+    valid_data = (  # in a distributed run rank 0 validates, and the others wait for it
+        to_tensors(dataset.valid, record.standardization, device)
+        if dataset.valid is not None and main
+        else None
     )
-    remove_stale_temp_files(Path(run_dir) / "checkpoints")
-    remove_stale_temp_files(run_dir)
+    if world > 1:
+        log(f"{world} processes, each training on {config.batch_size // world} images of every batch")
     best, stopping = BestEpoch(), EarlyStopping(config.patience)
     for callback in (best, stopping):
         callback.load_state_dict(record.trainer_state.get(callback.name, {}))
     history = list(record.history)
     checkpointer = Checkpointer(run_dir, model, optimizer, record, history, (best, stopping), best)
-    # In this order: an epoch's line is logged once its checkpoint is on disk, with every state in it.
-    callbacks = [best, HistoryFiles(run_dir, history), checkpointer, EpochLogger(log, config.epochs)]
-    if config.patience:
-        callbacks.insert(1, stopping)
+    callbacks = []  # ranks other than 0 write nothing
+    if main:
+        remove_stale_temp_files(Path(run_dir) / "checkpoints")
+        remove_stale_temp_files(run_dir)
+        # In this order: an epoch's line is logged once its checkpoint is on disk, with every state in it.
+        callbacks = [best, HistoryFiles(run_dir, history), checkpointer, EpochLogger(log, config.epochs)]
+        if config.patience:
+            callbacks.insert(1, stopping)
     try:
         train(model, optimizer, train_data, valid_data, config, record.epoch + 1, callbacks, show_progress)
     except TrainingDiverged as exc:
-        raise TrainingDiverged(f"{exc}. {_on_disk(checkpointer.last, record)}") from None
+        raise TrainingDiverged(f"{exc}. {_on_disk(checkpointer.last, record, main)}") from None
     except KeyboardInterrupt:
-        raise Interrupted(f"interrupted. {_on_disk(checkpointer.last, record)}") from None
+        raise Interrupted(f"interrupted. {_on_disk(checkpointer.last, record, main)}") from None
     if stopping.reason:
         log(stopping.reason)
     return RunResult(run_dir=Path(run_dir), model=model, history=history, last_checkpoint=checkpointer.last)
@@ -394,7 +372,9 @@ def _interrupted_says(what_is_on_disk: str):
         raise Interrupted(f"interrupted. {what_is_on_disk}") from None
 
 
-def _on_disk(last: Path | None, record: ModelRecord) -> str:
+def _on_disk(last: Path | None, record: ModelRecord, main: bool = True) -> str:
+    if not main:
+        return "Rank 0 says which checkpoint is on disk"
     if last is not None:
         return f"The newest checkpoint is {last} (the last finished epoch)"
     if record.epoch:
@@ -416,6 +396,10 @@ def _architecture_for(dataset: Dataset, config: TrainConfig, overrides: dict) ->
         )
     except ValueError as exc:
         raise DatasetError(f"dataset {dataset.name!r}: {exc}") from None
+
+
+def _silent(line: str):
+    """The log of ranks other than 0: one rank speaks for a distributed run."""
 
 
 def _log_summary(arch: Architecture, build: str, log):

@@ -4,6 +4,10 @@ Everything random is derived from (seed, epoch): the mini-batch order and the dr
 depend on nothing else, so a run resumed from a checkpoint of epoch k-1 (weights, Adam's state and the
 callbacks' state) continues exactly as if it had never stopped.
 
+Under torchrun (see cnnkit.distributed) the same loop runs on every rank: the network is wrapped in
+DDP, each rank takes its slice of every global mini-batch of epoch k's (seed, k) order and draws its
+dropout masks and augmentations from (seed, k, rank), and only rank 0 validates and calls the callbacks.
+
 A callback is any object with `on_epoch_end(record) -> bool | None`; returning True stops training
 after that epoch. Callbacks with state to carry across a resume also have a `name`, `state_dict()`
 and `load_state_dict(d)`. `EarlyStopping`, `BestEpoch` and `EpochLogger` live here; the run folder's
@@ -19,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cnnkit import distributed
 from cnnkit.augment import epoch_generator, random_affine
 from cnnkit.data import minibatch_indices
 from cnnkit.device import autocast
@@ -161,9 +166,11 @@ def restore_optimizer(optimizer, saved: dict | None):
                     state[key] = torch.empty_like(param).copy_(value)
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
-    """The torch seed for epoch `epoch`'s dropout masks: a function of (seed, epoch) alone."""
-    return int(np.random.SeedSequence([seed, epoch, 0xD80]).generate_state(1, np.uint64)[0] >> 1)
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """The torch seed for epoch `epoch`'s dropout masks: a function of (seed, epoch) alone, and of the
+    rank in a distributed run (rank 0's is the single process's)."""
+    entropy = [seed, epoch, 0xD80] + ([rank] if rank else [])
+    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1)
 
 
 def train_epoch(
@@ -185,33 +192,49 @@ def train_epoch(
     `transform`, if given, maps each batch of images to the images trained on (augmentation).
     Losses are summed on the device, so no step waits for the host (the bar's running loss is read
     every 20 steps). Raises TrainingDiverged naming the first step whose loss was not finite.
+    In a distributed run `model` is the DDP wrapper and `batches` the global mini-batches: this rank
+    trains on its shard of each, and the loss returned is the mean over every rank's images.
     """
     device = images.device
+    rank, world = distributed.rank(), distributed.world_size()
     model.train()
     total = torch.zeros((), dtype=torch.float64, device=device)
     first_bad = torch.full((), -1, dtype=torch.int64, device=device)
     seen = 0
-    for step, idx in enumerate(batches, 1):
+    for step, batch in enumerate(batches, 1):
         if learning_rates is not None:
             for group in optimizer.param_groups:
                 group["lr"] = learning_rates[step - 1]
-        idx = torch.from_numpy(idx).to(device)
+        idx = torch.from_numpy(distributed.shard(batch, rank, world)).to(device)
         x, y = images.index_select(0, idx), labels.index_select(0, idx)
         if transform is not None:
             x = transform(x)
+        equal_shares = len(idx) * world == len(batch)
         with autocast(device, precision):
-            loss = F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
+            if equal_shares:
+                loss = F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
+            else:  # a short last batch split unequally: weigh each rank's share by its images, as one
+                # process would (DDP averages the ranks' gradients); a rank may have no images at all
+                loss = F.cross_entropy(model(x), y, label_smoothing=label_smoothing, reduction="sum")
+                loss = loss * (world / len(batch))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         loss = loss.detach()
-        total += loss * len(idx)
+        total += loss * (len(idx) if equal_shares else len(batch) / world)
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
         seen += len(idx)
         if progress is not None:
             progress.update(1)
             if step % 20 == 0:
                 progress.set_postfix_str(f"loss {total.item() / seen:.4f}")
+    if world > 1:  # every rank's images, and the first step at which any rank's loss stopped being finite
+        counts = torch.stack([total, torch.tensor(seen, dtype=torch.float64, device=device)])
+        counts = distributed.sum_over_ranks(counts)
+        total, seen = counts[0], int(counts[1])
+        never = torch.iinfo(torch.int64).max
+        first_bad = distributed.min_over_ranks(torch.where(first_bad < 0, never, first_bad))
+        first_bad = torch.where(first_bad == never, -1, first_bad)
     if int(first_bad) >= 0:
         raise TrainingDiverged(f"step {int(first_bad)}: the training loss became {float(total):.0f}")
     return float(total) / max(seen, 1)
@@ -234,9 +257,27 @@ def train(
     mode, no dropout) and every callback's `on_epoch_end(record)` is called in order; one returning
     True stops training there. `show_progress` draws a tqdm bar per epoch (default: on a terminal).
     Raises TrainingDiverged (epoch and step named) when the loss stops being finite.
+
+    In a distributed run every rank calls this with the same arguments, except that valid_data and
+    callbacks are given to rank 0 only: the others wait each epoch for rank 0's verdict (stop or go).
     """
-    images, labels = train_data
+    distributed.check_batch_size(config.batch_size, distributed.world_size())
     show_progress = sys.stderr.isatty() if show_progress is None else show_progress
+    show_progress = show_progress and distributed.is_main()  # one bar: rank 0's
+    network = distributed.wrap(model)  # DDP in a distributed run, else `model` itself
+    try:
+        return _train_epochs(
+            model, network, optimizer, train_data, valid_data, config, start_epoch, callbacks, show_progress
+        )
+    finally:
+        del network  # before the process group goes (see cnnkit.distributed.process_group)
+
+
+def _train_epochs(
+    model, network, optimizer, train_data, valid_data, config, start_epoch, callbacks, show_progress
+) -> list[EpochRecord]:
+    images, labels = train_data
+    rank = distributed.rank()
     records = []
     for epoch in range(start_epoch, config.epochs + 1):
         batches = minibatch_indices(len(labels), config.batch_size, config.shuffle, config.seed, epoch)
@@ -246,9 +287,9 @@ def train(
         start = time.perf_counter()
         try:
             with torch.random.fork_rng(devices=[images.device] if images.device.type == "cuda" else []):
-                torch.manual_seed(epoch_seed(config.seed, epoch))
+                torch.manual_seed(epoch_seed(config.seed, epoch, rank))
                 train_loss = train_epoch(
-                    model,
+                    network,
                     optimizer,
                     images,
                     labels,
@@ -257,7 +298,7 @@ def train(
                     bar,
                     learning_rates,
                     config.label_smoothing,
-                    _augmentation(config, epoch, images.device),
+                    _augmentation(config, epoch, images.device, rank),
                 )
         except TrainingDiverged as exc:
             raise TrainingDiverged(f"epoch {epoch}, {exc}; try a lower --lr") from None
@@ -282,16 +323,17 @@ def train(
         stop = False
         for callback in callbacks:
             stop = bool(callback.on_epoch_end(record)) or stop
-        if stop:
+        if distributed.rank_zero_says(stop, images.device):
             break
     return records
 
 
-def _augmentation(config: TrainConfig, epoch: int, device):
-    """Epoch `epoch`'s batch transform (None without augmentation), drawn from (seed, epoch) alone."""
+def _augmentation(config: TrainConfig, epoch: int, device, rank: int = 0):
+    """Epoch `epoch`'s batch transform (None without augmentation), drawn from (seed, epoch) alone,
+    and the rank in a distributed run (rank 0's is the single process's)."""
     if not config.augments:
         return None
-    generator = epoch_generator(config.seed, epoch)
+    generator = epoch_generator(config.seed, epoch, rank)
     return lambda images: random_affine(images, config, generator)
 
 
