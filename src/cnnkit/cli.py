@@ -1,4 +1,4 @@
-"""The `cnnkit` command line: train, evaluate, predict, summary, data info.
+"""The `cnnkit` command line: train, evaluate, predict, summary, data info, serve.
 
 `main` is the one place that turns exceptions into output: every error a user can cause (a missing
 file, a corrupt checkpoint, an unknown dataset, a full disk, a read-only folder) is printed as one
@@ -20,6 +20,7 @@ from cnnkit.recipes import AFFINE_RANGES, AUGMENTATIONS, CALIBRATION_IMAGES, DAT
 
 SOURCES_HELP = "mnist-5k (embedded), mnist, fashion-mnist, idx:DIR, npz:FILE or folder:DIR"
 CHECKPOINT_HELP = "a run folder, or a checkpoint file"
+CHECKPOINT_OR_ONNX_HELP = "a run folder, a checkpoint file, or an .onnx file written by `cnnkit export`"
 WHICH_HELP = "for a run folder: newest (default), best (best validation accuracy) or an epoch number N"
 
 
@@ -110,8 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(commands)
     _add_evaluate(commands)
     _add_predict(commands)
+    _add_export(commands)
     _add_summary(commands)
+    _add_report(commands)
+    _add_explain(commands)
     _add_data(commands)
+    _add_serve(commands)
     return parser
 
 
@@ -153,8 +158,10 @@ def _add_train(commands):
         choices=tuple(RECIPES),
         default=None,
         help="chapter (default): the chapter's schedule (the defaults below); fast: batch 256, one-cycle lr "
-        "4e-3, dropout 0.3, label smoothing 0.1, 7 epochs, min(2,000, 10%%) validation images "
-        "(options below override it)",
+        "4e-3, dropout 0.3, label smoothing 0.1, 7 epochs, min(2,000, 10%%) validation images; accurate: "
+        "one-cycle lr 1e-3, label smoothing 0.1, --augment affine (and --flip for objects and photos), "
+        "about 240,000 training images in all (15 to 60 epochs), min(2,000, 10%%) validation images "
+        "(options below override them)",
     )
     p.add_argument("--epochs", type=_positive_int, default=None, help="epochs in all (default: 20)")
     p.add_argument("--batch-size", type=_positive_int, default=None, help="mini-batch size (default: 64)")
@@ -258,12 +265,20 @@ def _add_train(commands):
         help="start afresh in an --out folder that holds checkpoints (deletes them)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar and no epoch lines")
+    p.add_argument(
+        "--nproc-per-node",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="train as N processes on this machine with torchrun and DDP (the batch stays the global one, "
+        "split among them); for several machines, start torchrun yourself (see the README)",
+    )
     p.set_defaults(run=run_train)
 
 
 def _add_evaluate(commands):
     p = commands.add_parser("evaluate", help="accuracy, loss, per-class accuracy and confusion matrix")
-    p.add_argument("checkpoint", type=_nonempty, metavar="RUN_OR_CHECKPOINT", help=CHECKPOINT_HELP)
+    p.add_argument("checkpoint", type=_nonempty, metavar="RUN_OR_CHECKPOINT", help=CHECKPOINT_OR_ONNX_HELP)
     p.add_argument(
         "--checkpoint", dest="which", type=_which, default=None, metavar="best|newest|N", help=WHICH_HELP
     )
@@ -289,7 +304,7 @@ def _add_predict(commands):
         description="Classify image files. A digit is prepared the way MNIST's were made: grayscale, "
         "inverted if the background is light, cropped to the ink, scaled into 20x20, centered by mass in 28x28.",
     )
-    p.add_argument("checkpoint", type=_nonempty, metavar="RUN_OR_CHECKPOINT", help=CHECKPOINT_HELP)
+    p.add_argument("checkpoint", type=_nonempty, metavar="RUN_OR_CHECKPOINT", help=CHECKPOINT_OR_ONNX_HELP)
     p.add_argument("images", type=_nonempty, metavar="IMAGE", nargs="+", help="image files")
     p.add_argument(
         "--checkpoint", dest="which", type=_which, default=None, metavar="best|newest|N", help=WHICH_HELP
@@ -305,6 +320,39 @@ def _add_predict(commands):
     )
     _add_runtime(p)
     p.set_defaults(run=run_predict)
+
+
+def _add_export(commands):
+    p = commands.add_parser(
+        "export",
+        help="write a trained model as one .onnx file, to run with onnxruntime without PyTorch",
+        description="Write a trained model as one self-contained .onnx file: raw pixels in (float32, "
+        "N x C x H x W, the values of the training images), the checkpoint's standardization inside, "
+        "logits and probabilities out, class names and preprocessing in its metadata. `cnnkit predict` "
+        'and `cnnkit evaluate` run it. Needs the onnx extra: pip install "cnnkit[onnx]".',
+    )
+    p.add_argument("checkpoint", type=_nonempty, metavar="RUN_OR_CHECKPOINT", help=CHECKPOINT_HELP)
+    p.add_argument(
+        "--checkpoint", dest="which", type=_which, default=None, metavar="best|newest|N", help=WHICH_HELP
+    )
+    p.add_argument(
+        "-o", "--out", type=_nonempty, required=True, metavar="FILE.onnx", help="the file to write"
+    )
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "int8"),
+        default="fp32",
+        help="fp32 (default), or int8: onnxruntime's static quantization, calibrated on the first "
+        f"{CALIBRATION_IMAGES} training images",
+    )
+    p.add_argument(
+        "--dataset",
+        type=_nonempty,
+        default=None,
+        help=f"where int8's calibration images and agreement test come from: {SOURCES_HELP} "
+        "(default: the one it was trained on)",
+    )
+    p.set_defaults(run=run_export)
 
 
 def _add_summary(commands):
@@ -325,6 +373,144 @@ def _add_data(commands):
     info = data_commands.add_parser("info", help="print splits, counts, shapes, classes and statistics")
     info.add_argument("source", type=_nonempty, help=SOURCES_HELP)
     info.set_defaults(run=run_data_info)
+
+
+_port = _checked(int, lambda v: 0 <= v <= 65535, "a port number 0..65535 (0: any free port)")
+
+
+def _add_serve(commands):
+    p = commands.add_parser(
+        "serve",
+        help="a local web page: draw a digit and watch every layer answer; and a JSON API",
+        description="Serve a web page where you draw or drop an image and see the network's answer "
+        "layer by layer, its learning curves, and a JSON API (POST /api/predict; docs at /docs). "
+        "Runs until Ctrl-C.",
+    )
+    p.add_argument(
+        "checkpoints", type=_nonempty, nargs="+", metavar="RUN_OR_CHECKPOINT", help=CHECKPOINT_HELP
+    )
+    p.add_argument(
+        "--checkpoint", dest="which", type=_which, default=None, metavar="best|newest|N", help=WHICH_HELP
+    )
+    p.add_argument(
+        "--host",
+        type=_nonempty,
+        default="127.0.0.1",
+        help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 opens it to the network)",
+    )
+    p.add_argument("--port", type=_port, default=8000, help="default: 8000; 0 picks a free port")
+    p.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=None,
+        help="inference threads, one request each (default: the CPUs this process may use, at most 4)",
+    )
+    p.set_defaults(run=run_serve)
+
+
+def _add_report(commands):
+    p = commands.add_parser(
+        "report",
+        help="pictures of a trained model: learning curves, confusion matrix, mistakes, feature maps, ...",
+        description="Write a folder (default: RUN/report/) with index.html (one page that opens from disk), "
+        "a PNG per figure and report.json (the numbers behind them; accuracy and confusion_matrix as "
+        "`cnnkit evaluate --json` gives them).",
+    )
+    p.add_argument("checkpoint", type=_nonempty, metavar="RUN_OR_CHECKPOINT", help=CHECKPOINT_HELP)
+    p.add_argument(
+        "--checkpoint", dest="which", type=_which, default=None, metavar="best|newest|N", help=WHICH_HELP
+    )
+    p.add_argument(
+        "--dataset", type=_nonempty, default=None, help=f"{SOURCES_HELP} (default: the one it was trained on)"
+    )
+    p.add_argument("--split", choices=("test", "valid", "train"), default="test", help="default: test")
+    p.add_argument("--out", type=_nonempty, default=None, metavar="DIR", help="default: RUN/report")
+    p.add_argument("--batch-size", type=_positive_int, default=None, help="images per forward pass")
+    _add_runtime(p)
+    p.set_defaults(run=run_report)
+
+
+def _numbers(text: str) -> list:
+    return [int(v) if v.lstrip("+-").isdigit() else float(v) for v in text.replace(" ", "").split(",")]
+
+
+def _finite(values) -> bool:
+    return all(math.isfinite(v) for v in values)
+
+
+_vector = _checked(
+    _numbers, lambda v: 1 <= len(v) <= 40 and _finite(v), "1 to 40 numbers separated by commas, e.g. 1,3,2,4"
+)
+_matrix = _checked(
+    lambda text: [_numbers(row) for row in text.split(";")],
+    lambda m: (
+        1 <= len(m) <= 12
+        and 1 <= len(m[0]) <= 12
+        and len({len(r) for r in m}) == 1
+        and all(_finite(r) for r in m)
+    ),
+    "rows of numbers separated by ';' and commas, e.g. '1,2,3;4,5,6' (at most 12 x 12)",
+)
+
+
+def _whole(smallest: int, largest: int):
+    return _checked(int, lambda v: smallest <= v <= largest, f"a whole number {smallest}..{largest}")
+
+
+def _pair_of(smallest: int, largest: int):
+    def convert(text):
+        values = tuple(int(v) for v in text.split(","))
+        return values * 2 if len(values) == 1 else values
+
+    return _checked(
+        convert,
+        lambda v: len(v) == 2 and all(smallest <= n <= largest for n in v),
+        f"N or N1,N2 with whole numbers {smallest}..{largest}",
+    )
+
+
+def _add_explain(commands):
+    explain = commands.add_parser(
+        "explain",
+        help="draw a convolution or pooling step by step (PNG), computed by cnnkit.ops",
+        description="Draw the chapter's primitives step by step with their exact numbers: "
+        "conv1d and conv2d (padding, flipped kernel, the inputs behind each output), and max and mean "
+        "pooling (windows, stride, TensorFlow's SAME padding). Defaults are the chapter's examples.",
+    )
+    kinds = explain.add_subparsers(dest="explain_command", metavar="conv1d|conv2d|pool")
+    kinds.required = True
+    one = kinds.add_parser("conv1d", help="1-D convolution (default: the chapter's x and w, padding 2)")
+    one.add_argument("--x", type=_vector, default=None, help="the signal (default: 1,3,2,4,5,6,1,3)")
+    one.add_argument("--w", type=_vector, default=None, help="the kernel (default: 1,0,3,1,2)")
+    one.add_argument("--padding", type=_whole(0, 20), default=2, help="zeros at each end (default: 2)")
+    one.add_argument("--stride", type=_whole(1, 20), default=1, help="default: 1")
+    two = kinds.add_parser(
+        "conv2d", help="2-D convolution (default: the chapter's 4x4 x and 3x3 w, padding 1)"
+    )
+    two.add_argument(
+        "--x", type=_matrix, default=None, help="the image, rows separated by ';' (default: the chapter's)"
+    )
+    two.add_argument("--w", type=_matrix, default=None, help="the kernel (default: '1,0,3;1,2,1;0,1,1')")
+    two.add_argument("--padding", type=_pair_of(0, 10), default=(1, 1), help="P or P1,P2 (default: 1)")
+    two.add_argument("--stride", type=_pair_of(1, 10), default=(1, 1), help="S or S1,S2 (default: 1)")
+    pool = kinds.add_parser(
+        "pool", help="max and mean pooling (default: a 5x5 image, 2x2 windows, SAME padding)"
+    )
+    pool.add_argument("--x", type=_matrix, default=None, help="the image (default: 0..24 in 5 rows)")
+    pool.add_argument("--size", type=_pair_of(1, 10), default=(2, 2), help="window K or KH,KW (default: 2)")
+    pool.add_argument("--stride", type=_pair_of(1, 10), default=None, help="default: the window size")
+    pool.add_argument(
+        "--padding", choices=("same", "valid"), default="same", help="default: same (TensorFlow's)"
+    )
+    for p in (one, two, pool):
+        p.add_argument(
+            "--out",
+            type=_nonempty,
+            default=None,
+            metavar="FILE.png",
+            help=f"default: {p.prog.split()[-1]}.png",
+        )
+        p.set_defaults(run=run_explain)
 
 
 # --- commands ---
@@ -349,14 +535,80 @@ def _runtime(args):
 
 
 def run_train(args) -> int:
+    """`cnnkit train`: in this process, as one rank of a torchrun job, or (--nproc-per-node N) as the
+    launcher of N ranks here (torchrun's own, on 127.0.0.1)."""
+    from cnnkit import distributed
+
+    if (args.nproc_per_node or 1) > 1 and not distributed.launched_by_torchrun():
+        distributed.check_batch_size(_global_batch_size(args), args.nproc_per_node)
+        return distributed.launch_here(args.nproc_per_node, args.command_line)
+    if args.nproc_per_node not in (None, distributed.local_world_size()):
+        raise CnnkitError(
+            f"--nproc-per-node {args.nproc_per_node}: torchrun started {distributed.local_world_size()} "
+            "processes here; leave the option out under torchrun"
+        )
+    if distributed.restart_count() == 0 and _max_restarts() and not (args.out or args.resume):
+        raise CnnkitError("torchrun --max-restarts needs --out DIR, so that a restart continues the same run")
+    with distributed.process_group(_runtime(args)) as device:
+        return _train(args, device)
+
+
+def _global_batch_size(args) -> int:
+    if args.resume:
+        from cnnkit.checkpoint import read_record, resolve_checkpoint
+
+        return read_record(resolve_checkpoint(args.resume)).config.batch_size
+    return args.batch_size or RECIPES[args.recipe or "chapter"].batch_size
+
+
+def _max_restarts() -> int:
+    return int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0)
+
+
+def _restart_folder(args):
+    """After torchrun restarted a failed job (--max-restarts), the run folder whose newest checkpoint it
+    continues from; None the first time, or when no epoch had finished."""
+    from pathlib import Path
+
+    from cnnkit import distributed
+    from cnnkit.checkpoint import list_checkpoints
+
+    if not distributed.restart_count():
+        return None
+    if args.out:
+        folder = Path(args.out)
+    else:
+        folder = Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent.parent
+    return folder if list_checkpoints(folder) else None
+
+
+def _train(args, device) -> int:
     import dataclasses
 
+    from cnnkit import distributed
+    from cnnkit.checkpoint import read_record, resolve_checkpoint
     from cnnkit.runs import resume_run, start_run
 
-    device = _runtime(args)
     show_progress = False if args.quiet else None
-    say = (lambda line: None) if args.quiet else log
-    if args.resume:
+    say = (lambda line: None) if args.quiet or not distributed.is_main() else log
+    restart = _restart_folder(args)
+    if restart is not None:  # torchrun restarted the job: it goes on from the newest checkpoint
+        newest = read_record(resolve_checkpoint(restart))
+        if newest.epoch >= (args.epochs or newest.config.epochs):
+            say(f"restart {distributed.restart_count()}: {restart} already holds epoch {newest.epoch}; done")
+            result = None
+        else:
+            say(f"restart {distributed.restart_count()}: continuing {restart} from epoch {newest.epoch}")
+            result = resume_run(
+                restart,
+                args.epochs,
+                dataset=args.dataset,
+                keep=args.keep,
+                device=device,
+                log=say,
+                show_progress=show_progress,
+            )
+    elif args.resume:
         fixed = {
             "--batch-size": args.batch_size,
             "--lr": args.lr,
@@ -432,13 +684,16 @@ def run_train(args) -> int:
             show_progress=show_progress,
             overwrite=args.overwrite,
         )
-    log(f"checkpoint: {result.last_checkpoint}")
+    if distributed.is_main():
+        log(f"checkpoint: {result.last_checkpoint if result else resolve_checkpoint(restart)}")
     return 0
 
 
 def run_evaluate(args) -> int:
-    import numpy as np
+    from cnnkit.onnx_model import is_onnx_path
 
+    if is_onnx_path(args.checkpoint):
+        return _evaluate_onnx(args)
     from cnnkit.checkpoint import load_model
     from cnnkit.device import resolve_precision
     from cnnkit.evaluation import evaluate_split, evaluation_split
@@ -456,13 +711,66 @@ def run_evaluate(args) -> int:
         calibration = dataset.train or dataset.valid or split
         model = quantize_int8(model, record.standardization.apply(calibration.images[:CALIBRATION_IMAGES]))
     scored = evaluate_split(model, ckpt, source, split, precision, device, args.batch_size)
-    result, report = scored.evaluation, scored.numbers
+    return _print_evaluation(args, scored.evaluation, scored.numbers, record.class_names)
+
+
+def _evaluate_onnx(args) -> int:
+    """`cnnkit evaluate FILE.onnx`: an exported model in onnxruntime; loads neither torch nor training code."""
+    from cnnkit.data import resolve_source, split_for_model
+    from cnnkit.metrics import evaluate_logits
+    from cnnkit.onnx_model import load_onnx
+
+    classifier = load_onnx(args.checkpoint, args.threads)
+    meta = classifier.metadata
+    _check_onnx_options(args, meta.precision)
+    source = resolve_source(args.dataset) if args.dataset else meta.dataset
+    if source is None:
+        raise CnnkitError(
+            f"{args.checkpoint}: trained on arrays with ConvNN, so no dataset is recorded; name one with --dataset"
+        )
+    _, split = split_for_model(source, meta.input_shape, meta.class_names, meta.valid_size, args.split)
+    result = evaluate_logits(classifier.predict_logits(split.images, args.batch_size), split.labels)
+    report = {
+        "checkpoint": str(classifier.path),
+        "epoch": meta.epoch,
+        "dataset": source,
+        "split": split.name,
+        "precision": meta.precision,
+        "device": "cpu",
+    }
+    report.update(result.to_dict(meta.class_names))
+    return _print_evaluation(args, result, report, meta.class_names)
+
+
+def _check_onnx_options(args, precision: str):
+    """Refuse the options that choose among a checkpoint's ways of running: an .onnx file has one."""
+    if args.which is not None:
+        raise CnnkitError(
+            f"--checkpoint {args.which} picks a checkpoint of a run folder; {args.checkpoint} is one model"
+        )
+    if args.precision not in (None, "auto", precision):
+        raise CnnkitError(
+            f"{args.checkpoint} is an {precision} model; to run it as {args.precision}, export it with "
+            f"`cnnkit export --precision {args.precision}`"
+            if args.precision in ("fp32", "int8")
+            else f"{args.checkpoint} is an {precision} model; --precision {args.precision} applies to checkpoints"
+        )
+    if args.device == "cuda":
+        raise CnnkitError(
+            f"{args.checkpoint}: an .onnx model runs on the CPU here (onnxruntime); leave out --device"
+        )
+
+
+def _print_evaluation(args, result, report: dict, names) -> int:
+    """Print `cnnkit evaluate`'s `report` (its --json object) as JSON, or as a table with `result`'s metrics."""
+    import numpy as np
+
     if args.json:
         log(json.dumps(report, allow_nan=False))
         return 0
-    names = record.class_names
     lines = [
-        f"{ckpt.path} (epoch {record.epoch}) on {source} ({args.split}, {result.n:,} images, {precision})",
+        f"{report['checkpoint']} (epoch {report['epoch']}) on {report['dataset']} "
+        f"({report['split']}, {result.n:,} images, {report['precision']})",
         f"accuracy {result.accuracy:.4f}  loss {result.loss:.4f}",
     ]
     width = max(len(n) for n in names)
@@ -481,21 +789,46 @@ def run_evaluate(args) -> int:
 
 
 def run_predict(args) -> int:
-    import numpy as np
+    from cnnkit.onnx_model import is_onnx_path
 
+    if is_onnx_path(args.checkpoint):
+        return _predict_onnx(args)
     from cnnkit.checkpoint import load_model
     from cnnkit.device import resolve_precision
-    from cnnkit.images import load_for_model
     from cnnkit.inference import predict_proba
 
     device = _runtime(args)
     model, ckpt = load_model(args.checkpoint, args.which, device)
     record = ckpt.record
-    style = record.preprocessing if args.preprocess == "auto" else args.preprocess
-    raw = np.stack([load_for_model(path, record.architecture.input_shape, style) for path in args.images])
+    raw = _prepared_images(args, record.architecture.input_shape, record.preprocessing)
     precision = resolve_precision(args.precision or "auto", device)
     proba = predict_proba(model, record.standardization.apply(raw), precision=precision)
-    names = record.class_names
+    return _print_predictions(args, record.class_names, proba)
+
+
+def _predict_onnx(args) -> int:
+    """`cnnkit predict FILE.onnx IMAGE...`: an exported model in onnxruntime; loads neither torch nor training code."""
+    from cnnkit.onnx_model import load_onnx
+
+    classifier = load_onnx(args.checkpoint, args.threads)
+    meta = classifier.metadata
+    _check_onnx_options(args, meta.precision)
+    raw = _prepared_images(args, meta.input_shape, meta.preprocessing)
+    return _print_predictions(args, meta.class_names, classifier.predict_proba(raw))
+
+
+def _prepared_images(args, input_shape, preprocessing: str):
+    """The IMAGE files brought to a model's input (N, C, H, W), as its dataset's images were made (or --preprocess)."""
+    import numpy as np
+
+    from cnnkit.images import load_for_model
+
+    style = preprocessing if args.preprocess == "auto" else args.preprocess
+    return np.stack([load_for_model(path, input_shape, style) for path in args.images])
+
+
+def _print_predictions(args, names, proba) -> int:
+    """Print `cnnkit predict`'s output for probabilities (N, K): a line per image, or --json's list."""
     results = []
     for path, p in zip(args.images, proba, strict=True):
         label = int(p.argmax())
@@ -510,6 +843,36 @@ def run_predict(args) -> int:
         log(f"{entry['file']}: {entry['class_name']} ({entry['confidence']:.1%})")
         if args.proba:
             log("  " + "  ".join(f"{name} {v:.3f}" for name, v in entry["probabilities"].items()))
+    return 0
+
+
+def run_export(args) -> int:
+    try:
+        from cnnkit.export import export_onnx
+    except ModuleNotFoundError as exc:  # a deployment that installed cnnkit without PyTorch
+        raise CnnkitError(
+            f'cnnkit export needs {exc.name}, which is not installed: pip install torch==2.13.0 "cnnkit[onnx]"'
+        ) from None
+
+    result = export_onnx(args.checkpoint, args.out, args.which, args.precision, args.dataset)
+    meta = result.metadata
+    size = result.path.stat().st_size / 2**20
+    log(f"{result.path}: {meta.precision}, {size:,.1f} MB, from {result.checkpoint} (epoch {meta.epoch})")
+    log(
+        f"input  pixels: float32 N x {' x '.join(map(str, meta.input_shape))}, raw values (standardized inside); "
+        f"outputs logits, probabilities ({len(meta.class_names)} classes)"
+    )
+    log(
+        f"parity fp32 graph against PyTorch: max |logit difference| {result.max_logit_difference:.1e} "
+        f"on {result.parity_images} images"
+    )
+    if meta.calibration:
+        agreement = (
+            f"; labels agree with fp32 on {result.agreement:.2%} of the test split ({result.agreement_images:,} images)"
+            if result.agreement is not None
+            else ""
+        )
+        log(f"int8   calibrated on {meta.calibration}{agreement}")
     return 0
 
 
@@ -542,10 +905,67 @@ def run_summary(args) -> int:
     return 0
 
 
+def run_serve(args) -> int:
+    from cnnkit.serve import serve
+
+    return serve(args.checkpoints, args.host, args.port, args.which, args.workers, log=log)
+
+
 def run_data_info(args) -> int:
     from cnnkit.data import info_table, load_dataset
 
     log(info_table(load_dataset(args.source)))
+    return 0
+
+
+def run_report(args) -> int:
+    import time
+
+    from cnnkit.report import write_report
+
+    device = _runtime(args)
+    started = time.perf_counter()
+    folder = write_report(
+        args.checkpoint,
+        args.out,
+        args.which,
+        args.dataset,
+        args.split,
+        args.precision or "auto",
+        device,
+        args.batch_size,
+    )
+    report = json.loads((folder / "report.json").read_text())
+    accuracy = "-" if report["accuracy"] is None else f"{report['accuracy']:.4f}"
+    log(f"accuracy {accuracy} on {report['n']:,} {report['split']} images of {report['dataset']}")
+    log(
+        f"report: {folder / 'index.html'} ({len(report['figures'])} figures and report.json, "
+        f"{time.perf_counter() - started:.1f} s)"
+    )
+    return 0
+
+
+def run_explain(args) -> int:
+    from cnnkit import plots
+    from cnnkit.errors import ArgumentError
+
+    kind = args.explain_command
+    out = args.out or f"{kind}.png"
+    if not out.lower().endswith(".png"):
+        raise ArgumentError(f"--out {out!r}: expected a file name ending in .png")
+    try:
+        if kind == "conv1d":
+            x, w = args.x or plots.CHAPTER_X1, args.w or plots.CHAPTER_W1
+            figure = plots.explain_conv1d(x, w, args.padding, args.stride)
+        elif kind == "conv2d":
+            x, w = args.x or plots.CHAPTER_X2, args.w or plots.CHAPTER_W2
+            figure = plots.explain_conv2d(x, w, args.padding, args.stride)
+        else:
+            figure = plots.explain_pool(args.x or plots.POOL_EXAMPLE, args.size, args.stride, args.padding)
+    except ValueError as exc:  # cnnkit.ops names the argument and what it expected
+        raise ArgumentError(f"cnnkit explain {kind}: {exc}") from None
+    plots.save_figure(figure, out)
+    log(f"wrote {out}")
     return 0
 
 
@@ -569,11 +989,15 @@ def main(argv=None) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
+        args.command_line = list(sys.argv[1:] if argv is None else argv)  # what --nproc-per-node's ranks run
         if "threads" in args:  # before torch loads: see cnnkit.threads
-            from cnnkit.threads import configure_threads
+            from cnnkit.distributed import local_world_size
+            from cnnkit.threads import available_cpus, configure_threads
 
             args.threads = configure_threads(
-                args.threads, log=lambda line: print(f"cnnkit: {line}", file=sys.stderr)
+                args.threads,
+                log=lambda line: print(f"cnnkit: {line}", file=sys.stderr),
+                cpus=max(available_cpus() // local_world_size(), 1),  # torchrun's ranks here share the CPUs
             )
         return args.run(args)
     except CnnkitError as exc:

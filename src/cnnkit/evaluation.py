@@ -1,0 +1,77 @@
+"""A trained model meets a labelled split: which images it is scored on, and the numbers it gets.
+
+`cnnkit evaluate` and `cnnkit report` both go through these two functions, so report.json's
+accuracy and confusion matrix are exactly what `cnnkit evaluate --json` prints.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from cnnkit.data import Dataset, Split, resolve_source, split_for_model
+from cnnkit.errors import CheckpointError
+from cnnkit.inference import predict_logits
+from cnnkit.metrics import Evaluation, evaluate_logits
+from cnnkit.record import ModelRecord
+
+
+@dataclass
+class SplitEvaluation:
+    """One pass of a model over a split: the metrics, `cnnkit evaluate --json`'s object, and the logits (N, K)."""
+
+    evaluation: Evaluation
+    numbers: dict
+    logits: torch.Tensor
+
+    @property
+    def probabilities(self) -> np.ndarray:
+        return torch.softmax(self.logits, dim=1).numpy()
+
+
+def evaluation_split(
+    record: ModelRecord, checkpoint_path, dataset: str | None = None, split: str = "test"
+) -> tuple[str, Dataset, Split]:
+    """The source, the dataset as the model takes it, and its split `split` ("test", "valid" or "train").
+
+    `dataset` is a source string (default: the one the model was trained on). "valid" and "train" are
+    carved as training carved them (the last `record.valid_size` training images are "valid").
+    Raises CnnkitError when the split is missing or empty.
+    """
+    source = resolve_source(dataset) if dataset else record.dataset
+    if source is None:
+        raise CheckpointError(
+            f"{checkpoint_path}: trained on arrays with ConvNN, so no dataset is recorded; name one with --dataset"
+        )
+    arch = record.architecture
+    data, chosen = split_for_model(source, arch.input_shape, record.class_names, record.valid_size, split)
+    return source, data, chosen
+
+
+def evaluate_split(
+    model, ckpt, source: str, split: Split, precision: str, device, batch_size=None
+) -> SplitEvaluation:
+    """Run `model` (of checkpoint `ckpt`) once over `split`, standardized with the checkpoint's statistics.
+
+    `precision` is what runs ("fp32" or "bf16"; "int8" for a quantized model, which computes in fp32).
+    `numbers` is the JSON object of `cnnkit evaluate --json`: checkpoint, epoch, dataset, split,
+    precision, device, accuracy, loss, n, per_class and confusion_matrix.
+    """
+    record = ckpt.record
+    logits = predict_logits(
+        model,
+        record.standardization.apply(split.images),
+        batch_size,
+        precision="fp32" if precision == "int8" else precision,
+    )
+    result = evaluate_logits(logits, split.labels)
+    numbers = {
+        "checkpoint": str(ckpt.path),
+        "epoch": record.epoch,
+        "dataset": source,
+        "split": split.name,
+        "precision": precision,
+        "device": str(device),
+    }
+    numbers.update(result.to_dict(record.class_names))
+    return SplitEvaluation(result, numbers, logits)
