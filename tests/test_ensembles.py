@@ -73,3 +73,38 @@ def test_an_ensemble_averages_different_models_and_mirrors_only_for_those_traine
     mirrored = average_probabilities([(a, _record(flip=True))], raw, tta=True)
     np.testing.assert_allclose(mirrored, predict_proba_tta(a, std, flip=True), rtol=1e-6)
     assert not np.allclose(mirrored, predict_proba_tta(a, std, flip=False))
+
+
+def test_evaluate_an_ensemble_of_one_run_twice_scores_as_the_run(cli, tiny_run):
+    import json
+
+    alone = json.loads(cli("evaluate", tiny_run, "--json", "--precision", "fp32").out)
+    twice = cli("evaluate", tiny_run, tiny_run, "--json", "--precision", "fp32")
+    assert twice.code == 0, twice.err
+    twice = json.loads(twice.out)
+    assert twice["accuracy"] == alone["accuracy"] and twice["confusion_matrix"] == alone["confusion_matrix"]
+    assert [m["checkpoint"] for m in twice["models"]] == [alone["checkpoint"]] * 2 and twice["tta"] is False
+    tta = cli("evaluate", tiny_run, "--tta", "--json")
+    assert tta.code == 0 and json.loads(tta.out)["tta"] is True
+
+
+def test_predict_with_an_ensemble_and_tta(cli, tiny_run):
+    import json
+
+    seven = "examples/seven.png"
+    alone = json.loads(cli("predict", tiny_run, seven, "--json", "--proba", "--precision", "fp32").out)
+    twice = cli("predict", tiny_run, tiny_run, seven, "--json", "--proba", "--precision", "fp32")
+    assert twice.code == 0, twice.err
+    assert [e["file"] for e in json.loads(twice.out)] == [seven]  # the second run is a model, not an image
+    for name, p in json.loads(twice.out)[0]["probabilities"].items():
+        assert abs(p - alone[0]["probabilities"][name]) < 1e-6
+    assert cli("predict", tiny_run, seven, "--tta").code == 0
+
+
+def test_an_ensemble_of_models_that_disagree_on_classes_or_onnx_files_is_one_line(
+    cli, tiny_run, three_class_run
+):
+    cli("evaluate", tiny_run, three_class_run).assert_one_line_error("must share their classes")
+    cli("predict", tiny_run, three_class_run, "examples/seven.png").assert_one_line_error("must share")
+    cli("evaluate", tiny_run, "model.onnx").assert_one_line_error("model.onnx", "not .onnx files")
+    cli("evaluate", tiny_run, "--tta", "--precision", "int8").assert_one_line_error("int8")

@@ -20,6 +20,10 @@ from cnnkit.recipes import AFFINE_RANGES, AUGMENTATIONS, CALIBRATION_IMAGES, DAT
 
 SOURCES_HELP = "mnist-5k (embedded), mnist, fashion-mnist, idx:DIR, npz:FILE or folder:DIR"
 CHECKPOINT_HELP = "a run folder, or a checkpoint file"
+TTA_HELP = (
+    "test-time augmentation: average the probabilities of each image and its 1-pixel shifts up, down, "
+    "left and right (and their mirrors, for a model trained with --flip)"
+)
 CHECKPOINT_OR_ONNX_HELP = "a run folder, a checkpoint file, or an .onnx file written by `cnnkit export`"
 WHICH_HELP = "for a run folder: newest (default), best (best validation accuracy) or an epoch number N"
 
@@ -280,12 +284,20 @@ def _add_evaluate(commands):
     p = commands.add_parser("evaluate", help="accuracy, loss, per-class accuracy and confusion matrix")
     p.add_argument("checkpoint", type=_nonempty, metavar="RUN_OR_CHECKPOINT", help=CHECKPOINT_OR_ONNX_HELP)
     p.add_argument(
+        "more",
+        type=_nonempty,
+        nargs="*",
+        metavar="RUN_OR_CHECKPOINT",
+        help="more models: an ensemble, whose averaged probabilities are scored (same classes and input shape)",
+    )
+    p.add_argument(
         "--checkpoint", dest="which", type=_which, default=None, metavar="best|newest|N", help=WHICH_HELP
     )
     p.add_argument(
         "--dataset", type=_nonempty, default=None, help=f"{SOURCES_HELP} (default: the one it was trained on)"
     )
     p.add_argument("--split", choices=("test", "valid", "train"), default="test", help="default: test")
+    p.add_argument("--tta", action="store_true", help=TTA_HELP)
     p.add_argument(
         "--batch-size",
         type=_positive_int,
@@ -305,11 +317,19 @@ def _add_predict(commands):
         "inverted if the background is light, cropped to the ink, scaled into 20x20, centered by mass in 28x28.",
     )
     p.add_argument("checkpoint", type=_nonempty, metavar="RUN_OR_CHECKPOINT", help=CHECKPOINT_OR_ONNX_HELP)
-    p.add_argument("images", type=_nonempty, metavar="IMAGE", nargs="+", help="image files")
+    p.add_argument(
+        "images",
+        type=_nonempty,
+        metavar="IMAGE",
+        nargs="+",
+        help="image files; run folders and checkpoint files before them join the first model in an "
+        "ensemble, whose probabilities are averaged",
+    )
     p.add_argument(
         "--checkpoint", dest="which", type=_which, default=None, metavar="best|newest|N", help=WHICH_HELP
     )
     p.add_argument("--proba", action="store_true", help="also print each class's probability")
+    p.add_argument("--tta", action="store_true", help=TTA_HELP)
     p.add_argument("--json", action="store_true", help="print a JSON list, one object per image")
     p.add_argument(
         "--preprocess",
@@ -692,17 +712,26 @@ def _train(args, device) -> int:
 def run_evaluate(args) -> int:
     from cnnkit.onnx_model import is_onnx_path
 
-    if is_onnx_path(args.checkpoint):
+    models = [args.checkpoint, *args.more]
+    if len(models) == 1 and not args.tta and is_onnx_path(args.checkpoint):
         return _evaluate_onnx(args)
     from cnnkit.checkpoint import load_model
     from cnnkit.device import resolve_precision
-    from cnnkit.evaluation import evaluate_split, evaluation_split
+    from cnnkit.evaluation import evaluate_ensemble, evaluate_split, evaluation_split, load_ensemble
     from cnnkit.quantize import quantize_int8
 
     device = _runtime(args)
     int8 = args.precision == "int8"
     if int8 and device.type != "cpu":
         raise CnnkitError("--precision int8 runs on the CPU only; add --device cpu")
+    if len(models) > 1 or args.tta:
+        _check_ensemble_options(models, int8)
+        members = load_ensemble(models, args.which, device)
+        first = members[0][1]
+        source, _, split = evaluation_split(first.record, first.path, args.dataset, args.split)
+        precision = resolve_precision(args.precision or "auto", device)
+        scored = evaluate_ensemble(members, source, split, precision, device, args.batch_size, args.tta)
+        return _print_evaluation(args, scored.evaluation, scored.numbers, first.record.class_names)
     model, ckpt = load_model(args.checkpoint, args.which, device)
     record = ckpt.record
     source, dataset, split = evaluation_split(record, ckpt.path, args.dataset, args.split)
@@ -712,6 +741,17 @@ def run_evaluate(args) -> int:
         model = quantize_int8(model, record.standardization.apply(calibration.images[:CALIBRATION_IMAGES]))
     scored = evaluate_split(model, ckpt, source, split, precision, device, args.batch_size)
     return _print_evaluation(args, scored.evaluation, scored.numbers, record.class_names)
+
+
+def _check_ensemble_options(models, int8: bool):
+    """Ensembles and --tta average checkpoints' float probabilities: no .onnx files, no int8."""
+    from cnnkit.onnx_model import is_onnx_path
+
+    onnx = [path for path in models if is_onnx_path(path)]
+    if onnx:
+        raise CnnkitError(f"{onnx[0]}: ensembles and --tta take checkpoints or run folders, not .onnx files")
+    if int8:
+        raise CnnkitError("ensembles and --tta run in fp32 or bf16; leave out --precision int8")
 
 
 def _evaluate_onnx(args) -> int:
@@ -768,8 +808,12 @@ def _print_evaluation(args, result, report: dict, names) -> int:
     if args.json:
         log(json.dumps(report, allow_nan=False))
         return 0
+    models = report.get("models", [report])
+    what = " + ".join(f"{m['checkpoint']} (epoch {m['epoch']})" for m in models)
+    if len(models) > 1:
+        what = f"ensemble of {len(models)}: {what}"
     lines = [
-        f"{report['checkpoint']} (epoch {report['epoch']}) on {report['dataset']} "
+        f"{what}{', with TTA' if report.get('tta') else ''} on {report['dataset']} "
         f"({report['split']}, {result.n:,} images, {report['precision']})",
         f"accuracy {result.accuracy:.4f}  loss {result.loss:.4f}",
     ]
@@ -791,19 +835,36 @@ def _print_evaluation(args, result, report: dict, names) -> int:
 def run_predict(args) -> int:
     from cnnkit.onnx_model import is_onnx_path
 
-    if is_onnx_path(args.checkpoint):
+    models = [args.checkpoint]
+    while len(args.images) > 1 and _names_a_model(args.images[0]):  # RUN1 RUN2 ... IMAGE...
+        models.append(args.images.pop(0))
+    if len(models) == 1 and not args.tta and is_onnx_path(args.checkpoint):
         return _predict_onnx(args)
-    from cnnkit.checkpoint import load_model
     from cnnkit.device import resolve_precision
-    from cnnkit.inference import predict_proba
+    from cnnkit.evaluation import load_ensemble
+    from cnnkit.inference import average_probabilities
 
     device = _runtime(args)
-    model, ckpt = load_model(args.checkpoint, args.which, device)
-    record = ckpt.record
+    _check_ensemble_options(models, int8=False)
+    members = load_ensemble(models, args.which, device)
+    record = members[0][1].record
+    styles = {ckpt.record.preprocessing for _, ckpt in members}
+    if len(styles) > 1 and args.preprocess == "auto":
+        raise CnnkitError(
+            f"the models prepare images differently ({', '.join(sorted(styles))}); choose one with --preprocess"
+        )
     raw = _prepared_images(args, record.architecture.input_shape, record.preprocessing)
     precision = resolve_precision(args.precision or "auto", device)
-    proba = predict_proba(model, record.standardization.apply(raw), precision=precision)
+    members = [(model, ckpt.record) for model, ckpt in members]
+    proba = average_probabilities(members, raw, tta=args.tta, precision=precision)
     return _print_predictions(args, record.class_names, proba)
+
+
+def _names_a_model(path: str) -> bool:
+    """Whether a path after predict's first model names another model (a run folder, .safetensors, .onnx)."""
+    from pathlib import Path
+
+    return Path(path).is_dir() or path.lower().endswith((".safetensors", ".onnx"))
 
 
 def _predict_onnx(args) -> int:

@@ -1,7 +1,8 @@
 """A trained model meets a labelled split: which images it is scored on, and the numbers it gets.
 
-`cnnkit evaluate` and `cnnkit report` both go through these two functions, so report.json's
-accuracy and confusion matrix are exactly what `cnnkit evaluate --json` prints.
+`cnnkit evaluate` and `cnnkit report` both go through `evaluation_split` and `evaluate_split`, so
+report.json's accuracy and confusion matrix are exactly what `cnnkit evaluate --json` prints; an
+ensemble of models (`load_ensemble`) and test-time augmentation go through `evaluate_ensemble`.
 """
 
 from dataclasses import dataclass
@@ -9,9 +10,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from cnnkit.checkpoint import load_model
 from cnnkit.data import Dataset, Split, resolve_source, split_for_model
 from cnnkit.errors import CheckpointError
-from cnnkit.inference import predict_logits
+from cnnkit.inference import average_probabilities, evaluate_probabilities, predict_logits
 from cnnkit.metrics import Evaluation, evaluate_logits
 from cnnkit.record import ModelRecord
 
@@ -75,3 +77,57 @@ def evaluate_split(
     }
     numbers.update(result.to_dict(record.class_names))
     return SplitEvaluation(result, numbers, logits)
+
+
+def load_ensemble(paths, which=None, device="cpu") -> list:
+    """The models of several checkpoints (run folders or files), as (model, Checkpoint) pairs, for averaging.
+
+    They must share their class names and input shape (and, for image files, how images are prepared):
+    a CheckpointError names the first that does not.
+    """
+    members = [load_model(path, which, device) for path in paths]
+    first = members[0][1]
+    for _, ckpt in members[1:]:
+        for what, value, expected in (
+            ("classes", ckpt.record.class_names, first.record.class_names),
+            ("input shape", ckpt.record.architecture.input_shape, first.record.architecture.input_shape),
+        ):
+            if value != expected:
+                raise CheckpointError(
+                    f"{ckpt.path}: an ensemble's models must share their {what}; "
+                    f"{first.path} has {_brief(expected)}, this one {_brief(value)}"
+                )
+    return members
+
+
+def evaluate_ensemble(
+    members, source: str, split: Split, precision: str, device, batch_size=None, tta: bool = False
+) -> SplitEvaluation:
+    """`evaluate_split` for the averaged probabilities of `members` (see `load_ensemble`), with or
+    without test-time augmentation (`inference.TTA_SHIFTS`). `numbers` names every model."""
+    proba = average_probabilities(
+        [(model, ckpt.record) for model, ckpt in members],
+        split.images,
+        tta=tta,
+        batch_size=batch_size,
+        precision=precision,
+    )
+    result = evaluate_probabilities(proba, split.labels)
+    numbers = {
+        "checkpoint": " + ".join(str(ckpt.path) for _, ckpt in members),
+        "epoch": members[0][1].record.epoch if len(members) == 1 else None,
+        "models": [{"checkpoint": str(ckpt.path), "epoch": ckpt.record.epoch} for _, ckpt in members],
+        "tta": tta,
+        "dataset": source,
+        "split": split.name,
+        "precision": precision,
+        "device": str(device),
+    }
+    numbers.update(result.to_dict(members[0][1].record.class_names))
+    logits = torch.log(torch.from_numpy(proba).clamp_min(torch.finfo(torch.float32).tiny))
+    return SplitEvaluation(result, numbers, logits)
+
+
+def _brief(values) -> str:
+    values = list(values)
+    return ", ".join(map(str, values[:6])) + (", ..." if len(values) > 6 else "")
