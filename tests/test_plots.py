@@ -7,21 +7,11 @@ import pytest
 from PIL import Image
 
 from cnnkit import ops, plots
+from cnnkit.data.sources import FASHION_MNIST
 from cnnkit.inspect import activations, filters
 from cnnkit.model import Architecture, build_model
 
-FASHION = [
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-]
+FASHION = list(FASHION_MNIST.class_names)
 
 
 def png_size(fig) -> tuple[int, int]:

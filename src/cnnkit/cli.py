@@ -1,4 +1,4 @@
-"""The `cnnkit` command line: train, evaluate, predict, summary, data info, serve.
+"""The `cnnkit` command line: train, evaluate, predict, export, summary, report, explain, data info, serve.
 
 `main` is the one place that turns exceptions into output: every error a user can cause (a missing
 file, a corrupt checkpoint, an unknown dataset, a full disk, a read-only folder) is printed as one

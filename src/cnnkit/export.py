@@ -11,7 +11,6 @@ dataset, the images that `cnnkit evaluate --precision int8` calibrates on too.
 """
 
 import contextlib
-import hashlib
 import logging
 import tempfile
 import warnings
@@ -26,6 +25,7 @@ from cnnkit import __version__
 from cnnkit.atomic import atomic_write
 from cnnkit.checkpoint import load_model
 from cnnkit.data import Standardization, load_for_model, resolve_source
+from cnnkit.data.download import file_digest
 from cnnkit.errors import ArgumentError, CheckpointError, CnnkitError, DatasetError
 from cnnkit.inference import predict_logits
 from cnnkit.onnx_model import INPUT_NAME, INSTALL_HINT, OUTPUT_NAMES, OnnxMetadata, is_onnx_path, load_onnx
@@ -121,7 +121,7 @@ def export_onnx(
         data = load_for_model(source, record.architecture.input_shape, record.class_names)
         if data.train is None or len(data.train) == 0:
             raise DatasetError(f"dataset {source!r} has no training images to calibrate int8 on")
-    sha256 = _file_sha256(ckpt.path)
+    sha256 = file_digest(ckpt.path)
     with tempfile.TemporaryDirectory(prefix="cnnkit-export-") as tmp:
         fp32_path = Path(tmp) / "fp32.onnx"
         _torch_export(graph, record.architecture.input_shape, fp32_path)
@@ -247,11 +247,3 @@ def _parity_pixels(standardization: Standardization, input_shape) -> np.ndarray:
     mean = np.array(standardization.mean, np.float32)[:, None, None]
     std = np.array(standardization.std, np.float32)[:, None, None]
     return noise * std + mean
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(2**20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -19,6 +19,9 @@ from cnnkit.errors import FileError, one_line
 # 12 to 50 megapixels. Checked from the header, before any pixel is decoded.
 MAX_IMAGE_PIXELS = 50_000_000
 
+# The largest side of a network's input that a checkpoint's record or an .onnx file may declare.
+MAX_IMAGE_SIDE = 4096
+
 # `load_digit` and `load_for_model` decode a larger photo for "digit" or "object" reduced to about this
 # many pixels (1400 x 1400): detail enough to find, crop and fit one digit or object into a 28 to 64
 # pixel input, and a bounded cost for the float64 steps that follow.

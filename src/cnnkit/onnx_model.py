@@ -22,7 +22,7 @@ import numpy as np
 
 from cnnkit.data.dataset import MAX_CLASSES
 from cnnkit.errors import CheckpointError, CnnkitError, one_line
-from cnnkit.images import PREPROCESSING
+from cnnkit.images import MAX_IMAGE_SIDE, PREPROCESSING
 
 FORMAT = "cnnkit-onnx"
 FORMAT_VERSION = 1
@@ -31,7 +31,6 @@ OUTPUT_NAMES = ("logits", "probabilities")
 PRECISIONS = ("fp32", "int8")
 INSTALL_HINT = 'pip install "cnnkit[onnx]"'
 MAX_ONNX_BYTES = 2**31  # protobuf's own limit for one file
-MAX_IMAGE_SIDE = 4096  # as for checkpoints (cnnkit.record)
 # Images per onnxruntime call: as for PyTorch on a CPU, batches of a few hundred beat 1,000 (see the
 # README's Export section).
 DEFAULT_BATCH = 256

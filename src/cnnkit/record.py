@@ -14,7 +14,7 @@ from cnnkit import __version__
 from cnnkit.data import Standardization
 from cnnkit.data.dataset import MAX_CLASSES
 from cnnkit.errors import CheckpointError, CnnkitError
-from cnnkit.images import PREPROCESSING
+from cnnkit.images import MAX_IMAGE_SIDE, PREPROCESSING
 from cnnkit.model import BUILDS, Architecture
 from cnnkit.recipes import LR_SCHEDULES, TrainConfig
 
@@ -22,7 +22,6 @@ FORMAT = "cnnkit-checkpoint"
 FORMAT_VERSION = 2
 
 # Sanity limits checked before anything is allocated: a checkpoint describing more is refused.
-MAX_IMAGE_SIDE = 4096
 MAX_CHANNELS = 4096  # convolution filters per layer
 MAX_HIDDEN_UNITS = 65_536
 MAX_KERNEL_SIZE = 31
