@@ -94,7 +94,7 @@ def test_the_accurate_recipe_chooses_flips_and_epochs_by_the_dataset_unless_told
     digits = for_dataset(accurate, "digit", 4_500)
     assert digits.augment == "affine" and not digits.flip and digits.epochs == 53  # 240,000 images / 4,500
     clothes = for_dataset(accurate, "object", 58_000)
-    assert clothes.augment == "none" and clothes.flip and clothes.epochs == 15  # never fewer than 15 epochs
+    assert clothes.augment == "none" and clothes.flip and clothes.epochs == 30  # never fewer than 30 epochs
     assert for_dataset(accurate, "object", 58_000, choose=("flip",)).augment == "affine"  # --augment given
     assert for_dataset(accurate, "resize", 100).epochs == 60  # nor more than 60
     assert for_dataset(accurate, "object", 58_000, choose=("epochs",)).flip is False  # --no-flip was given

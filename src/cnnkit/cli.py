@@ -163,8 +163,8 @@ def _add_train(commands):
         default=None,
         help="chapter (default): the chapter's schedule (the defaults below); fast: batch 256, one-cycle lr "
         "4e-3, dropout 0.3, label smoothing 0.1, 7 epochs, min(2,000, 10%%) validation images; accurate: "
-        "one-cycle lr 1e-3, label smoothing 0.1, --augment affine (and --flip for objects and photos), "
-        "about 240,000 training images in all (15 to 60 epochs), min(2,000, 10%%) validation images "
+        "one-cycle lr 1e-3, label smoothing 0.1, --augment affine for digits (--flip instead for objects and photos), "
+        "about 240,000 training images in all (30 to 60 epochs), min(2,000, 10%%) validation images "
         "(options below override them)",
     )
     p.add_argument("--epochs", type=_positive_int, default=None, help="epochs in all (default: 20)")
@@ -176,7 +176,7 @@ def _add_train(commands):
         choices=AUGMENTATIONS,
         default=None,
         help="affine: transform every training image afresh each epoch with a random rotation, shear, "
-        "scale and shift within the ranges below (default: none; the accurate recipe: affine)",
+        "scale and shift within the ranges below (default: none; the accurate recipe: affine for digits)",
     )
     p.add_argument(
         "--rotate",
@@ -211,7 +211,7 @@ def _add_train(commands):
         action=argparse.BooleanOptionalAction,
         default=None,
         help="mirror half of the training images left-right, for data where that keeps the class (clothes, "
-        "photos; never digits) (default: off; the accurate recipe: on for objects and photos)",
+        "photos; never digits) (default: off; the accurate recipe: on for objects and photos, without affine)",
     )
     p.add_argument(
         "--seed", type=_seed, default=None, help="seed for weights, batch order and dropout (default: 123)"

@@ -114,9 +114,10 @@ AFFINE_RANGES = ("rotate", "shift", "scale_low", "scale_high", "shear")
 DATASET_DEFAULTS = ("epochs", "augment", "flip")
 
 # The accurate recipe trains for about this many images in all (epochs x training images), within
-# ACCURATE_EPOCHS: 59 epochs of mnist-5k's 4,050 (after validation), 15 of Fashion-MNIST's 58,000.
+# ACCURATE_EPOCHS: 59 epochs of mnist-5k's 4,050 (after validation), 30 of Fashion-MNIST's 58,000
+# (whose validation accuracy rose from 93.15% at 15 epochs to 93.8% at 30).
 ACCURATE_IMAGES = 240_000
-ACCURATE_EPOCHS = (15, 60)
+ACCURATE_EPOCHS = (30, 60)
 
 
 def describe_augmentation(config: TrainConfig) -> str:
