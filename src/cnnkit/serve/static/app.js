@@ -431,7 +431,8 @@ async function send() {
     if (generation === state.generation) showError(`no answer from the server (${error.message}); is cnnkit serve still running?`);
   } finally {
     state.inFlight = false;
-    if (state.pendingSince !== null && !state.timer) state.timer = setTimeout(send, DEBOUNCE_MS);
+    // Changes made while this request was out have waited long enough: send them at once.
+    if (state.pendingSince !== null && !state.timer) state.timer = setTimeout(send, 0);
   }
 }
 
