@@ -164,12 +164,19 @@ def process_group(device):
             dist.destroy_process_group()
 
 
+# What gloo's RuntimeErrors say when a peer is gone: a closed or reset connection, or its timeout
+# (which it words as "Timed out ..." or, seen in CI, "Application timeout caused pair closure").
+_GLOO_LOST = ("gloo", "pair closure", "timed out", "timeout", "connection reset", "connection closed")
+
+
 def _lost_contact(exc: BaseException) -> bool:
     """True for the errors of a collective whose peer is gone: gloo raises RuntimeError from the
     backward pass (a closed connection, or its timeout), nccl and the store raise DistError."""
     import torch.distributed as dist
 
-    return isinstance(exc, dist.DistError) or (isinstance(exc, RuntimeError) and "gloo" in str(exc))
+    if isinstance(exc, dist.DistError):
+        return True
+    return isinstance(exc, RuntimeError) and any(words in str(exc).lower() for words in _GLOO_LOST)
 
 
 def _cause(exc: BaseException) -> str:
