@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cnnkit.data.dataset import MAX_CLASSES
+from cnnkit.data.dataset import MAX_CLASSES, shape_text
 from cnnkit.errors import CheckpointError, CnnkitError, one_line
 from cnnkit.images import MAX_IMAGE_SIDE, PREPROCESSING
 
@@ -126,8 +126,8 @@ class OnnxClassifier:
         pixels = np.asarray(pixels)
         if pixels.ndim != 4 or tuple(pixels.shape[1:]) != self.metadata.input_shape:
             raise CnnkitError(
-                f"{self.path} takes images of shape N x {_shape(self.metadata.input_shape)}, "
-                f"got {_shape(pixels.shape)}"
+                f"{self.path} takes images of shape N x {shape_text(self.metadata.input_shape)}, "
+                f"got {shape_text(pixels.shape)}"
             )
         batch_size = batch_size or DEFAULT_BATCH
         outputs = [
@@ -191,7 +191,7 @@ def _onnxruntime(path):
 def _check_signature(session, metadata: OnnxMetadata, path):
     """The graph's input is `pixels` float (batch, C, H, W); its outputs are logits and probabilities (batch, K)."""
     inputs, outputs = session.get_inputs(), session.get_outputs()
-    expected_in = f"one input {INPUT_NAME!r}, float N x {_shape(metadata.input_shape)}"
+    expected_in = f"one input {INPUT_NAME!r}, float N x {shape_text(metadata.input_shape)}"
     if (
         len(inputs) != 1
         or inputs[0].name != INPUT_NAME
@@ -286,7 +286,3 @@ def _int(props: dict, key: str, default: int | None = None) -> int:
     if not re.fullmatch(r"\d{1,18}", text):
         raise _KeyError(key, f"must be a whole number >= 0, got {text[:40]!r}")
     return int(text)
-
-
-def _shape(shape) -> str:
-    return " x ".join(str(d) for d in shape)

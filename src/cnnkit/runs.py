@@ -30,6 +30,7 @@ from cnnkit.checkpoint import (
     save_checkpoint,
 )
 from cnnkit.data import Dataset, Standardization, load_dataset, load_for_model, resolve_source
+from cnnkit.data.dataset import shape_text
 from cnnkit.device import memory_format, resolve_device, resolve_precision
 from cnnkit.errors import CheckpointError, CnnkitError, DatasetError, FileError
 from cnnkit.model import Architecture, build_model, summary
@@ -160,7 +161,7 @@ def start_run(
         )
         log(
             f"training on {source}: {len(dataset.train):,} train / {record.valid_size:,} valid images "
-            f"{_shape(arch.input_shape)}, {arch.num_classes} classes; {config.build} build, {config.precision} "
+            f"{shape_text(arch.input_shape)}, {arch.num_classes} classes; {config.build} build, {config.precision} "
             f"on {device}; run folder {run_dir}"
         )
         log(
@@ -411,7 +412,3 @@ def _log_summary(arch: Architecture, build: str, log):
             f"warning: the weights take {weights / 2**20:,.0f} MB per checkpoint (plus twice that of Adam state); "
             "smaller images (--image-size) make a smaller network"
         )
-
-
-def _shape(shape) -> str:
-    return " x ".join(str(d) for d in shape)

@@ -124,8 +124,8 @@ class Dataset:
         for split in splits:
             if split.images.shape[1:] != splits[0].images.shape[1:]:
                 raise DatasetError(
-                    f"{self.name}: {split.name} images are {_shape_text(split.images.shape[1:])} but "
-                    f"{splits[0].name} images are {_shape_text(splits[0].images.shape[1:])}"
+                    f"{self.name}: {split.name} images are {shape_text(split.images.shape[1:])} but "
+                    f"{splits[0].name} images are {shape_text(splits[0].images.shape[1:])}"
                 )
             if len(split) and (split.labels.min() < 0 or split.labels.max() >= len(self.class_names)):
                 raise DatasetError(
@@ -356,5 +356,6 @@ def iterate_minibatches(X, y, batch_size: int = 64, shuffle: bool = True, seed=N
         yield X[idx], y[idx]
 
 
-def _shape_text(shape) -> str:
+def shape_text(shape) -> str:
+    """A shape as people write it: (1, 28, 28) -> "1 x 28 x 28"."""
     return " x ".join(str(d) for d in shape)

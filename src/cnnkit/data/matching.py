@@ -8,7 +8,7 @@ import dataclasses
 
 import numpy as np
 
-from cnnkit.data.dataset import Dataset, Split
+from cnnkit.data.dataset import Dataset, Split, shape_text
 from cnnkit.data.sources import load_dataset
 from cnnkit.errors import CnnkitError, DatasetError
 
@@ -28,8 +28,8 @@ def load_for_model(source: str, input_shape, class_names) -> Dataset:
         dataset = load_dataset(source)
     if dataset.image_shape != input_shape:
         raise DatasetError(
-            f"dataset {source!r} has images of shape {_shape(dataset.image_shape)} but the model takes "
-            f"{_shape(input_shape)}"
+            f"dataset {source!r} has images of shape {shape_text(dataset.image_shape)} but the model takes "
+            f"{shape_text(input_shape)}"
         )
     return match_classes(dataset, class_names, source)
 
@@ -72,7 +72,3 @@ def match_classes(dataset: Dataset, class_names, source: str) -> Dataset:
         mapping = np.array([model_names.index(n) if n in model_names else -1 for n in own], dtype=np.int64)
     splits = {s.name: Split(s.images, mapping[s.labels], s.name) for s in dataset.splits}
     return dataclasses.replace(dataset, class_names=model_names, **splits)
-
-
-def _shape(shape) -> str:
-    return " x ".join(str(d) for d in shape)
