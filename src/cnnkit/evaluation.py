@@ -13,7 +13,7 @@ import torch
 from cnnkit.checkpoint import load_model
 from cnnkit.data import Dataset, Split, resolve_source, split_for_model
 from cnnkit.errors import CheckpointError
-from cnnkit.inference import average_probabilities, evaluate_probabilities, predict_logits
+from cnnkit.inference import average_probabilities, log_probabilities, predict_logits
 from cnnkit.metrics import Evaluation, evaluate_logits
 from cnnkit.record import ModelRecord
 
@@ -67,23 +67,15 @@ def evaluate_split(
         precision="fp32" if precision == "int8" else precision,
     )
     result = evaluate_logits(logits, split.labels)
-    numbers = {
-        "checkpoint": str(ckpt.path),
-        "epoch": record.epoch,
-        "dataset": source,
-        "split": split.name,
-        "precision": precision,
-        "device": str(device),
-    }
-    numbers.update(result.to_dict(record.class_names))
+    numbers = {"checkpoint": str(ckpt.path), "epoch": record.epoch}
+    numbers.update(_scored(source, split, precision, device, result, record.class_names))
     return SplitEvaluation(result, numbers, logits)
 
 
 def load_ensemble(paths, which=None, device="cpu") -> list:
     """The models of several checkpoints (run folders or files), as (model, Checkpoint) pairs, for averaging.
 
-    They must share their class names and input shape (and, for image files, how images are prepared):
-    a CheckpointError names the first that does not.
+    They must share their class names and input shape: a CheckpointError names the first that does not.
     """
     members = [load_model(path, which, device) for path in paths]
     first = members[0][1]
@@ -112,20 +104,23 @@ def evaluate_ensemble(
         batch_size=batch_size,
         precision=precision,
     )
-    result = evaluate_probabilities(proba, split.labels)
+    logits = torch.from_numpy(log_probabilities(proba))
+    result = evaluate_logits(logits, split.labels)
     numbers = {
         "checkpoint": " + ".join(str(ckpt.path) for _, ckpt in members),
         "epoch": members[0][1].record.epoch if len(members) == 1 else None,
         "models": [{"checkpoint": str(ckpt.path), "epoch": ckpt.record.epoch} for _, ckpt in members],
         "tta": tta,
-        "dataset": source,
-        "split": split.name,
-        "precision": precision,
-        "device": str(device),
     }
-    numbers.update(result.to_dict(members[0][1].record.class_names))
-    logits = torch.log(torch.from_numpy(proba).clamp_min(torch.finfo(torch.float32).tiny))
+    numbers.update(_scored(source, split, precision, device, result, members[0][1].record.class_names))
     return SplitEvaluation(result, numbers, logits)
+
+
+def _scored(source: str, split: Split, precision: str, device, result: Evaluation, class_names) -> dict:
+    """The part of `cnnkit evaluate --json` after the model: what it was scored on, how, and the metrics."""
+    numbers = {"dataset": source, "split": split.name, "precision": precision, "device": str(device)}
+    numbers.update(result.to_dict(class_names))
+    return numbers
 
 
 def _brief(values) -> str:

@@ -100,7 +100,11 @@ def average_probabilities(members, raw_images, tta: bool = False, **kwargs) -> n
     return total / len(members)
 
 
+def log_probabilities(probabilities) -> np.ndarray:
+    """log p (N, K) float32, with 0 taken as the smallest float32: logits whose softmax is `probabilities`."""
+    return np.log(np.maximum(np.asarray(probabilities, np.float32), np.finfo(np.float32).tiny))
+
+
 def evaluate_probabilities(probabilities, labels) -> Evaluation:
     """`evaluate_logits` for averaged probabilities (N, K): the loss is the mean of -log p(true class)."""
-    tiny = np.finfo(np.float32).tiny
-    return evaluate_logits(np.log(np.maximum(np.asarray(probabilities, np.float32), tiny)), labels)
+    return evaluate_logits(log_probabilities(probabilities), labels)
