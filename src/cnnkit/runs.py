@@ -331,7 +331,6 @@ def _run(model, optimizer, record: ModelRecord, run_dir, dataset: Dataset, log, 
     config = record.config
     device = next(model.parameters()).device
     main, world = distributed.is_main(), distributed.world_size()
-    distributed.check_batch_size(config.batch_size, world)
     train_data = to_tensors(dataset.train, record.standardization, device)
     valid_data = (  # in a distributed run rank 0 validates, and the others wait for it
         to_tensors(dataset.valid, record.standardization, device)
