@@ -140,6 +140,7 @@ def process_group(device):
             "nccl" if device.type == "cuda" else "gloo",
             timeout=timedelta(seconds=timeout),
             device_id=device if device.type == "cuda" else None,
+            **_attempt_store(timeout),
         )
     except (dist.DistError, RuntimeError, ValueError) as exc:
         raise PeerLost(
@@ -162,6 +163,34 @@ def process_group(device):
         gc.collect()
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
+
+
+def _attempt_store(timeout: float) -> dict:
+    """init_process_group's store, rank and world size when the ranks meet in torchrun's own store:
+    that store under a prefix no earlier attempt of this job used; else {} (the env:// default).
+
+    torchrun's static rendezvous (--master-addr/--master-port, or none: one machine) keeps one store
+    for all of a job's attempts, and torch (2.5 and later) no longer prefixes the keys with the
+    attempt. A job restarted by --max-restarts then found the killed attempt's addresses in it: its
+    ranks failed to connect, or waited in init_process_group past any timeout. Each rank counts its
+    own joins in the store: with a fresh store (the c10d rendezvous makes one each round) every rank
+    counts 1, and in a kept store every rank of attempt k counts k + 1. (TORCHELASTIC_RESTART_COUNT
+    is not used: each machine's torchrun keeps its own, and under c10d they can differ.)
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    import torch.distributed as dist
+
+    me, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world,
+        is_master=False,
+        timeout=timedelta(seconds=timeout),
+    )
+    joins = store.add(f"cnnkit/joins/rank-{me}", 1)
+    return {"store": dist.PrefixStore(f"cnnkit/join-{joins}", store), "rank": me, "world_size": world}
 
 
 # What gloo's RuntimeErrors say when a peer is gone: a closed or reset connection, or its timeout
