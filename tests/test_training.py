@@ -15,7 +15,7 @@ from cnnkit.inference import evaluate
 from cnnkit.model import Architecture, build_model
 from cnnkit.recipes import TrainConfig
 from cnnkit.runs import resume_run, start_run
-from cnnkit.training import train_epoch
+from cnnkit.training import FusedAdam, train_epoch
 
 quiet = {"log": lambda line: None, "show_progress": False}
 tiny = {**quiet, "architecture": TINY}
@@ -163,8 +163,15 @@ BEFORE_AUGMENTATION = "c577ae266e7efcbdec0be470be6d1825f0aa827391928d39ebd54aa2a
 @pytest.mark.skipif(
     torch.__version__.split("+")[0] != "2.13.0", reason="the hash was taken with torch 2.13.0"
 )
-def test_no_augmentation_trains_exactly_as_before_augmentation_existed(tmp_path, small_npz, one_torch_thread):
+def test_no_augmentation_trains_exactly_as_before_augmentation_existed(
+    tmp_path, small_npz, one_torch_thread, monkeypatch
+):
+    # Also the fused pooling and FusedAdam: both are bit-identical to what they replaced. The dense
+    # layers' fp32 products are kept in MKL, as then (oneDNN sums in another order).
+    from cnnkit import device
     from cnnkit.checkpoint import tensors_sha256
+
+    monkeypatch.setattr(device, "cpu_has_amx", lambda: True)
 
     config = TrainConfig(epochs=2, seed=5, precision="fp32", augment="none")
     start_run(small_npz, config, tmp_path / "run", device="cpu", valid_size=128, **tiny)
@@ -180,3 +187,40 @@ def test_augmentation_changes_what_is_learned_and_is_stored_in_the_record(tmp_pa
     assert not torch.equal(plain["features.0.weight"], affine["features.0.weight"])
     config = load_checkpoint(tmp_path / "affine").record.config
     assert (config.augment, config.rotate, config.shift) == ("affine", 20.0, 2.5)
+
+
+def test_fused_adam_takes_the_same_steps_as_torchs_fused_adam():
+    # Same bits, same state_dict: checkpoints from either resume in the other.
+    def train(make):
+        model = build_model(Architecture(**TINY), seed=0).to(memory_format=torch.channels_last)
+        optimizer = make(model.parameters())
+        generator = torch.Generator().manual_seed(0)
+        torch.manual_seed(0)  # dropout
+        for step in range(6):
+            images = torch.randn(8, 1, 28, 28, generator=generator)
+            labels = torch.randint(0, 10, (8,), generator=generator)
+            for group in optimizer.param_groups:
+                group["lr"] = 1e-3 * (1 + step % 3)
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(images), labels).backward()
+            optimizer.step()
+        return model, optimizer.state_dict()
+
+    ours, our_state = train(lambda params: FusedAdam(params, lr=1e-3))
+    torchs, torch_state = train(lambda params: torch.optim.Adam(params, lr=1e-3, fused=True))
+    assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), torchs.parameters(), strict=True))
+    assert our_state["param_groups"] == torch_state["param_groups"]
+    for index, moments in torch_state["state"].items():
+        assert all(torch.equal(moments[name], our_state["state"][index][name]) for name in moments)
+
+
+def test_fp32_products_through_onednn_stay_fp32():
+    # cnnkit.device sends fp32 dense layers to oneDNN on CPUs without AMX, where "medium" precision must
+    # not mean bf16 (whose error here would be about 0.6).
+    from cnnkit.device import autocast
+
+    a, b = torch.randn(64, 1024), torch.randn(1024, 1024)
+    with autocast(torch.device("cpu"), "fp32"):
+        product = a @ b
+    assert torch.get_float32_matmul_precision() == "highest"  # restored
+    assert (product.double() - a.double() @ b.double()).abs().max() < 1e-3

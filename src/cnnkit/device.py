@@ -44,10 +44,37 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def autocast(device: torch.device, precision: str):
-    """A context in which matrix ops run in bf16 (weights and gradients stay fp32) or a no-op for fp32."""
+    """The context the network runs in: bf16 autocast (weights and gradients stay fp32), or fp32 with
+    the dense layers in oneDNN on CPUs without AMX (see `onednn_fp32_matmul`)."""
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
+    if device.type == "cpu" and not cpu_has_amx():
+        return onednn_fp32_matmul()
     return contextlib.nullcontext()
+
+
+def cpu_has_amx() -> bool:
+    try:
+        return bool(torch.cpu.get_capabilities().get("amx_bf16"))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+@contextlib.contextmanager
+def onednn_fp32_matmul():
+    """fp32 matrix products through oneDNN instead of MKL, whose SGEMM takes its AVX2 path on AMD
+    CPUs (1.2x faster fp32 training measured on an AVX-512 EPYC). torch's switch for that is
+    float32_matmul_precision "medium", which also lets oneDNN compute in bf16 on CPUs with AMX:
+    `autocast` uses it only on CPUs without AMX, where the products stay fp32 (the error against
+    float64 of a 64 x 1024 x 1024 product of N(0, 1) numbers: 9.7e-5 through oneDNN, 5.3e-5 through
+    MKL, 0.6 in bf16).
+    The setting is global to the process; it is restored on the way out."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 def memory_format(device: torch.device):

@@ -142,7 +142,48 @@ class EarlyStopping:
 def make_optimizer(model, learning_rate: float) -> torch.optim.Adam:
     """Adam, as the chapter, with PyTorch's fused kernel: one pass over each tensor instead of about six
     (measured 0.8 ms a step here against 2.2 ms for the foreach version)."""
-    return torch.optim.Adam(model.parameters(), lr=learning_rate, fused=True)
+    return FusedAdam(model.parameters(), lr=learning_rate)
+
+
+class FusedAdam(torch.optim.Adam):
+    """torch.optim.Adam(fused=True) whose steps call the fused kernel directly: the same kernel and
+    arguments, so the same bits and the same state_dict, without Optimizer.step's wrapper and
+    grouping (about 0.3 ms of a 10 ms training step here). Anything unusual (a closure, the first
+    step, which creates the state, a parameter without a gradient) goes through Adam.step itself."""
+
+    def __init__(self, params, lr: float):
+        super().__init__(params, lr=lr, fused=True)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        states = [self.state.get(p) for group in self.param_groups for p in group["params"]]
+        if closure is not None or len(self.param_groups) != 1 or not all(states):
+            return super().step(closure)
+        group, params = self.param_groups[0], self.param_groups[0]["params"]
+        grads = [p.grad for p in params]
+        if any(g is None for g in grads) or group["amsgrad"] or group["maximize"] or group["weight_decay"]:
+            return super().step(closure)
+        steps = [state["step"] for state in states]
+        torch._foreach_add_(steps, 1)
+        beta1, beta2 = group["betas"]
+        torch._fused_adam_(
+            params,
+            grads,
+            [state["exp_avg"] for state in states],
+            [state["exp_avg_sq"] for state in states],
+            [],
+            steps,
+            amsgrad=False,
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            weight_decay=0.0,
+            eps=group["eps"],
+            maximize=False,
+            grad_scale=None,
+            found_inf=None,
+        )
+        return None
 
 
 def restore_optimizer(optimizer, saved: dict | None):
