@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnnkit.errors import CheckpointError
+from cnnkit.pooling import max_pool_relu
 
 BUILDS = ("layers", "lowlevel")
 
@@ -148,14 +149,14 @@ class Dropout(nn.Module):
 # --- the low-level build: explicit tensors and the chapter's conv_layer / fc_layer ---
 
 
-def conv_layer(x, weights, biases):
-    """The chapter's conv_layer: VALID convolution, bias, ReLU. weights (kh, kw, in, out), x (N, in, H, W)."""
-    return F.relu(F.conv2d(x, weights.permute(3, 2, 0, 1), biases))
+def conv_pool_layer(x, weights, biases):
+    """The chapter's conv_layer (VALID convolution, bias, ReLU) and the 2x2 max pooling after it (stride 2,
+    TensorFlow's SAME padding). weights (kh, kw, in, out), x (N, in, H, W) -> (N, out, ceil(H'/2), ceil(W'/2)).
 
-
-def max_pool_same(x):
-    """2x2 max pooling with stride 2 and TensorFlow's SAME padding: (N, C, H, W) -> (N, C, ceil(H/2), ceil(W/2))."""
-    return F.max_pool2d(x, kernel_size=2, stride=2, ceil_mode=True)
+    ReLU runs after the pooling, fused with it (`cnnkit.pooling`): ReLU and max commute (ReLU is monotone),
+    so values and gradients are bit-identical, and ReLU touches 4x fewer values.
+    """
+    return max_pool_relu(F.conv2d(x, weights.permute(3, 2, 0, 1), biases))
 
 
 def fc_layer(x, weights, biases, activation=None):
@@ -185,8 +186,8 @@ class LowLevelCNN(nn.Module):
         self.fc_4_biases = nn.Parameter(torch.zeros(arch.num_classes))
 
     def forward(self, x):
-        h1 = max_pool_same(conv_layer(x, self.conv_1_weights, self.conv_1_biases))
-        h2 = max_pool_same(conv_layer(h1, self.conv_2_weights, self.conv_2_biases))
+        h1 = conv_pool_layer(x, self.conv_1_weights, self.conv_1_biases)
+        h2 = conv_pool_layer(h1, self.conv_2_weights, self.conv_2_biases)
         h3 = fc_layer(h2, self.fc_3_weights, self.fc_3_biases, activation=F.relu)
         h3 = dropout(h3, self.arch.dropout_rate, self.training)
         return fc_layer(h3, self.fc_4_weights, self.fc_4_biases)
@@ -204,8 +205,8 @@ class LayerCNN(nn.Module):
         c_in = arch.input_shape[0]
         c1, c2 = arch.conv_channels
         k = arch.kernel_size
-        # The chapter's conv -> ReLU -> max-pool, with ReLU moved after the pooling: ReLU and max commute
-        # (ReLU is monotone), so outputs and gradients are bit-identical, and ReLU touches 4x fewer values.
+        # The chapter's conv -> ReLU -> max-pool, with ReLU after the pooling (see conv_pool_layer); forward
+        # runs each pooling and ReLU pair fused, as one call of cnnkit.pooling.max_pool_relu.
         self.features = nn.Sequential(
             nn.Conv2d(c_in, c1, k),
             nn.MaxPool2d(2, 2, ceil_mode=True),
@@ -223,7 +224,8 @@ class LayerCNN(nn.Module):
         )
 
     def forward(self, x):
-        return self.classifier(self.features(x))
+        conv1, _, _, conv2, _, _ = self.features
+        return self.classifier(max_pool_relu(conv2(max_pool_relu(conv1(x)))))
 
 
 def summary(arch: Architecture, build: str = "layers") -> str:

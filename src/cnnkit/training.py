@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from cnnkit import distributed
 from cnnkit.augment import epoch_generator, random_affine
 from cnnkit.data import minibatch_indices
-from cnnkit.device import autocast
+from cnnkit.device import autocast, keep_freed_memory
 from cnnkit.errors import CnnkitError
 from cnnkit.inference import evaluate
 from cnnkit.recipes import RECIPES, TrainConfig, learning_rate_at
@@ -237,6 +237,7 @@ def train_epoch(
     trains on its shard of each, and the loss returned is the mean over every rank's images.
     """
     device = images.device
+    keep_freed_memory()
     rank, world = distributed.rank(), distributed.world_size()
     model.train()
     total = torch.zeros((), dtype=torch.float64, device=device)

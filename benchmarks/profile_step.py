@@ -1,0 +1,177 @@
+"""Where a training step's time goes: oneDNN's primitives against the rest, before and after the fast path.
+
+    python benchmarks/profile_step.py [--precision bf16|fp32|both] [--steps 100] [--repeats 5]
+
+The step is the production one (cnnkit.training.train_epoch: the chapter's network, batch 64, Adam,
+dropout 0.5, channels_last, random 28x28 images). "before" puts back what the fast path replaced:
+PyTorch's max_pool2d followed by ReLU, Adam through Optimizer.step, fp32 products in MKL, and glibc's
+default allocator thresholds; "after" is cnnkit as it is. For each, the step is timed without the
+profiler (the median of --repeats processes timing --steps steps), then profiled, and the profiled
+time is split into oneDNN's primitives (convolutions forward and backward, dense products; in fp32
+"before" the products are MKL's) and the rest, with the rest's biggest parts named. Each measurement
+runs in a fresh process (glibc's allocator settings cannot be undone), before and after taking
+turns. Prints a Markdown table in milliseconds per step.
+"""
+
+import argparse
+import contextlib
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cnnkit import device as cnnkit_device
+from cnnkit import model as cnnkit_model
+from cnnkit import pooling
+from cnnkit.device import memory_format
+from cnnkit.model import Architecture, build_model
+from cnnkit.training import make_optimizer, train_epoch
+
+BATCH = 64
+CONVOLUTIONS = {"aten::mkldnn_convolution", "aten::convolution_backward"}
+PRODUCTS = {"aten::mm", "aten::addmm"}
+PARTS = {  # the rest, named: self time of these ops (and the fused pooling's own record)
+    "pooling and ReLU": {
+        "aten::max_pool2d_with_indices",
+        "aten::max_pool2d_with_indices_backward",
+        "aten::threshold_backward",
+        "aten::relu",
+        "aten::clamp_min",
+        "cnnkit max_pool_relu",
+    },
+    "Adam": {"aten::_fused_adam_", "aten::_foreach_add_", "Optimizer.step#FusedAdam.step"},
+    "casts and copies": {"aten::copy_", "aten::_to_copy", "aten::clone"},
+    "dropout": {"aten::random_", "aten::ge", "aten::mul"},
+}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--precision", choices=["bf16", "fp32", "both"], default="both")
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--child", nargs=2, metavar=("WHEN", "PRECISION"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:  # one process per measurement: glibc's allocator settings cannot be undone
+        when, precision = args.child
+        setup = Setup(precision, when == "before")
+        print(json.dumps({"ms": setup.timed(args.steps), "profile": setup.profiled(args.steps)}))
+        return
+    print(f"pooling kernels: {pooling.kernel_name()}; threads: {torch.get_num_threads()}")
+    for precision in ("bf16", "fp32") if args.precision == "both" else (args.precision,):
+        results = {"before": [], "after": []}
+        for _ in range(args.repeats):
+            for when, runs in results.items():
+                command = [sys.executable, __file__, "--child", when, precision, "--steps", str(args.steps)]
+                runs.append(json.loads(subprocess.run(command, capture_output=True, check=True).stdout))
+        rows = {}
+        for when, runs in results.items():
+            middle = sorted(runs, key=lambda run: run["ms"])[len(runs) // 2]
+            rows[when] = {"step (unprofiled)": middle["ms"], **middle["profile"]}
+        print(f"\n{precision}, batch {BATCH}, ms per step, the median of {args.repeats} processes each\n")
+        print("| part of a step | before | after |\n|---|---|---|")
+        for name in rows["after"]:
+            print(f"| {name} | {rows['before'][name]:.2f} | {rows['after'][name]:.2f} |")
+        before, after = rows["before"]["step (unprofiled)"], rows["after"]["step (unprofiled)"]
+        print(
+            f"\nimages/s: before {BATCH * 1000 / before:,.0f}, after {BATCH * 1000 / after:,.0f} ({before / after:.2f}x)"
+        )
+
+
+class Setup:
+    """A model, optimizer and data for one configuration; `before` swaps the old parts in while it runs."""
+
+    def __init__(self, precision: str, before: bool):
+        self.precision, self.before = precision, before
+        cpu = torch.device("cpu")
+        generator = torch.Generator().manual_seed(0)
+        self.images = torch.randn(BATCH * 50, 1, 28, 28, generator=generator).contiguous(
+            memory_format=memory_format(cpu)
+        )
+        self.labels = torch.randint(0, 10, (BATCH * 50,), generator=generator)
+        self.model = build_model(Architecture(), seed=0).to(memory_format=memory_format(cpu))
+        with self.swapped():
+            self.optimizer = make_optimizer(self.model, 1e-4)
+        self.batches = [np.arange(i, i + BATCH) for i in range(0, BATCH * 50, BATCH)]
+        self.timed(20)  # warm up, and Adam's state
+
+    @contextlib.contextmanager
+    def swapped(self):
+        if not self.before:
+            yield
+            return
+        import cnnkit.training as training
+
+        saved = (
+            cnnkit_model.max_pool_relu,
+            cnnkit_device.cpu_has_amx,
+            training.FusedAdam,
+            training.keep_freed_memory,
+        )
+        cnnkit_model.max_pool_relu = lambda x: F.relu(F.max_pool2d(x, 2, 2, ceil_mode=True))
+        cnnkit_device.cpu_has_amx = lambda: True  # keeps fp32 products in MKL
+        training.FusedAdam = lambda params, lr: torch.optim.Adam(params, lr=lr, fused=True)
+        training.keep_freed_memory = lambda: None
+        try:
+            yield
+        finally:
+            (
+                cnnkit_model.max_pool_relu,
+                cnnkit_device.cpu_has_amx,
+                training.FusedAdam,
+                training.keep_freed_memory,
+            ) = saved
+
+    def timed(self, steps: int) -> float:
+        """ms per step over `steps` steps."""
+        batches = (self.batches * (steps // len(self.batches) + 1))[:steps]
+        with self.swapped():
+            start = time.perf_counter()
+            train_epoch(self.model, self.optimizer, self.images, self.labels, batches, self.precision)
+            return (time.perf_counter() - start) * 1000 / steps
+
+    def profiled(self, steps: int) -> dict:
+        from torch.profiler import ProfilerActivity, profile, record_function
+
+        real = pooling._kernels()
+
+        class Recorded:  # the fused pooling's kernels, named in the profile
+            @staticmethod
+            def forward(*args):
+                with record_function("cnnkit max_pool_relu"):
+                    return real.forward(*args)
+
+            @staticmethod
+            def backward(*args):
+                with record_function("cnnkit max_pool_relu"):
+                    return real.backward(*args)
+
+        pooling._resolved = Recorded
+        try:
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                self.timed(steps)
+        finally:
+            pooling._resolved = real
+        own = {}
+        for event in prof.key_averages():
+            own[event.key] = own.get(event.key, 0.0) + event.self_cpu_time_total / 1000 / steps
+        total = sum(own.values())
+        convolutions = sum(own.get(name, 0.0) for name in CONVOLUTIONS)
+        products = sum(own.get(name, 0.0) for name in PRODUCTS)
+        row = {
+            "step (profiled)": total,
+            "convolutions, oneDNN": convolutions,
+            "dense products, oneDNN (fp32 before: MKL)": products,
+            "everything else": total - convolutions - products,
+        }
+        for part, names in PARTS.items():
+            row[f"... of which {part}"] = sum(own.get(name, 0.0) for name in names)
+        return row
+
+
+if __name__ == "__main__":
+    main()
