@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cnnkit import pooling
 from cnnkit.checkpoint import load_model, save_checkpoint
 from cnnkit.data import Standardization, load_dataset, minibatch_indices
 from cnnkit.device import cpu_has_fast_bf16, memory_format, resolve_precision
@@ -308,6 +309,7 @@ def machine() -> dict:
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "native_bf16": cpu_has_fast_bf16(),
+        "pooling_kernels": pooling.kernel_name(),
         "torch": torch.__version__,
         "python": platform.python_version(),
     }

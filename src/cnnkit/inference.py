@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from cnnkit.device import autocast
+from cnnkit.device import autocast, keep_freed_memory
 from cnnkit.metrics import Evaluation, evaluate_logits
 
 # Images per forward pass of a float network on a CPU. Larger batches are slower here: the first
@@ -29,6 +29,7 @@ def predict_logits(model, images, batch_size=None, device=None, precision="fp32"
     device = device or next(model.parameters(), torch.empty(0)).device
     batch_size = batch_size or default_batch_size(model, device)
     images = torch.as_tensor(images)
+    keep_freed_memory()
     was_training = model.training
     model.eval()
     outputs = []

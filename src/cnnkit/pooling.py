@@ -32,6 +32,7 @@ import hashlib
 import logging
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -183,7 +184,7 @@ def _build(name, directory, built):
     # and while we hold our lock nobody else is building here.
     with contextlib.suppress(FileNotFoundError):
         (directory / "lock").unlink()
-    with _quiet_build():
+    with _quiet_build(), _ninja_on_path():
         module = cpp_extension.load(
             name=name,
             sources=[str(SOURCE)],
@@ -247,6 +248,22 @@ def _exclusive(path: Path):
             yield
         finally:
             fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _ninja_on_path():
+    """torch builds with `ninja` from PATH; cnnkit depends on PyPI's ninja, which installs it beside this
+    Python (a virtual environment's bin), where PATH may not look when the environment is not active."""
+    here = sysconfig.get_path("scripts")
+    path = os.environ.get("PATH", "")
+    if shutil.which("ninja") or not here or not Path(here, "ninja").exists():
+        yield
+        return
+    os.environ["PATH"] = here + os.pathsep + path
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = path
 
 
 @contextlib.contextmanager
