@@ -170,7 +170,7 @@ def _attempt_store(timeout: float) -> dict:
     that store under a prefix no earlier attempt of this job used; else {} (the env:// default).
 
     torchrun's static rendezvous (--master-addr/--master-port, or none: one machine) keeps one store
-    for all of a job's attempts, and torch (2.5 and later) no longer prefixes the keys with the
+    for all of a job's attempts, and torch (2.13 here) no longer prefixes the keys with the
     attempt. A job restarted by --max-restarts then found the killed attempt's addresses in it: its
     ranks failed to connect, or waited in init_process_group past any timeout. Each rank counts its
     own joins in the store: with a fresh store (the c10d rendezvous makes one each round) every rank
