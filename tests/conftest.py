@@ -30,6 +30,16 @@ def pytest_collection_modifyitems(items):
 TINY = {"conv_channels": (4, 8), "hidden_units": 32}
 
 
+@pytest.fixture(scope="session", autouse=True)
+def fused_pooling_built():
+    """Build the fused pooling's C++ kernels (cnnkit.pooling) once, up front: a first build takes 12-17 s,
+    which would otherwise fall inside whichever test first runs the network, possibly in a child process
+    with a timeout."""
+    from cnnkit import pooling
+
+    pooling.kernel_name()
+
+
 @pytest.fixture
 def one_torch_thread():
     """Tiny networks train fastest on one thread, and the CPU is shared; the count is restored after."""
