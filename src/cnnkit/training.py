@@ -240,20 +240,26 @@ def train_epoch(
     keep_freed_memory()
     rank, world = distributed.rank(), distributed.world_size()
     model.train()
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+    shards = [distributed.shard(batch, rank, world) for batch in batches]
+    # What each step's mean loss counts for: its images, or for a short last batch split unequally among
+    # the ranks, its share of the global batch. The losses stay on the device until the epoch ends.
+    weights = [
+        len(shard) if len(shard) * world == len(batch) else len(batch) / world
+        for shard, batch in zip(shards, batches, strict=True)
+    ]
+    weights = torch.tensor(weights, dtype=torch.float64, device=device)
+    losses = torch.zeros(len(batches), dtype=torch.float64, device=device)
     seen = 0
-    for step, batch in enumerate(batches, 1):
+    for step, (batch, shard) in enumerate(zip(batches, shards, strict=True), 1):
         if learning_rates is not None:
             for group in optimizer.param_groups:
                 group["lr"] = learning_rates[step - 1]
-        idx = torch.from_numpy(distributed.shard(batch, rank, world)).to(device)
+        idx = torch.from_numpy(shard).to(device)
         x, y = images.index_select(0, idx), labels.index_select(0, idx)
         if transform is not None:
             x = transform(x)
-        equal_shares = len(idx) * world == len(batch)
         with autocast(device, precision):
-            if equal_shares:
+            if len(shard) * world == len(batch):
                 loss = F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
             else:  # a short last batch split unequally: weigh each rank's share by its images, as one
                 # process would (DDP averages the ranks' gradients); a rank may have no images at all
@@ -262,14 +268,15 @@ def train_epoch(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        loss = loss.detach()
-        total += loss * (len(idx) if equal_shares else len(batch) / world)
-        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
-        seen += len(idx)
+        losses[step - 1] = loss.detach()
+        seen += len(shard)
         if progress is not None:
             progress.update(1)
             if step % 20 == 0:
-                progress.set_postfix_str(f"loss {total.item() / seen:.4f}")
+                progress.set_postfix_str(f"loss {float(losses[:step] @ weights[:step]) / seen:.4f}")
+    total = losses @ weights
+    bad_steps = torch.nonzero(~torch.isfinite(losses))
+    first_bad = bad_steps[0, 0] + 1 if len(bad_steps) else torch.tensor(-1, device=device)
     if world > 1:  # every rank's images, and the first step at which any rank's loss stopped being finite
         counts = torch.stack([total, torch.tensor(seen, dtype=torch.float64, device=device)])
         counts = distributed.sum_over_ranks(counts)
