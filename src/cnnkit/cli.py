@@ -124,6 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_which(p):
+    """--checkpoint best|newest|N: which of a run folder's checkpoints (args.which)."""
+    p.add_argument(
+        "--checkpoint", dest="which", type=_which, default=None, metavar="best|newest|N", help=WHICH_HELP
+    )
+
+
 def _add_runtime(p, precisions=("auto", "fp32", "bf16")):
     p.add_argument(
         "--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: a GPU if present"
@@ -290,9 +297,7 @@ def _add_evaluate(commands):
         metavar="RUN_OR_CHECKPOINT",
         help="more models: an ensemble, whose averaged probabilities are scored (same classes and input shape)",
     )
-    p.add_argument(
-        "--checkpoint", dest="which", type=_which, default=None, metavar="best|newest|N", help=WHICH_HELP
-    )
+    _add_which(p)
     p.add_argument(
         "--dataset", type=_nonempty, default=None, help=f"{SOURCES_HELP} (default: the one it was trained on)"
     )
@@ -325,9 +330,7 @@ def _add_predict(commands):
         help="image files; run folders and checkpoint files before them join the first model in an "
         "ensemble, whose probabilities are averaged",
     )
-    p.add_argument(
-        "--checkpoint", dest="which", type=_which, default=None, metavar="best|newest|N", help=WHICH_HELP
-    )
+    _add_which(p)
     p.add_argument("--proba", action="store_true", help="also print each class's probability")
     p.add_argument("--tta", action="store_true", help=TTA_HELP)
     p.add_argument("--json", action="store_true", help="print a JSON list, one object per image")
@@ -352,9 +355,7 @@ def _add_export(commands):
         'and `cnnkit evaluate` run it. Needs the onnx extra: pip install "cnnkit[onnx]".',
     )
     p.add_argument("checkpoint", type=_nonempty, metavar="RUN_OR_CHECKPOINT", help=CHECKPOINT_HELP)
-    p.add_argument(
-        "--checkpoint", dest="which", type=_which, default=None, metavar="best|newest|N", help=WHICH_HELP
-    )
+    _add_which(p)
     p.add_argument(
         "-o", "--out", type=_nonempty, required=True, metavar="FILE.onnx", help="the file to write"
     )
@@ -380,9 +381,7 @@ def _add_summary(commands):
         "summary", help="a trained model's layers, shapes, parameters, classes and training"
     )
     p.add_argument("checkpoint", type=_nonempty, metavar="RUN_OR_CHECKPOINT", help=CHECKPOINT_HELP)
-    p.add_argument(
-        "--checkpoint", dest="which", type=_which, default=None, metavar="best|newest|N", help=WHICH_HELP
-    )
+    _add_which(p)
     p.set_defaults(run=run_summary)
 
 
@@ -409,9 +408,7 @@ def _add_serve(commands):
     p.add_argument(
         "checkpoints", type=_nonempty, nargs="+", metavar="RUN_OR_CHECKPOINT", help=CHECKPOINT_HELP
     )
-    p.add_argument(
-        "--checkpoint", dest="which", type=_which, default=None, metavar="best|newest|N", help=WHICH_HELP
-    )
+    _add_which(p)
     p.add_argument(
         "--host",
         type=_nonempty,
@@ -437,9 +434,7 @@ def _add_report(commands):
         "`cnnkit evaluate --json` gives them).",
     )
     p.add_argument("checkpoint", type=_nonempty, metavar="RUN_OR_CHECKPOINT", help=CHECKPOINT_HELP)
-    p.add_argument(
-        "--checkpoint", dest="which", type=_which, default=None, metavar="best|newest|N", help=WHICH_HELP
-    )
+    _add_which(p)
     p.add_argument(
         "--dataset", type=_nonempty, default=None, help=f"{SOURCES_HELP} (default: the one it was trained on)"
     )
