@@ -4,7 +4,8 @@
 
 The step is the production one (cnnkit.training.train_epoch: the chapter's network, batch 64, Adam,
 dropout 0.5, channels_last, random 28x28 images). "before" puts back what the fast path replaced:
-PyTorch's max_pool2d followed by ReLU, Adam through Optimizer.step, fp32 products in MKL, and glibc's
+PyTorch's max_pool2d followed by ReLU, Adam through Optimizer.step on float32 weights that autocast
+casts to bf16 at every step (no bf16 copies with master weights), fp32 products in MKL, and glibc's
 default allocator thresholds; "after" is cnnkit as it is. For each, the step is timed without the
 profiler (the median of --repeats processes timing --steps steps), then profiled, and the profiled
 time is split into oneDNN's primitives (convolutions forward and backward, dense products; in fp32
@@ -25,8 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from cnnkit import device as cnnkit_device
+from cnnkit import master_weights, pooling
 from cnnkit import model as cnnkit_model
-from cnnkit import pooling
 from cnnkit.device import memory_format
 from cnnkit.model import Architecture, build_model
 from cnnkit.training import make_optimizer, train_epoch
@@ -43,7 +44,7 @@ PARTS = {  # the rest, named: self time of these ops (and the fused pooling's ow
         "aten::clamp_min",
         "cnnkit max_pool_relu",
     },
-    "Adam": {"aten::_fused_adam_", "aten::_foreach_add_", "Optimizer.step#FusedAdam.step"},
+    "Adam": {"aten::_fused_adam_", "aten::_foreach_add_", "Optimizer.step#FusedAdam.step", "cnnkit adam"},
     "casts and copies": {"aten::copy_", "aten::_to_copy", "aten::clone"},
     "dropout": {"aten::random_", "aten::ge", "aten::mul"},
 }
@@ -111,11 +112,13 @@ class Setup:
             cnnkit_device.cpu_has_amx,
             training.FusedAdam,
             training.keep_freed_memory,
+            master_weights._kernels_for,
         )
         cnnkit_model.max_pool_relu = lambda x: F.relu(F.max_pool2d(x, 2, 2, ceil_mode=True))
         cnnkit_device.cpu_has_amx = lambda: True  # keeps fp32 products in MKL
         training.FusedAdam = lambda params, lr: torch.optim.Adam(params, lr=lr, fused=True)
         training.keep_freed_memory = lambda: None
+        master_weights._kernels_for = lambda *args: None
         try:
             yield
         finally:
@@ -124,6 +127,7 @@ class Setup:
                 cnnkit_device.cpu_has_amx,
                 training.FusedAdam,
                 training.keep_freed_memory,
+                master_weights._kernels_for,
             ) = saved
 
     def timed(self, steps: int) -> float:
@@ -137,9 +141,9 @@ class Setup:
     def profiled(self, steps: int) -> dict:
         from torch.profiler import ProfilerActivity, profile, record_function
 
-        real = pooling._kernels()
+        real, real_adam = pooling._kernels(), master_weights._kernels_for
 
-        class Recorded:  # the fused pooling's kernels, named in the profile
+        class Recorded:  # the C++ kernels, named in the profile
             @staticmethod
             def forward(*args):
                 with record_function("cnnkit max_pool_relu"):
@@ -150,12 +154,24 @@ class Setup:
                 with record_function("cnnkit max_pool_relu"):
                     return real.backward(*args)
 
-        pooling._resolved = Recorded
+        class RecordedAdam:
+            def __init__(self, adam):
+                self.adam = adam
+
+            def step(self, *args):
+                with record_function("cnnkit adam"):
+                    return self.adam.step(*args)
+
+        def recorded_adam(*args):
+            adam = real_adam(*args)
+            return None if adam is None else RecordedAdam(adam)
+
+        pooling._resolved, master_weights._kernels_for = Recorded, recorded_adam
         try:
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 self.timed(steps)
         finally:
-            pooling._resolved = real
+            pooling._resolved, master_weights._kernels_for = real, real_adam
         own = {}
         for event in prof.key_averages():
             own[event.key] = own.get(event.key, 0.0) + event.self_cpu_time_total / 1000 / steps

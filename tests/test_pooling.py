@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from cnnkit import pooling
+from cnnkit import extension, pooling
 from cnnkit.pooling import MaxPoolReLU, kernel_name, max_pool_relu
 
 FORMATS = {"NCHW": torch.contiguous_format, "channels_last": torch.channels_last}
@@ -55,7 +55,7 @@ def cpp_kernels():
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail("no C++ compiler (g++ or c++) on PATH: the C++ kernels cannot be tested")
         pytest.skip("no C++ compiler (g++ or c++) on PATH")
-    return pooling._load_extension()
+    return extension._load_extension().pool_relu
 
 
 def use_kernels(implementation, request, monkeypatch):
@@ -332,7 +332,8 @@ def test_a_failed_build_falls_back_with_one_warning(monkeypatch, caplog):
         )
 
     monkeypatch.setattr(pooling, "_resolved", None)
-    monkeypatch.setattr(pooling, "_load_extension", fail)
+    monkeypatch.setattr(extension, "_loaded", extension._NOT_LOADED)
+    monkeypatch.setattr(extension, "_load_extension", fail)
     monkeypatch.delenv("CNNKIT_PURE_PYTORCH", raising=False)
     with caplog.at_level(logging.WARNING, logger="cnnkit"):
         assert kernel_name() == "pure PyTorch"
@@ -340,8 +341,8 @@ def test_a_failed_build_falls_back_with_one_warning(monkeypatch, caplog):
         assert_matches_reference(make_input("ties", (3, 5, 7, 9), torch.bfloat16, torch.channels_last))
     warnings = [record for record in caplog.records if record.levelno >= logging.WARNING]
     assert [record.getMessage() for record in warnings] == [
-        "fused pooling: could not build the C++ kernel (compiler error: x.cpp:1:1: error: boom); "
-        "using the pure-PyTorch one (slower)"
+        "could not build cnnkit's C++ kernels (compiler error: x.cpp:1:1: error: boom); "
+        "using PyTorch's own ops (slower)"
     ]
 
 
@@ -392,8 +393,8 @@ def test_a_compiler_that_fails_gives_one_warning_line(tmp_path):
     out, err = child.communicate(timeout=300)
     assert out.split() == ["pure", "PyTorch", "exact"], err
     (line,) = err.splitlines()  # torch checks the compiler first: `/bin/false --version` fails
-    assert line.startswith("fused pooling: could not build the C++ kernel (`/bin/false")
-    assert line.endswith("); using the pure-PyTorch one (slower)")
+    assert line.startswith("could not build cnnkit's C++ kernels (`/bin/false")
+    assert line.endswith("); using PyTorch's own ops (slower)")
 
 
 @pytest.mark.slow

@@ -229,8 +229,9 @@ def test_fp32_products_through_onednn_stay_fp32():
 
 def _train_before_and_after(tmp_path, small_npz, monkeypatch, precision):
     """A tiny run trained by the fast path and by what it replaced: PyTorch's max_pool2d and ReLU, Adam
-    through Optimizer.step, fp32 products in MKL. Returns both runs' last checkpoints."""
-    from cnnkit import device, model, training
+    through Optimizer.step on float32 weights cast by autocast, fp32 products in MKL. Returns both runs'
+    histories."""
+    from cnnkit import device, master_weights, model, training
 
     config = TrainConfig(epochs=3, seed=5, precision=precision, learning_rate=1e-3)
     start_run(small_npz, config, tmp_path / "after", device="cpu", **tiny)
@@ -238,6 +239,7 @@ def _train_before_and_after(tmp_path, small_npz, monkeypatch, precision):
         patch.setattr(model, "max_pool_relu", lambda x: F.relu(F.max_pool2d(x, 2, 2, ceil_mode=True)))
         patch.setattr(training, "FusedAdam", lambda params, lr: torch.optim.Adam(params, lr=lr, fused=True))
         patch.setattr(device, "cpu_has_amx", lambda: True)
+        patch.setattr(master_weights, "_kernels_for", lambda *args: None)
         start_run(small_npz, config, tmp_path / "before", device="cpu", **tiny)
     return [
         [json.loads(line) for line in (tmp_path / run / "history.jsonl").read_text().splitlines()]

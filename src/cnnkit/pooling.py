@@ -7,10 +7,8 @@ for float32 NCHW); a C++ kernel (csrc/pool_relu.cpp) pools and applies ReLU in o
 per output: the window position that gets the gradient, or 255 where ReLU cuts it off. The backward
 pass only scatters the gradient to those positions.
 
-The extension is compiled at first use into $CNNKIT_CACHE_DIR/extensions (default
-~/.cache/cnnkit/extensions) under a name that hashes its source, torch, Python and the CPU, so a change
-of any rebuilds it; processes starting together (DDP ranks) build it once. Where it cannot be built (one
-warning on the "cnnkit" logger) or with CNNKIT_PURE_PYTORCH=1, `max_pool_relu` is PyTorch's own op: an
+The kernel is compiled at first use (see cnnkit.extension). Where it cannot be built (one warning on
+the "cnnkit" logger) or with CNNKIT_PURE_PYTORCH=1, `max_pool_relu` is PyTorch's own op: an
 exact pure-PyTorch rewrite (four strided views of the windows, a chain of comparisons and `torch.where`)
 was 2 to 12 times slower than it, as those run element by element on the CPU. `kernel_name()` says which
 is in use.
@@ -27,31 +25,16 @@ bfloat16 NaN output (its sign and payload) are the input's, whereas PyTorch's ve
 turn some NaNs into 0xffff depending on the tensor's length and layout. Double backward is not supported.
 """
 
-import contextlib
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import sys
-import sysconfig
 import threading
-import warnings
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cnnkit import extension
+
 __all__ = ["MaxPoolReLU", "kernel_name", "max_pool_relu"]
 
-logger = logging.getLogger("cnnkit")
-
-SOURCE = Path(__file__).with_name("csrc") / "pool_relu.cpp"
-CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp"]
-# -fopenmp links libgomp.so.1, which resolves to the copy torch has already loaded: one thread pool.
-LDFLAGS = ["-fopenmp"]
 PURE_PYTORCH = "pure PyTorch"  # the kernels in use when the C++ ones are not
 
 
@@ -133,7 +116,7 @@ def _dense(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
-# --- the C++ kernels: built at first use, once per source, torch, Python and CPU ---
+# --- the kernels in use: chosen once ---
 
 
 _resolved = None
@@ -141,7 +124,7 @@ _resolve_lock = threading.Lock()
 
 
 def _kernels():
-    """The C++ extension module (its `forward` and `backward`), or PURE_PYTORCH."""
+    """The C++ kernels (a module with `forward` and `backward`), or PURE_PYTORCH."""
     global _resolved
     if _resolved is None:
         with _resolve_lock:
@@ -151,145 +134,5 @@ def _kernels():
 
 
 def _choose_kernels():
-    if os.environ.get("CNNKIT_PURE_PYTORCH", "").strip() not in ("", "0"):
-        return PURE_PYTORCH
-    try:
-        return _load_extension()
-    except Exception as error:
-        logger.debug("fused pooling: building the C++ kernel failed", exc_info=True)
-        logger.warning(
-            "fused pooling: could not build the C++ kernel (%s); using the pure-PyTorch one (slower)",
-            _short_reason(error),
-        )
-        return PURE_PYTORCH
-
-
-def _load_extension():
-    """Import the compiled extension, building it first if this cache has none for this source."""
-    name, directory = _build_location(SOURCE.read_bytes())
-    built = directory / "built"  # the module's name and file, written once the build succeeded
-    if not built.exists():
-        directory.mkdir(parents=True, exist_ok=True)
-        with _exclusive(directory / "cnnkit.lock"):
-            if not built.exists():
-                return _build(name, directory, built)
-    module_name, file_name = built.read_text().split()
-    return _import_library(module_name, directory / file_name)
-
-
-def _build(name, directory, built):
-    from torch.utils import cpp_extension
-
-    # torch's own lock file; one left behind by a build that was killed would make torch wait forever,
-    # and while we hold our lock nobody else is building here.
-    with contextlib.suppress(FileNotFoundError):
-        (directory / "lock").unlink()
-    with _quiet_build(), _ninja_on_path():
-        module = cpp_extension.load(
-            name=name,
-            sources=[str(SOURCE)],
-            extra_cflags=CFLAGS,
-            extra_ldflags=LDFLAGS,
-            build_directory=str(directory),
-            verbose=False,
-        )
-    partial = built.with_suffix(".partial")
-    partial.write_text(f"{module.__name__} {Path(module.__file__).name}\n")
-    partial.replace(built)
-    return module
-
-
-def _import_library(name, path):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _build_location(source: bytes):
-    """(module name, build directory): a hash of everything the compiled library depends on."""
-    digest = hashlib.sha256(source)
-    for part in (
-        torch.__version__,
-        sys.version,
-        sysconfig.get_config_var("EXT_SUFFIX") or "",
-        platform.machine(),
-        _cpu_flags(),  # -march=native: a library built on one CPU may not run on another
-        " ".join(CFLAGS + LDFLAGS),
-    ):
-        digest.update(b"\0" + part.encode())
-    name = f"cnnkit_pool_relu_{digest.hexdigest()[:16]}"
-    root = os.environ.get("CNNKIT_CACHE_DIR") or Path.home() / ".cache" / "cnnkit"
-    return name, Path(root).expanduser() / "extensions" / name
-
-
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            return next((line for line in cpuinfo if line.startswith("flags")), "")
-    except OSError:
-        return platform.processor()
-
-
-@contextlib.contextmanager
-def _exclusive(path: Path):
-    """An exclusive lock between processes (two DDP ranks building at once); the kernel releases it if
-    the holder dies."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: rely on torch's lock file alone
-        yield
-        return
-    with open(path, "a") as lock_file:
-        fcntl.flock(lock_file, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock_file, fcntl.LOCK_UN)
-
-
-@contextlib.contextmanager
-def _ninja_on_path():
-    """torch builds with `ninja` from PATH; cnnkit depends on PyPI's ninja, which installs it beside this
-    Python (a virtual environment's bin), where PATH may not look when the environment is not active."""
-    here = sysconfig.get_path("scripts")
-    path = os.environ.get("PATH", "")
-    if shutil.which("ninja") or not here or not Path(here, "ninja").exists():
-        yield
-        return
-    os.environ["PATH"] = here + os.pathsep + path
-    try:
-        yield
-    finally:
-        os.environ["PATH"] = path
-
-
-@contextlib.contextmanager
-def _quiet_build():
-    """Silence torch's compiler checks, which warn through logging and `warnings`: a failed build is
-    reported once, by `_choose_kernels`."""
-    torch_logger = logging.getLogger("torch.utils.cpp_extension")
-    level = torch_logger.level
-    torch_logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        torch_logger.setLevel(level)
-
-
-def _short_reason(error: Exception) -> str:
-    """The compiler's first error line, or what failed, in at most 200 characters."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    if isinstance(error, subprocess.CalledProcessError):
-        command = error.cmd if isinstance(error.cmd, str) else " ".join(map(str, error.cmd))
-        reason = f"`{command}` exited with status {error.returncode}"
-    elif lines and lines[0].startswith("Error building extension"):
-        errors = [line for line in lines[1:] if "error:" in line]
-        reason = f"compiler error: {errors[0]}" if errors else "the compiler failed"
-    else:
-        reason = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
-    return reason if len(reason) <= 200 else reason[:197] + "..."
+    compiled = extension.load()
+    return PURE_PYTORCH if compiled is None else compiled.pool_relu

@@ -29,6 +29,7 @@ from cnnkit.data import minibatch_indices
 from cnnkit.device import autocast, keep_freed_memory
 from cnnkit.errors import CnnkitError
 from cnnkit.inference import evaluate
+from cnnkit.master_weights import bf16_weights
 from cnnkit.recipes import RECIPES, TrainConfig, learning_rate_at
 
 
@@ -250,30 +251,31 @@ def train_epoch(
     weights = torch.tensor(weights, dtype=torch.float64, device=device)
     losses = torch.zeros(len(batches), dtype=torch.float64, device=device)
     seen = 0
-    for step, (batch, shard) in enumerate(zip(batches, shards, strict=True), 1):
-        if learning_rates is not None:
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rates[step - 1]
-        idx = torch.from_numpy(shard).to(device)
-        x, y = images.index_select(0, idx), labels.index_select(0, idx)
-        if transform is not None:
-            x = transform(x)
-        with autocast(device, precision):
-            if len(shard) * world == len(batch):
-                loss = F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
-            else:  # a short last batch split unequally: weigh each rank's share by its images, as one
-                # process would (DDP averages the ranks' gradients); a rank may have no images at all
-                loss = F.cross_entropy(model(x), y, label_smoothing=label_smoothing, reduction="sum")
-                loss = loss * (world / len(batch))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses[step - 1] = loss.detach()
-        seen += len(shard)
-        if progress is not None:
-            progress.update(1)
-            if step % 20 == 0:
-                progress.set_postfix_str(f"loss {float(losses[:step] @ weights[:step]) / seen:.4f}")
+    with bf16_weights(model, optimizer, precision) as optimizer_step:
+        for step, (batch, shard) in enumerate(zip(batches, shards, strict=True), 1):
+            if learning_rates is not None:
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rates[step - 1]
+            idx = torch.from_numpy(shard).to(device)
+            x, y = images.index_select(0, idx), labels.index_select(0, idx)
+            if transform is not None:
+                x = transform(x)
+            with autocast(device, precision):
+                if len(shard) * world == len(batch):
+                    loss = F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
+                else:  # a short last batch split unequally: weigh each rank's share by its images, as one
+                    # process would (DDP averages the ranks' gradients); a rank may have no images at all
+                    loss = F.cross_entropy(model(x), y, label_smoothing=label_smoothing, reduction="sum")
+                    loss = loss * (world / len(batch))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer_step()
+            losses[step - 1] = loss.detach()
+            seen += len(shard)
+            if progress is not None:
+                progress.update(1)
+                if step % 20 == 0:
+                    progress.set_postfix_str(f"loss {float(losses[:step] @ weights[:step]) / seen:.4f}")
     total = losses @ weights
     bad_steps = torch.nonzero(~torch.isfinite(losses))
     first_bad = bad_steps[0, 0] + 1 if len(bad_steps) else torch.tensor(-1, device=device)

@@ -1,5 +1,5 @@
 // Fused 2x2 max pooling (stride 2, ceil mode: TensorFlow's SAME padding) + ReLU on the CPU, for float
-// and bfloat16 tensors in NCHW or NHWC (channels_last) memory. Built at first use by cnnkit/pooling.py.
+// and bfloat16 tensors in NCHW or NHWC (channels_last) memory. Used by cnnkit/pooling.py.
 //
 // The forward pass also writes one byte per output: the window position (0 top-left, 1 top-right,
 // 2 bottom-left, 3 bottom-right) that receives the gradient, or 255 where ReLU cuts it off (output
@@ -492,7 +492,7 @@ at::Tensor backward(const at::Tensor& grad_out, const at::Tensor& winners, int64
 
 }  // namespace
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+void define_pool_relu(pybind11::module_ m) {
   m.def("forward", &forward, "relu(max_pool2d(x, 2, 2, ceil_mode=True)) and the winner of each window",
         pybind11::arg("x"), pybind11::arg("channels_last"), pybind11::arg("need_winners"));
   m.def("backward", &backward, "the gradient with respect to x, scattered to the winners",
