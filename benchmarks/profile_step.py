@@ -4,7 +4,7 @@
 
 The step is the production one (cnnkit.training.train_epoch: the chapter's network, batch 64, Adam,
 dropout 0.5, channels_last, random 28x28 images). "before" puts back what the fast path replaced:
-PyTorch's max_pool2d followed by ReLU, Adam through Optimizer.step on float32 weights that autocast
+oneDNN's first convolution and PyTorch's max_pool2d followed by ReLU, Adam through Optimizer.step on float32 weights that autocast
 casts to bf16 at every step (no bf16 copies with master weights), fp32 products in MKL, and glibc's
 default allocator thresholds; "after" is cnnkit as it is. For each, the step is timed without the
 profiler (the median of --repeats processes timing --steps steps), then profiled, and the profiled
@@ -25,8 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cnnkit import conv_pool, master_weights, pooling
 from cnnkit import device as cnnkit_device
-from cnnkit import master_weights, pooling
 from cnnkit import model as cnnkit_model
 from cnnkit.device import memory_format
 from cnnkit.model import Architecture, build_model
@@ -44,6 +44,7 @@ PARTS = {  # the rest, named: self time of these ops (and the fused pooling's ow
         "aten::clamp_min",
         "cnnkit max_pool_relu",
     },
+    "the fused first layer": {"cnnkit conv_pool_relu"},
     "Adam": {"aten::_fused_adam_", "aten::_foreach_add_", "Optimizer.step#FusedAdam.step", "cnnkit adam"},
     "casts and copies": {"aten::copy_", "aten::_to_copy", "aten::clone"},
     "dropout": {"aten::random_", "aten::ge", "aten::mul"},
@@ -108,13 +109,15 @@ class Setup:
         import cnnkit.training as training
 
         saved = (
-            cnnkit_model.max_pool_relu,
+            cnnkit_model.conv_pool_relu,
             cnnkit_device.cpu_has_amx,
             training.FusedAdam,
             training.keep_freed_memory,
             master_weights._kernels_for,
         )
-        cnnkit_model.max_pool_relu = lambda x: F.relu(F.max_pool2d(x, 2, 2, ceil_mode=True))
+        cnnkit_model.conv_pool_relu = lambda x, w, b: F.relu(
+            F.max_pool2d(F.conv2d(x, w, b), 2, 2, ceil_mode=True)
+        )
         cnnkit_device.cpu_has_amx = lambda: True  # keeps fp32 products in MKL
         training.FusedAdam = lambda params, lr: torch.optim.Adam(params, lr=lr, fused=True)
         training.keep_freed_memory = lambda: None
@@ -123,7 +126,7 @@ class Setup:
             yield
         finally:
             (
-                cnnkit_model.max_pool_relu,
+                cnnkit_model.conv_pool_relu,
                 cnnkit_device.cpu_has_amx,
                 training.FusedAdam,
                 training.keep_freed_memory,
@@ -141,18 +144,19 @@ class Setup:
     def profiled(self, steps: int) -> dict:
         from torch.profiler import ProfilerActivity, profile, record_function
 
-        real, real_adam = pooling._kernels(), master_weights._kernels_for
+        real, real_adam, real_first = pooling._kernels(), master_weights._kernels_for, conv_pool._kernels
 
         class Recorded:  # the C++ kernels, named in the profile
-            @staticmethod
-            def forward(*args):
-                with record_function("cnnkit max_pool_relu"):
-                    return real.forward(*args)
+            def __init__(self, kernels, name):
+                self.kernels, self.name = kernels, name
 
-            @staticmethod
-            def backward(*args):
-                with record_function("cnnkit max_pool_relu"):
-                    return real.backward(*args)
+            def forward(self, *args):
+                with record_function(self.name):
+                    return self.kernels.forward(*args)
+
+            def backward(self, *args):
+                with record_function(self.name):
+                    return self.kernels.backward(*args)
 
         class RecordedAdam:
             def __init__(self, adam):
@@ -166,12 +170,15 @@ class Setup:
             adam = real_adam(*args)
             return None if adam is None else RecordedAdam(adam)
 
-        pooling._resolved, master_weights._kernels_for = Recorded, recorded_adam
+        first = real_first()
+        pooling._resolved = Recorded(real, "cnnkit max_pool_relu")
+        master_weights._kernels_for = recorded_adam
+        conv_pool._kernels = lambda: None if first is None else Recorded(first, "cnnkit conv_pool_relu")
         try:
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 self.timed(steps)
         finally:
-            pooling._resolved, master_weights._kernels_for = real, real_adam
+            pooling._resolved, master_weights._kernels_for, conv_pool._kernels = real, real_adam, real_first
         own = {}
         for event in prof.key_averages():
             own[event.key] = own.get(event.key, 0.0) + event.self_cpu_time_total / 1000 / steps

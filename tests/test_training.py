@@ -168,11 +168,14 @@ def test_no_augmentation_trains_exactly_as_before_augmentation_existed(
     tmp_path, small_npz, one_torch_thread, monkeypatch
 ):
     # Also the fused pooling and FusedAdam: both are bit-identical to what they replaced. The dense
-    # layers' fp32 products are kept in MKL, as then (oneDNN sums in another order).
-    from cnnkit import device
+    # layers' fp32 products are kept in MKL, as then, and the first convolution in oneDNN (the fused
+    # first layer and oneDNN sum in other orders).
+    from cnnkit import device, model
     from cnnkit.checkpoint import tensors_sha256
+    from cnnkit.pooling import max_pool_relu
 
     monkeypatch.setattr(device, "cpu_has_amx", lambda: True)
+    monkeypatch.setattr(model, "conv_pool_relu", lambda x, w, b: max_pool_relu(F.conv2d(x, w, b)))
 
     config = TrainConfig(epochs=2, seed=5, precision="fp32", augment="none")
     start_run(small_npz, config, tmp_path / "run", device="cpu", valid_size=128, **tiny)
@@ -228,15 +231,19 @@ def test_fp32_products_through_onednn_stay_fp32():
 
 
 def _train_before_and_after(tmp_path, small_npz, monkeypatch, precision):
-    """A tiny run trained by the fast path and by what it replaced: PyTorch's max_pool2d and ReLU, Adam
-    through Optimizer.step on float32 weights cast by autocast, fp32 products in MKL. Returns both runs'
-    histories."""
+    """A tiny run trained by the fast path and by what it replaced: oneDNN's convolutions, PyTorch's
+    max_pool2d and ReLU, Adam through Optimizer.step on float32 weights cast by autocast, fp32 products
+    in MKL. Returns both runs' histories."""
     from cnnkit import device, master_weights, model, training
 
     config = TrainConfig(epochs=3, seed=5, precision=precision, learning_rate=1e-3)
     start_run(small_npz, config, tmp_path / "after", device="cpu", **tiny)
     with monkeypatch.context() as patch:
-        patch.setattr(model, "max_pool_relu", lambda x: F.relu(F.max_pool2d(x, 2, 2, ceil_mode=True)))
+        patch.setattr(
+            model,
+            "conv_pool_relu",
+            lambda x, w, b: F.relu(F.max_pool2d(F.conv2d(x, w, b), 2, 2, ceil_mode=True)),
+        )
         patch.setattr(training, "FusedAdam", lambda params, lr: torch.optim.Adam(params, lr=lr, fused=True))
         patch.setattr(device, "cpu_has_amx", lambda: True)
         patch.setattr(master_weights, "_kernels_for", lambda *args: None)
@@ -247,12 +254,17 @@ def _train_before_and_after(tmp_path, small_npz, monkeypatch, precision):
     ]
 
 
-def test_the_fast_bf16_path_learns_exactly_what_the_old_one_did(tmp_path, small_npz, monkeypatch):
-    # So the 20-epoch accuracies measured before it (README, Performance) still hold, bit for bit.
+def test_the_fast_bf16_path_learns_what_the_old_one_did_within_rounding(tmp_path, small_npz, monkeypatch):
+    # The fused first layer sums its 25 products in another order than oneDNN (its bf16 outputs differed
+    # in 2 of 294,912 values for a batch of 64 digits); everything else in the fast path is bit-identical
+    # (tests/test_master_weights.py, test_pooling.py). Measured here: the weights after 3 epochs were
+    # equal bit for bit; a bf16 rounding apart would be about 4e-3 at these weights' scale.
     before, after = _train_before_and_after(tmp_path, small_npz, monkeypatch, "bf16")
-    assert [epoch["train_loss"] for epoch in before] == [epoch["train_loss"] for epoch in after]
     weights = _weights(tmp_path / "before", 3), _weights(tmp_path / "after", 3)
-    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+    assert max((weights[0][name] - weights[1][name]).abs().max().item() for name in weights[0]) < 1e-2
+    accuracies = [[epoch["valid_accuracy"] for epoch in run] for run in (before, after)]
+    assert np.abs(np.subtract(*accuracies)).max() <= 1 / 106  # one validation image at most
+    assert after[-1]["valid_accuracy"] > 0.3  # it learned something to compare
 
 
 def test_fp32_products_in_onednn_learn_what_mkl_did_within_rounding(tmp_path, small_npz, monkeypatch):

@@ -1,7 +1,8 @@
 """cnnkit's C++ kernels (csrc/*.cpp): compiled at first use, cached, and optional.
 
 `load()` returns the compiled module, whose submodules are the kernels (`pool_relu`: fused max pooling
-and ReLU, used by cnnkit.pooling; `adam`: Adam on float32 master weights with bfloat16 weights, used by
+and ReLU, used by cnnkit.pooling; `conv_pool`: the first layer, convolution to ReLU, for one-channel
+images, used by cnnkit.conv_pool; `adam`: Adam on float32 master weights with bfloat16 weights, used by
 cnnkit.master_weights), or None where they cannot be built or CNNKIT_PURE_PYTORCH=1 asks for none. Then
 each user falls back on PyTorch's own ops, which compute the same bits, more slowly, and one warning
 line on the "cnnkit" logger says so.
