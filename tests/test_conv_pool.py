@@ -514,3 +514,40 @@ def test_transforms_tracing_and_export_see_pytorchs_ops(cpp_kernels, recwarn):
 
     program = torch.export.export(Layer(), (x,))
     assert "aten.conv2d.default" in {str(node.target) for node in program.graph.nodes}
+
+
+@pytest.mark.parametrize("build", ["layers", "lowlevel"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_chapters_network_runs_its_first_layer_fused(cpp_kernels, monkeypatch, build, precision):
+    """Through its nn.Parameters, in training (with the bf16 weight copies of cnnkit.master_weights) and
+    in inference."""
+    from cnnkit.master_weights import bf16_weights
+    from cnnkit.model import Architecture, build_model
+    from cnnkit.training import make_optimizer
+
+    calls = []
+    apply = conv_pool._ConvPoolReLU.apply
+    monkeypatch.setattr(conv_pool._ConvPoolReLU, "apply", lambda *args: calls.append("train") or apply(*args))
+    forward = cpp_kernels.forward
+    monkeypatch.setattr(
+        conv_pool,
+        "_kernels",
+        lambda: SimpleNamespace(
+            forward=lambda *a: calls.append("kernel") or forward(*a),
+            backward=cpp_kernels.backward,
+            vectorised=True,
+        ),
+    )
+    model = build_model(Architecture(conv_channels=(4, 8), hidden_units=16), build=build, seed=0)
+    model = model.to(memory_format=torch.channels_last)
+    x = torch.randn(3, 1, 28, 28)
+    with (
+        bf16_weights(model, make_optimizer(model, 1e-3), precision),
+        torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"),
+    ):
+        model(x).sum().backward()
+    assert calls == ["train", "kernel"]
+    model.eval()
+    with torch.inference_mode():
+        model(x)
+    assert calls == ["train", "kernel", "kernel"]

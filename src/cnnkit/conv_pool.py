@@ -102,7 +102,7 @@ def fuses(x, weight, bias) -> bool:
 
 def _plain_vector(bias) -> bool:
     return (
-        type(bias) is torch.Tensor
+        type(bias) in (torch.Tensor, torch.nn.Parameter)
         and bias.dim() == 1
         and bias.dtype in _DTYPES
         and bias.device.type == "cpu"
