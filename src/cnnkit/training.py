@@ -235,7 +235,8 @@ def train_epoch(
     Losses are summed on the device, so no step waits for the host (the bar's running loss is read
     every 20 steps). Raises TrainingDiverged naming the first step whose loss was not finite.
     In a distributed run `model` is the DDP wrapper and `batches` the global mini-batches: this rank
-    trains on its shard of each, and the loss returned is the mean over every rank's images.
+    trains on its shard of each, and the loss returned is the mean over every rank's images. In bf16 on
+    the CPU the model holds bf16 copies of its weights while the epoch runs (cnnkit.master_weights).
     """
     device = images.device
     keep_freed_memory()
