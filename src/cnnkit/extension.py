@@ -4,8 +4,8 @@
 and ReLU, used by cnnkit.pooling; `conv_pool`: the first layer, convolution to ReLU, for one-channel
 images, used by cnnkit.conv_pool; `adam`: Adam on float32 master weights with bfloat16 weights, used by
 cnnkit.master_weights), or None where they cannot be built or CNNKIT_PURE_PYTORCH=1 asks for none. Then
-each user falls back on PyTorch's own ops, which compute the same bits, more slowly, and one warning
-line on the "cnnkit" logger says so.
+each user falls back on PyTorch's own ops, which compute the same bits (the first layer: the same
+sums in another order), more slowly, and one warning line on the "cnnkit" logger says so.
 
 The module is compiled with torch.utils.cpp_extension (g++ or another C++ compiler, Python's headers,
 and ninja, a dependency from PyPI) into $CNNKIT_CACHE_DIR/extensions (default
@@ -45,7 +45,7 @@ _load_lock = threading.Lock()
 
 
 def load():
-    """The compiled kernels, built the first time (12-20 s), or None: see the module's docstring."""
+    """The compiled kernels, built the first time (20-30 s), or None: see the module's docstring."""
     global _loaded
     if _loaded is _NOT_LOADED:
         with _load_lock:

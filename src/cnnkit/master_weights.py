@@ -12,11 +12,12 @@ Nothing changes in the arithmetic: autocast's casts round as the copies do, the 
 the ones autocast's casts converted, and the Adam pass computes what torch's fused Adam computes, so
 the weights after any number of steps are bit for bit those of autocast + `training.FusedAdam` (tests
 check it), and a run may resume on either path. Measured on a 2-core AVX-512 EPYC, the chapter's
-network at batch 64: about 10% more images a second (see the README).
+network at batch 64: 3-5% more images a second.
 
 The copies are used only where they apply: bf16 on the CPU in one process (DDP reduces gradients in
-the precision of the parameters), a fused Adam (as `training.make_optimizer` makes) without weight decay, AMSGrad or maximize, and the C++
-kernels built (see cnnkit.extension); elsewhere the context gives back `optimizer.step`.
+the precision of the parameters), a fused Adam (as `training.make_optimizer` makes) without weight
+decay, AMSGrad or maximize, and the C++ kernels built (see cnnkit.extension); elsewhere the context
+gives back `optimizer.step`.
 """
 
 import contextlib

@@ -85,7 +85,8 @@ def _fusable(x: torch.Tensor) -> bool:
     return (
         not torch.jit.is_tracing()  # first: under tracing, the shape checks below would warn
         and not torch.compiler.is_compiling()
-        and type(x) in (torch.Tensor, nn.Parameter)  # other subclasses (FakeTensor, ...) go through torch's ops
+        # a Parameter is a plain tensor here; other subclasses (FakeTensor, ...) go through torch's ops
+        and type(x) in (torch.Tensor, nn.Parameter)
         and x.dim() == 4
         and x.dtype in (torch.float32, torch.bfloat16)
         and x.device.type == "cpu"
