@@ -25,6 +25,21 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.slow)
 
 
+@pytest.fixture(scope="session")
+def cpp_extension():
+    """cnnkit's compiled C++ kernels (cnnkit.extension), built (or found in the user's cache) once per
+    session. Without a compiler the C++ tests are skipped, except under CI=true, where they fail."""
+    import shutil
+
+    from cnnkit import extension
+
+    if not (shutil.which("g++") or shutil.which("c++")):
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("no C++ compiler (g++ or c++) on PATH: the C++ kernels cannot be tested")
+        pytest.skip("no C++ compiler (g++ or c++) on PATH")
+    return extension._load_extension()
+
+
 # Layer sizes of a tiny network for tests that check files and plumbing, not learning (start_run's
 # `architecture`): about 20 times faster to train than the chapter's.
 TINY = {"conv_channels": (4, 8), "hidden_units": 32}

@@ -12,12 +12,9 @@ from cnnkit.model import Architecture, build_model
 from cnnkit.training import FusedAdam, make_optimizer, train_epoch
 
 
-@pytest.fixture(scope="module")
-def adam_kernel():
-    compiled = extension.load()
-    if compiled is None:
-        pytest.skip("cnnkit's C++ kernels are not built here (see test_pooling's cpp_kernels)")
-    return compiled.adam
+@pytest.fixture(scope="session")
+def adam_kernel(cpp_extension):
+    return cpp_extension.adam
 
 
 def _moments(shape, generator, channels_last=False):

@@ -33,6 +33,7 @@ __all__ = ["load"]
 logger = logging.getLogger("cnnkit")
 
 SOURCES = sorted(Path(__file__).with_name("csrc").glob("*.cpp"))
+HEADERS = sorted(Path(__file__).with_name("csrc").glob("*.h"))
 # -ffp-contract=off: no multiply-add is fused unless the source says so (csrc/adam.cpp reproduces
 # torch's rounding); -fno-math-errno: sqrt vectorises.
 CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-fopenmp"]
@@ -69,8 +70,10 @@ def _load_or_warn():
 
 
 def _load_extension():
-    """Import the compiled extension, building it first if this cache has none for these sources."""
-    name, directory = _build_location(b"".join(source.read_bytes() for source in SOURCES))
+    """Import the compiled extension, building it first if this cache has none for these sources and headers."""
+    name, directory = _build_location(
+        b"".join(path.name.encode() + b"\0" + path.read_bytes() for path in SOURCES + HEADERS)
+    )
     built = directory / "built"  # the module's name and file, written once the build succeeded
     if not built.exists():
         directory.mkdir(parents=True, exist_ok=True)

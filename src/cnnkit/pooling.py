@@ -25,8 +25,6 @@ bfloat16 NaN output (its sign and payload) are the input's, whereas PyTorch's ve
 turn some NaNs into 0xffff depending on the tensor's length and layout. Double backward is not supported.
 """
 
-import threading
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -117,23 +115,15 @@ def _dense(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
-# --- the kernels in use: chosen once ---
+# --- the kernels in use ---
 
 
-_resolved = None
-_resolve_lock = threading.Lock()
+_resolved = None  # the kernels to use instead of cnnkit.extension's (tests and benchmarks set it)
 
 
 def _kernels():
     """The C++ kernels (a module with `forward` and `backward`), or PURE_PYTORCH."""
-    global _resolved
-    if _resolved is None:
-        with _resolve_lock:
-            if _resolved is None:
-                _resolved = _choose_kernels()
-    return _resolved
-
-
-def _choose_kernels():
+    if _resolved is not None:
+        return _resolved
     compiled = extension.load()
     return PURE_PYTORCH if compiled is None else compiled.pool_relu

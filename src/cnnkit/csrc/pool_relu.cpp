@@ -29,12 +29,7 @@ constexpr uint8_t kNoGradient = 255;
 // Elements of input per parallel task: below this the threads cost more than they save.
 constexpr int64_t kGrainElements = 32768;
 
-constexpr int64_t kLanes = 16;
-typedef float Floats __attribute__((vector_size(4 * kLanes)));
-typedef int32_t Ints __attribute__((vector_size(4 * kLanes)));  // masks over Floats, and winners
-typedef uint32_t Words __attribute__((vector_size(4 * kLanes)));  // float bits
-typedef uint16_t Halves __attribute__((vector_size(2 * kLanes)));  // bfloat16 bits
-typedef uint8_t Bytes __attribute__((vector_size(kLanes)));  // winners
+#include "vectors.h"
 
 // The gradient's lanes, as bits: the backward pass only moves them (and fixes -0.0 and NaN).
 template <typename T>
@@ -48,21 +43,6 @@ struct Bits<uint16_t> {
   using Vector = Halves;
 };
 
-template <typename Vector, typename Scalar>
-inline Vector splat(Scalar value) {
-  using Element = std::remove_cv_t<std::remove_reference_t<decltype(Vector{}[0])>>;
-  return Vector{} + static_cast<Element>(value);
-}
-template <typename Vector, typename T>
-inline Vector load_bits(const T* source) {
-  Vector vector;
-  std::memcpy(&vector, source, sizeof vector);
-  return vector;
-}
-template <typename T, typename Vector>
-inline void store_bits(T* destination, Vector vector) {
-  std::memcpy(destination, &vector, sizeof vector);
-}
 
 // bfloat16 values are handled as their bits: widening to float is a shift, and since every value
 // stored is one of the inputs (or 0), narrowing it back is a shift too (exact, NaN payloads included).
@@ -121,10 +101,6 @@ int64_t grain(int64_t elements_per_task) {
 inline float minus_infinity(float) { return -std::numeric_limits<float>::infinity(); }
 inline uint16_t minus_infinity(uint16_t) { return 0xff80; }
 
-template <typename T>
-inline void copy(T* destination, const T* source, int64_t count) {
-  std::memcpy(destination, source, count * sizeof(T));
-}
 
 // --- NHWC: the four positions of a window are four contiguous runs of C channels ---
 

@@ -1,0 +1,31 @@
+// Vectors of 16 lanes as GCC/Clang vector types, which the compiler maps to the CPU's registers (one
+// AVX-512 register of floats, two AVX2 ones, four NEON ones), and the moves shared by pool_relu.cpp and
+// conv_pool.cpp. Each includes this inside its own anonymous namespace.
+#pragma once
+
+constexpr int64_t kLanes = 16;
+typedef float Floats __attribute__((vector_size(4 * kLanes)));
+typedef int32_t Ints __attribute__((vector_size(4 * kLanes)));  // masks over Floats, and winners
+typedef uint32_t Words __attribute__((vector_size(4 * kLanes)));  // float bits, bfloat16 pairs
+typedef uint16_t Halves __attribute__((vector_size(2 * kLanes)));  // bfloat16 bits
+typedef uint8_t Bytes __attribute__((vector_size(kLanes)));  // winners
+
+template <typename Vector, typename Scalar>
+inline Vector splat(Scalar value) {
+  using Element = std::remove_cv_t<std::remove_reference_t<decltype(Vector{}[0])>>;
+  return Vector{} + static_cast<Element>(value);
+}
+template <typename Vector, typename T>
+inline Vector load_bits(const T* source) {
+  Vector vector;
+  std::memcpy(&vector, source, sizeof vector);
+  return vector;
+}
+template <typename T, typename Vector>
+inline void store_bits(T* destination, Vector vector) {
+  std::memcpy(destination, &vector, sizeof vector);
+}
+template <typename T>
+inline void copy(T* destination, const T* source, int64_t count) {
+  std::memcpy(destination, source, count * sizeof(T));
+}
