@@ -441,15 +441,6 @@ inline void pool_two_pairs(const Floats* acc, uint16_t* out, uint8_t* winners, i
 
 // --- forward: the images ---
 
-template <typename T>
-T* raw(const at::Tensor& tensor) {
-  if constexpr (std::is_same_v<T, float>) {
-    return tensor.data_ptr<float>();
-  } else {
-    return reinterpret_cast<uint16_t*>(tensor.data_ptr<at::BFloat16>());
-  }
-}
-
 struct Weights {
   std::vector<Floats> taps;  // [group][tap]: 16 channels' weights, zero beyond the last channel
   std::vector<Floats> biases;  // [group]

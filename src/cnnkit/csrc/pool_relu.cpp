@@ -389,15 +389,6 @@ at::MemoryFormat memory_format(bool channels_last) {
 }
 
 template <typename T>
-T* raw(const at::Tensor& tensor) {
-  if constexpr (std::is_same_v<T, float>) {
-    return tensor.data_ptr<float>();
-  } else {
-    return reinterpret_cast<uint16_t*>(tensor.data_ptr<at::BFloat16>());
-  }
-}
-
-template <typename T>
 void run_forward(const at::Tensor& x, const at::Tensor& out, const at::Tensor& winners, bool channels_last) {
   const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
   const T* in = raw<T>(x);

@@ -1,6 +1,6 @@
 // Vectors of 16 lanes as GCC/Clang vector types, which the compiler maps to the CPU's registers (one
 // AVX-512 register of floats, two AVX2 ones, four NEON ones), and the moves shared by pool_relu.cpp and
-// conv_pool.cpp. Each includes this inside its own anonymous namespace.
+// conv_pool.cpp. Each includes this inside its own anonymous namespace, after ATen's headers.
 #pragma once
 
 constexpr int64_t kLanes = 16;
@@ -28,4 +28,14 @@ inline void store_bits(T* destination, Vector vector) {
 template <typename T>
 inline void copy(T* destination, const T* source, int64_t count) {
   std::memcpy(destination, source, count * sizeof(T));
+}
+
+// A float32 tensor's data as floats, a bfloat16 one's as the bits of its values (uint16_t).
+template <typename T>
+T* raw(const at::Tensor& tensor) {
+  if constexpr (std::is_same_v<T, float>) {
+    return tensor.data_ptr<float>();
+  } else {
+    return reinterpret_cast<uint16_t*>(tensor.data_ptr<at::BFloat16>());
+  }
 }
