@@ -22,9 +22,12 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
+
+#include "vectors.h"
 
 // Elements per parallel task: below this the threads cost more than they save.
 constexpr int64_t kGrainElements = 16384;
@@ -46,14 +49,8 @@ Constants constants(double step, double lr, double beta1, double beta2, double e
           static_cast<float>(-(lr / bias_correction1))};
 }
 
-inline float from_bfloat16(uint16_t bits) {
-  const uint32_t word = static_cast<uint32_t>(bits) << 16;
-  float value;
-  std::memcpy(&value, &word, sizeof value);
-  return value;
-}
-
-// Round to nearest even, NaN to 0x7fc0: c10::BFloat16's conversion, which autocast's casts use.
+// Round to nearest even, NaN to 0x7fc0: c10::BFloat16's conversion, which autocast's casts use, written
+// without branches so that the loop below vectorises.
 inline uint16_t to_bfloat16(float value) {
   uint32_t word;
   std::memcpy(&word, &value, sizeof word);
@@ -64,7 +61,7 @@ inline uint16_t to_bfloat16(float value) {
 void update(float* __restrict param, const uint16_t* __restrict grad, float* __restrict exp_avg,
             float* __restrict exp_avg_sq, uint16_t* __restrict copy, int64_t n, const Constants& k) {
   for (int64_t i = 0; i < n; ++i) {
-    const float g = from_bfloat16(grad[i]);
+    const float g = to_float(grad[i]);
     const float m = std::fma(k.lerp_weight, g - exp_avg[i], exp_avg[i]);
     const float v = std::fma(k.sq_weight * g, g, exp_avg_sq[i] * k.beta2);
     exp_avg[i] = m;
@@ -73,11 +70,6 @@ void update(float* __restrict param, const uint16_t* __restrict grad, float* __r
     param[i] = p;
     copy[i] = to_bfloat16(p);
   }
-}
-
-template <typename T>
-T* raw(const at::Tensor& t) {
-  return reinterpret_cast<T*>(t.data_ptr());
 }
 
 // One Adam step over every parameter. masters, exp_avgs and exp_avg_sqs are float32, grads and copies

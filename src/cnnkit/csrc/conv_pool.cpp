@@ -112,14 +112,6 @@ inline Vector select(Ints mask, Vector yes, Vector no) {
 #endif
 }
 
-inline float to_float(float value) { return value; }
-inline float to_float(uint16_t bits) {
-  const uint32_t word = static_cast<uint32_t>(bits) << 16;
-  float value;
-  std::memcpy(&value, &word, sizeof value);
-  return value;
-}
-
 template <typename T>
 inline T from_float(float value);
 template <>

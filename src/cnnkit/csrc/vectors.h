@@ -1,6 +1,7 @@
 // Vectors of 16 lanes as GCC/Clang vector types, which the compiler maps to the CPU's registers (one
-// AVX-512 register of floats, two AVX2 ones, four NEON ones), and the moves shared by pool_relu.cpp and
-// conv_pool.cpp. Each includes this inside its own anonymous namespace, after ATen's headers.
+// AVX-512 register of floats, two AVX2 ones, four NEON ones), and the moves and conversions the kernels
+// share. Each source includes this inside its own anonymous namespace, after ATen's headers, <cstring>
+// and <type_traits>.
 #pragma once
 
 constexpr int64_t kLanes = 16;
@@ -38,4 +39,13 @@ T* raw(const at::Tensor& tensor) {
   } else {
     return reinterpret_cast<uint16_t*>(tensor.data_ptr<at::BFloat16>());
   }
+}
+
+// A float32 value, or the float32 value of bfloat16 bits (exact: a shift).
+inline float to_float(float value) { return value; }
+inline float to_float(uint16_t bits) {
+  const uint32_t word = static_cast<uint32_t>(bits) << 16;
+  float value;
+  std::memcpy(&value, &word, sizeof value);
+  return value;
 }
