@@ -320,7 +320,7 @@ def test_the_kernels_are_loaded_once_across_threads(monkeypatch):
 
 
 def test_a_failed_build_falls_back_with_one_warning(monkeypatch, caplog):
-    def fail():
+    def fail(level=None):
         raise RuntimeError(
             "Error building extension 'x': [1/2] c++ ...\nx.cpp:1:1: error: boom\nninja: stopped"
         )
