@@ -27,12 +27,13 @@ def resolve_device(device: "str | torch.device" = "auto") -> torch.device:
 
 
 def cpu_has_fast_bf16() -> bool:
-    """True where the CPU multiplies bf16 natively (AVX512-BF16 or AMX), so bf16 autocast pays off."""
-    try:
-        caps = torch.cpu.get_capabilities()
-    except (AttributeError, RuntimeError):
+    """True where the CPU multiplies bf16 natively (AVX512-BF16 or AMX), so bf16 autocast pays off, and
+    CNNKIT_MAX_ISA (see cnnkit.extension) does not cap cnnkit below avx512_bf16."""
+    from cnnkit import extension
+
+    if extension.isa_cap() in ("avx512", "avx2", "portable"):
         return False
-    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
+    return _native_bf16()
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -46,6 +47,46 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if cpu_has_fast_bf16() else "fp32"
 
 
+def describe_path(requested: str, precision: str, device: torch.device) -> str:
+    """One line saying which precision and which kernels a run takes, and why: `requested` is the
+    precision asked for ("auto", "fp32", "bf16"), `precision` what resolve_precision made of it."""
+    from cnnkit import extension
+
+    if requested != "auto":
+        why = f"as asked (--precision {requested})"
+    elif device.type == "cuda":
+        why = "the GPU " + ("has" if precision == "bf16" else "lacks") + " fast bf16"
+    elif precision == "bf16":
+        units = [
+            name for name, key in (("AVX512-BF16", "avx512_bf16"), ("AMX", "amx_bf16")) if _capability(key)
+        ]
+        why = f"this CPU has {' and '.join(units)}"
+    elif extension.isa_cap() in ("avx512", "avx2", "portable") and _native_bf16():
+        why = f"CNNKIT_MAX_ISA={extension.isa_cap()} caps cnnkit below avx512_bf16"
+    else:
+        why = "this CPU has no AVX512-BF16 or AMX, so bf16 would be slower"
+    if device.type != "cpu":
+        return f"{precision}: {why}"
+    level = extension.isa()
+    if level == "pytorch":
+        kernels = "PyTorch's own ops (CNNKIT_MAX_ISA=pytorch or CNNKIT_PURE_PYTORCH=1)"
+    else:
+        capped = f", capped by CNNKIT_MAX_ISA={extension.isa_cap()}" if extension.isa_cap() else ""
+        kernels = f"cnnkit's C++ kernels for {level} (this CPU: {extension.machine_isa()}{capped})"
+    return f"{precision}: {why}; {kernels}"
+
+
+def _capability(name: str) -> bool:
+    try:
+        return bool(torch.cpu.get_capabilities().get(name))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _native_bf16() -> bool:
+    return _capability("avx512_bf16") or _capability("amx_bf16")
+
+
 def autocast(device: torch.device, precision: str):
     """The context the network runs in: bf16 autocast (weights and gradients stay fp32), or fp32 with
     the dense layers in oneDNN on CPUs without AMX (see `onednn_fp32_matmul`)."""
@@ -57,10 +98,7 @@ def autocast(device: torch.device, precision: str):
 
 
 def cpu_has_amx() -> bool:
-    try:
-        return bool(torch.cpu.get_capabilities().get("amx_bf16"))
-    except (AttributeError, RuntimeError):
-        return False
+    return _capability("amx_bf16")
 
 
 @contextlib.contextmanager

@@ -13,13 +13,14 @@ import errno
 import json
 import os
 import re
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from cnnkit import distributed
+from cnnkit import distributed, extension
 from cnnkit.atomic import atomic_write, remove_stale_temp_files
 from cnnkit.checkpoint import (
     checkpoint_path,
@@ -31,7 +32,7 @@ from cnnkit.checkpoint import (
 )
 from cnnkit.data import Dataset, Standardization, load_dataset, load_for_model, resolve_source
 from cnnkit.data.dataset import shape_text
-from cnnkit.device import memory_format, resolve_device, resolve_precision
+from cnnkit.device import describe_path, memory_format, resolve_device, resolve_precision
 from cnnkit.errors import CheckpointError, CnnkitError, DatasetError, FileError
 from cnnkit.model import Architecture, build_model, summary
 from cnnkit.recipes import TrainConfig, default_valid_size, describe_augmentation, for_dataset
@@ -140,6 +141,7 @@ def start_run(
                 f"{run_dir}: already holds checkpoints; continue it with --resume {run_dir}, choose another --out, "
                 "or pass --overwrite to start it afresh"
             )
+        extension.start_loading(log)  # a first build of the C++ kernels overlaps loading the data
         dataset = load_dataset(source, image_size=image_size)
         if dataset.train is None or len(dataset.train) == 0:
             raise DatasetError(f"dataset {source!r} has no training images")
@@ -148,7 +150,8 @@ def start_run(
         dataset = dataset.split_validation(valid_size)
         config = for_dataset(config, dataset.preprocessing, len(dataset.train), dataset_defaults)
         device = resolve_device(device)
-        config = dataclasses.replace(config, precision=resolve_precision(config.precision, device))
+        requested = config.precision
+        config = dataclasses.replace(config, precision=resolve_precision(requested, device))
         arch = _architecture_for(dataset, config, architecture or {})
         record = ModelRecord(
             architecture=arch,
@@ -164,6 +167,7 @@ def start_run(
             f"{shape_text(arch.input_shape)}, {arch.num_classes} classes; {config.build} build, {config.precision} "
             f"on {device}; run folder {run_dir}"
         )
+        log(f"path: {describe_path(requested, config.precision, device)}")
         log(
             f"recipe {config.recipe}: {config.epochs} epochs, batch {config.batch_size}, lr {config.learning_rate:g} "
             f"({config.lr_schedule}), augmentation {describe_augmentation(config)}"
@@ -237,6 +241,7 @@ def resume_run(
             record.config, epochs=epochs, keep=record.config.keep if keep is None else keep
         )
         source = resolve_source(dataset) if dataset else record.dataset
+        extension.start_loading(log)
         data = dataset_for_model(record, source, ckpt.path).split_validation(record.valid_size)
         model = build_model(record.architecture, record.build)
         model.load_state_dict(ckpt.model_state)
@@ -245,6 +250,7 @@ def resume_run(
         restore_optimizer(optimizer, load_optimizer_state(ckpt.path, model))
         record = record.replace(config=config, dataset=source)
         log(f"resuming {ckpt.path} at epoch {ckpt.epoch + 1} of {epochs}; run folder {run_dir}")
+        log(f"path: {describe_path(config.precision, config.precision, device)}")
         if not own_folder and newest and distributed.is_main():
             prune_checkpoints(run_dir, keep=0)
         return _run(model, optimizer, record, run_dir, data, log, show_progress)
@@ -353,6 +359,10 @@ def _run(model, optimizer, record: ModelRecord, run_dir, dataset: Dataset, log, 
         if config.patience:
             callbacks.insert(1, stopping)
     try:
+        # A first build of the kernels is waited for here, so that no epoch's time counts it.
+        extension.finish_loading(
+            log, show_progress=(sys.stderr.isatty() if show_progress is None else show_progress)
+        )
         train(model, optimizer, train_data, valid_data, config, record.epoch + 1, callbacks, show_progress)
     except TrainingDiverged as exc:
         raise TrainingDiverged(f"{exc}. {_on_disk(checkpointer.last, record, main)}") from None

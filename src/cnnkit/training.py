@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cnnkit import distributed
+from cnnkit import distributed, extension
 from cnnkit.augment import epoch_generator, random_affine
 from cnnkit.data import minibatch_indices
 from cnnkit.device import autocast, keep_freed_memory
@@ -317,6 +317,7 @@ def train(
     show_progress = sys.stderr.isatty() if show_progress is None else show_progress
     show_progress = show_progress and distributed.is_main()  # one bar: rank 0's
     network = distributed.wrap(model)  # DDP in a distributed run, else `model` itself
+    extension.load()  # a first build of the C++ kernels (20-30 s) is not counted in epoch 1's time
     try:
         return _train_epochs(
             model, network, optimizer, train_data, valid_data, config, start_epoch, callbacks, show_progress
