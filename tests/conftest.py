@@ -1,5 +1,6 @@
 """Shared fixtures: small real datasets, one trained run, and a local HTTP server for download tests."""
 
+import functools
 import os
 import socket
 import subprocess
@@ -13,6 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+# Training in this process, and in every child, with libgomp's short spin that `cnnkit.cli.main` sets on a
+# busy machine (see cnnkit.threads): spinning threads beside another busy process ran one chapter epoch
+# in 50 s instead of 12. Set before torch is imported; a value the user set wins.
+os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
 from cnnkit.data import load_dataset
 
@@ -88,12 +94,13 @@ def small_npz(tmp_path_factory, mnist_5k):
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory):
-    """A run folder holding the chapter's CNN trained for 6 epochs on mnist-5k (about 94% test accuracy)."""
+    """A run folder holding the chapter's CNN trained for 6 epochs on mnist-5k (about 94% test accuracy), in
+    fp32 on every CPU (precision "auto" would train another model where the CPU has bf16)."""
     from cnnkit.recipes import TrainConfig
     from cnnkit.runs import start_run
 
     run_dir = tmp_path_factory.mktemp("runs") / "mnist-5k"
-    start_run("mnist-5k", TrainConfig(epochs=6, seed=0, precision="auto"), run_dir, log=lambda line: None)
+    start_run("mnist-5k", TrainConfig(epochs=6, seed=0, precision="fp32"), run_dir, log=lambda line: None)
     return run_dir
 
 
@@ -245,10 +252,83 @@ def start_cnnkit(*args, text=False) -> subprocess.Popen:
     )
 
 
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as status:
+        return int(next(line for line in status if line.startswith(field)).split()[1])
+
+
+@functools.cache
+def _fresh_process_mb() -> float:
+    """The peak resident MB of a fresh `python -m cnnkit` that has imported what a command imports: what
+    an in-process run adds to its own peak, so that `max_mb` bounds the same thing in either case."""
+    code = "import cnnkit.cli, torch, numpy, PIL.Image, safetensors.torch; print(open('/proc/self/status').read())"
+    status = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return int(next(line for line in status.splitlines() if line.startswith("VmHWM")).split()[1]) / 1024
+
+
+def run_cnnkit_in_process(*args, cwd=None, env=None, stdin=None) -> CliRun:
+    """`cnnkit ARGS` through `cnnkit.cli.main` in this process (no second import of torch): exit code,
+    output, and the peak resident MB it reached, counted as a fresh process would (its own peak above
+    the RSS at the start, reset through /proc/self/clear_refs, plus a fresh process's). Global state
+    that `main` changes (environment, working folder, thread count, signal handlers, the "cnnkit"
+    logger's output, which a process prints on stderr) is restored after."""
+    import io
+    import logging
+    import signal
+    from contextlib import redirect_stderr, redirect_stdout
+
+    import torch
+
+    from cnnkit.cli import main
+
+    args = [str(a) for a in args]
+    out, err = io.StringIO(), io.StringIO()
+    saved_env, saved_cwd, threads = dict(os.environ), os.getcwd(), torch.get_num_threads()
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    warnings_out = logging.StreamHandler(err)
+    warnings_out.setLevel(logging.WARNING)
+    cnnkit_logger = logging.getLogger("cnnkit")
+    cnnkit_logger.addHandler(warnings_out)
+    stdin_before = sys.stdin
+    try:
+        os.environ.update(env or {})
+        if cwd is not None:
+            os.chdir(cwd)
+        sys.stdin = stdin if stdin is not None else io.StringIO("")
+        with open("/proc/self/clear_refs", "w") as clear:  # VmHWM := VmRSS
+            clear.write("5")
+        start_kb = _status_kb("VmRSS")
+        with redirect_stdout(out), redirect_stderr(err):
+            try:
+                code = main(args)
+            except SystemExit as exit:  # argparse's usage errors
+                code = exit.code if isinstance(exit.code, int) else 2
+        peak_mb = (_status_kb("VmHWM") - start_kb) / 1024 + _fresh_process_mb()
+    finally:
+        sys.stdin = stdin_before
+        cnnkit_logger.removeHandler(warnings_out)
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+        torch.set_num_threads(threads)
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+    return CliRun(args, code, out.getvalue(), err.getvalue(), peak_mb)
+
+
 @pytest.fixture
 def cli():
-    """`cli("train", "--dataset", ...)` runs the command line in a child process: see `run_cnnkit`."""
-    return run_cnnkit
+    """`cli("train", "--dataset", ...)`: the command line, run in this process (see
+    `run_cnnkit_in_process`); with `timeout=` (a command that might hang), in a child process (see
+    `run_cnnkit`). Tests where the process itself is the point (start-up, signals, pipes, torchrun)
+    call `run_cnnkit` or `start_cnnkit`."""
+
+    def run(*args, timeout=None, **kwargs):
+        if timeout is not None:
+            return run_cnnkit(*args, timeout=timeout, **kwargs)
+        return run_cnnkit_in_process(*args, **kwargs)
+
+    return run
 
 
 # --- more kinds of trained runs, for the report and its figures ---

@@ -145,6 +145,11 @@ def test_missing_optimizer_state(tmp_path):
         load_optimizer_state(path, model)
 
 
+def _versions(folder) -> dict:
+    """Each checkpoint file in `folder` with its inode and modification time: a new one when it is replaced."""
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in list_checkpoints(folder)}
+
+
 def test_kill_9_while_saving_leaves_every_checkpoint_loadable(tmp_path):
     # A child saves checkpoints as fast as it can; we kill it at several moments mid-write.
     script = textwrap.dedent(
@@ -166,16 +171,22 @@ def test_kill_9_while_saving_leaves_every_checkpoint_loadable(tmp_path):
             save_checkpoint(checkpoint_path({str(tmp_path)!r}, epoch % 3 + 1), model, record.replace(epoch=epoch), opt)
         """
     )
-    for delay in (0.4, 0.7):
+    for delay in (0.0, 0.13, 0.31):
+        saved = _versions(tmp_path)
         child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
         assert child.stdout.readline().strip() == b"ready"
+        # Killed while it writes: once this child has replaced a checkpoint (an event, not a time since
+        # its start, which a busy machine could spend before the first save), then `delay` s later.
+        deadline = time.monotonic() + 120
+        while _versions(tmp_path) == saved:
+            assert child.poll() is None and time.monotonic() < deadline, "the child saved no checkpoint"
+            time.sleep(0.005)
         time.sleep(delay)
         child.send_signal(signal.SIGKILL)
         child.wait()
         for path in list_checkpoints(tmp_path):
             model, _ = load_model(path)
             load_optimizer_state(path, model)
-    assert list_checkpoints(tmp_path), "the child never finished a checkpoint"
     assert optimizer_path(list_checkpoints(tmp_path)[-1]).exists()
 
 

@@ -27,12 +27,14 @@ def test_cli_data_info_with_a_bad_source_exits_2_with_one_line(capsys):
 
 
 def test_cli_data_info_without_network_exits_2_with_one_line(capsys, monkeypatch, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    monkeypatch.setenv("CNNKIT_DATA", str(tmp_path))
-    monkeypatch.setenv("CNNKIT_MNIST_MIRRORS", f"http://127.0.0.1:{port}/")
-    assert main(["data", "info", "mnist"]) == 2
+    # A port held bound but not listening refuses connections, and no other process can take it
+    # meanwhile (as it could a number released before use).
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        port = held.getsockname()[1]
+        monkeypatch.setenv("CNNKIT_DATA", str(tmp_path))
+        monkeypatch.setenv("CNNKIT_MNIST_MIRRORS", f"http://127.0.0.1:{port}/")
+        assert main(["data", "info", "mnist"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no network" in err and "mnist-5k" in err and "idx:DIR" in err
 

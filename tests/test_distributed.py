@@ -37,9 +37,35 @@ SHORT_TIMEOUT_S = 10  # $CNNKIT_DIST_TIMEOUT for the fault tests
 
 
 def _free_port() -> int:
+    """A port free now, for torchrun's static rendezvous only, which needs its number up front (its
+    ranks are told the --master-port given, not the one bound). Elsewhere the process that listens
+    binds port 0 and `_listening_port` reads the port the system gave it."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _listening_port(proc: subprocess.Popen, seconds=180) -> int:
+    """The TCP port that the child `proc` listens on, once it does (it bound port 0: the system picked
+    a free one). Read from /proc: the listening sockets of this network namespace that `proc` holds."""
+    deadline = time.monotonic() + seconds
+    while True:
+        inodes = set()
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{proc.pid}/fd"):
+                with contextlib.suppress(OSError):
+                    link = os.readlink(f"/proc/{proc.pid}/fd/{fd}")
+                    if link.startswith("socket:["):
+                        inodes.add(link[len("socket:[") : -1])
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            with open(table) as f:
+                for row in f.read().splitlines()[1:]:
+                    fields = row.split()
+                    if fields[3] == "0A" and fields[9] in inodes:  # state 0A: LISTEN
+                        return int(fields[1].rsplit(":", 1)[1], 16)
+        assert proc.poll() is None, f"the process ended ({proc.returncode}) before it listened"
+        assert time.monotonic() < deadline, f"no listening socket after {seconds} s"
+        time.sleep(0.05)
 
 
 def _command(module: str, *args) -> list[str]:
@@ -152,8 +178,9 @@ def test_nproc_per_node_refuses_a_batch_that_does_not_divide_before_starting_any
 def test_two_ranks_learn_what_one_process_learns_and_agree_bit_for_bit(tmp_path, small_npz, one_torch_thread):
     job = _torchrun(
         "--nproc-per-node=2",
-        "--master-addr=127.0.0.1",
-        f"--master-port={_free_port()}",
+        "--rdzv-backend=c10d",
+        "--rdzv-endpoint=127.0.0.1:0",  # torchrun binds a free port and tells its ranks
+        "--rdzv-id=two-ranks",
         WORKER,
         small_npz,
         tmp_path / "ddp" / "run",
@@ -211,8 +238,7 @@ def test_a_distributed_run_resumes_in_one_process_and_in_two(cli, tmp_path, smal
 
 @pytest.mark.slow
 def test_two_nodes_on_loopback_train_one_run(tmp_path, small_npz):
-    port, run = _free_port(), tmp_path / "run"
-    nodes = []
+    run, port, nodes = tmp_path / "run", 0, []
     for node in (0, 1):
         nodes.append(
             subprocess.Popen(
@@ -241,7 +267,10 @@ def test_two_nodes_on_loopback_train_one_run(tmp_path, small_npz):
                 env={**os.environ, **LOOPBACK},
             )
         )
-        time.sleep(1)  # node 0 first: its torchrun hosts the rendezvous, and so outlives the other
+        if node == 0:
+            # Node 0's torchrun hosts the rendezvous (and so outlives the other) on a port the system
+            # picks; node 1 starts once it listens there, and joins it.
+            port = _listening_port(nodes[0])
     outputs = [node.communicate(timeout=300) for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], [err[-2000:] for _, err in outputs]
     assert sum(out.count("checkpoint: ") for out, _ in outputs) == 1  # one writer, on either node
@@ -251,6 +280,17 @@ def test_two_nodes_on_loopback_train_one_run(tmp_path, small_npz):
 # --- faults ---
 
 
+# `python -m cnnkit ARGS` once a line on stdin has said MASTER_PORT: torch is loaded meanwhile, so that
+# the rank then joins about as soon as one started with the others would.
+_AWAIT_MASTER_PORT = """
+import os, runpy, sys
+import torch
+os.environ["MASTER_PORT"] = sys.stdin.readline().strip()
+sys.argv[0] = "cnnkit"
+runpy.run_module("cnnkit", run_name="__main__", alter_sys=True)
+"""
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("fault", ["SIGKILL", "SIGSTOP"])
 def test_a_rank_that_dies_or_hangs_ends_the_others_with_one_line_within_the_timeout(
@@ -258,19 +298,25 @@ def test_a_rank_that_dies_or_hangs_ends_the_others_with_one_line_within_the_time
 ):
     # No torchrun agent here (it would stop the others itself): on another machine only the process
     # group tells a rank that its peer is gone, at once for a closed connection, or by the timeout.
-    port, run = _free_port(), tmp_path / "run"
-    ranks = []
+    # Rank 0 hosts the store on a port the system picks (MASTER_PORT=0); rank 1 starts beside it and,
+    # once rank 0 listens, is told the port on its stdin (see _AWAIT_MASTER_PORT).
+    run, ranks = tmp_path / "run", []
+    train = ["train", "--dataset", small_npz, "--epochs", 100, "--out", run, "--quiet"]
     for rank in (0, 1):
         env = {
             **os.environ,
             **LOOPBACK,
-            **dict(RANK=rank, LOCAL_RANK=rank, WORLD_SIZE=2, LOCAL_WORLD_SIZE=2, MASTER_PORT=port),
+            **dict(RANK=rank, LOCAL_RANK=rank, WORLD_SIZE=2, LOCAL_WORLD_SIZE=2, MASTER_PORT=0),
             "MASTER_ADDR": "127.0.0.1",
             distributed.TIMEOUT_ENV: str(SHORT_TIMEOUT_S),
         }
+        command = (
+            _command("cnnkit", *train) if rank == 0 else [sys.executable, "-c", _AWAIT_MASTER_PORT, *train]
+        )
         ranks.append(
             subprocess.Popen(
-                _command("cnnkit", "train", "--dataset", small_npz, "--epochs", 100, "--out", run, "--quiet"),
+                [str(a) for a in command],
+                stdin=subprocess.PIPE if rank else subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
                 text=True,
@@ -278,6 +324,8 @@ def test_a_rank_that_dies_or_hangs_ends_the_others_with_one_line_within_the_time
             )
         )
     try:
+        ranks[1].stdin.write(f"{_listening_port(ranks[0])}\n")
+        ranks[1].stdin.close()
         _wait_for(run / "checkpoints" / "epoch-002.safetensors", ranks[0])
         os.kill(ranks[1].pid, getattr(signal, fault))
         start = time.monotonic()
@@ -342,11 +390,11 @@ def test_torchrun_restarts_resume_from_the_newest_checkpoint_exactly(tmp_path, s
     args = ["--dataset", small_npz, "--epochs", 4, "--dropout", 0.3]
     straight = run_cnnkit("train", *args, "--out", tmp_path / "straight", "--quiet", "--nproc-per-node", 2)
     assert straight.code == 0, straight.err[-3000:]
-    run, port = tmp_path / "restarted", _free_port()
+    run = tmp_path / "restarted"
     if rendezvous == "static":
-        where = ["--master-addr=127.0.0.1", f"--master-port={port}"]
-    else:
-        where = ["--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=restarts"]
+        where = ["--master-addr=127.0.0.1", f"--master-port={_free_port()}"]
+    else:  # torchrun binds a free port and tells its ranks
+        where = ["--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0", "--rdzv-id=restarts"]
     launch = ["torch.distributed.run", "--nproc-per-node=2", "--max-restarts=1", *where, "-m", "cnnkit"]
     job = subprocess.Popen(
         _command(*launch, "train", *args, "--out", run),

@@ -1,9 +1,13 @@
 """Test-time augmentation and ensembles: averaged probabilities that reduce to the single model."""
 
 import numpy as np
+import pytest
 import torch
 
+from cnnkit.checkpoint import load_model
 from cnnkit.data import Standardization
+from cnnkit.evaluation import evaluation_split
+from cnnkit.images import load_for_model
 from cnnkit.inference import (
     average_probabilities,
     evaluate,
@@ -84,8 +88,19 @@ def test_evaluate_an_ensemble_of_one_run_twice_scores_as_the_run(cli, tiny_run):
     twice = json.loads(twice.out)
     assert twice["accuracy"] == alone["accuracy"] and twice["confusion_matrix"] == alone["confusion_matrix"]
     assert [m["checkpoint"] for m in twice["models"]] == [alone["checkpoint"]] * 2 and twice["tta"] is False
-    tta = cli("evaluate", tiny_run, "--tta", "--json")
-    assert tta.code == 0 and json.loads(tta.out)["tta"] is True
+    tta = cli("evaluate", tiny_run, "--tta", "--json", "--precision", "fp32")
+    assert tta.code == 0, tta.err
+    tta = json.loads(tta.out)
+    assert tta["tta"] is True and tta["n"] == alone["n"] and tta["checkpoint"] == alone["checkpoint"]
+    # The numbers are those of the averaged views, computed here with cnnkit.inference.
+    model, ckpt = load_model(tiny_run)
+    _, _, split = evaluation_split(ckpt.record, ckpt.path)
+    proba = average_probabilities([(model, ckpt.record)], split.images, tta=True, precision="fp32")
+    expected = evaluate_probabilities(proba, split.labels)
+    assert tta["accuracy"] == expected.accuracy
+    assert tta["confusion_matrix"] == expected.confusion.tolist()
+    assert tta["loss"] == pytest.approx(expected.loss, rel=1e-5)
+    assert tta["loss"] != pytest.approx(alone["loss"], rel=1e-5)  # and TTA did change them
 
 
 def test_predict_with_an_ensemble_and_tta(cli, tiny_run):
@@ -98,7 +113,19 @@ def test_predict_with_an_ensemble_and_tta(cli, tiny_run):
     assert [e["file"] for e in json.loads(twice.out)] == [seven]  # the second run is a model, not an image
     for name, p in json.loads(twice.out)[0]["probabilities"].items():
         assert abs(p - alone[0]["probabilities"][name]) < 1e-6
-    assert cli("predict", tiny_run, seven, "--tta").code == 0
+    tta = cli("predict", tiny_run, seven, "--json", "--proba", "--precision", "fp32", "--tta")
+    assert tta.code == 0, tta.err
+    [entry] = json.loads(tta.out)
+    # The probabilities are the mean over the 5 shifted views of the prepared image (cnnkit.inference).
+    model, ckpt = load_model(tiny_run)
+    record = ckpt.record
+    image = load_for_model(seven, record.architecture.input_shape, record.preprocessing)[None]
+    expected = predict_proba_tta(model, record.standardization.apply(image), flip=record.config.flip)[0]
+    probabilities = np.array(list(entry["probabilities"].values()))
+    assert list(entry["probabilities"]) == list(record.class_names)
+    np.testing.assert_allclose(probabilities, expected, rtol=1e-5, atol=1e-7)
+    assert entry["label"] == int(expected.argmax()) and entry["file"] == seven
+    assert not np.allclose(probabilities, list(alone[0]["probabilities"].values()), rtol=1e-5, atol=1e-7)
 
 
 def test_an_ensemble_of_models_that_disagree_on_classes_or_onnx_files_is_one_line(

@@ -151,23 +151,28 @@ def test_flipped_bits_in_a_checkpoint_are_caught(cli, run_copy):
 
 
 def test_a_convnn_checkpoint_resumes_only_with_a_dataset_and_says_so(cli, tmp_path, small_npz):
-    import numpy as np
+    import dataclasses
 
     from cnnkit import ConvNN
     from cnnkit.data import load_dataset
 
     train = load_dataset(small_npz).train
-    path = (
-        ConvNN(epochs=1, random_state=0)
-        .fit(train.images[:200], train.labels[:200])
-        .save(tmp_path / "m.safetensors")
-    )
+    model = ConvNN(epochs=1, random_state=0).fit(train.images[:200], train.labels[:200])
+    path = model.save(tmp_path / "m.safetensors")
     cli("train", "--resume", path, "--epochs", 2, "--out", tmp_path / "r").assert_one_line_error("--dataset")
+    assert list_checkpoints(tmp_path / "r") == []
     result = cli(
         "train", "--resume", path, "--epochs", 2, "--out", tmp_path / "r", "--dataset", small_npz, "--quiet"
     )
     assert result.code == 0, result.err
-    assert load_checkpoint(tmp_path / "r").record.epoch == 2 and np.all(True)
+    record = load_checkpoint(tmp_path / "r").record
+    # Resumed, not started over: the ConvNN's epoch 1, its recipe and its standardization (of its 200
+    # images, not the dataset's 640) carry on, and the named dataset is recorded for the run.
+    assert record.epoch == 2 and [h["epoch"] for h in record.history] == [1, 2]
+    assert record.history[0] == model.history_[0]
+    assert record.config == dataclasses.replace(model.config_, epochs=2)
+    assert record.standardization == model.standardization_
+    assert record.dataset == small_npz
 
 
 @pytest.mark.parametrize(
@@ -242,13 +247,36 @@ def test_sigint_while_the_command_loads_is_never_a_traceback():
     assert result.returncode == 130 and result.stderr == "", result.stderr
 
 
-@pytest.mark.parametrize("delay", [0.1, 0.4])
+def _wait_until_mapped(proc, library: str, seconds=120):
+    """Wait until the running child `proc` has a shared library whose path holds `library` mapped."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with open(f"/proc/{proc.pid}/maps") as maps:
+                if library in maps.read():
+                    return
+        except OSError:  # gone already: the check below says so
+            pass
+        assert proc.poll() is None, f"the command ended ({proc.returncode}) before it loaded {library}"
+        assert time.monotonic() < deadline, f"no {library} loaded after {seconds} s"
+        time.sleep(0.001)
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.05])
 def test_sigint_at_start_up_is_never_a_traceback(delay):
+    # The interrupt lands while the command starts, `delay` seconds after NumPy's library is mapped: an
+    # event, not a time since the start, which on a busy machine could still fall in Python's own
+    # start-up (before cnnkit's entry module runs; nothing loads NumPy before it sets its handler).
     proc = start_cnnkit("data", "info", "mnist-5k")
+    _wait_until_mapped(proc, "numpy")
     time.sleep(delay)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    out, err = proc.communicate(timeout=60)
     assert b"Traceback" not in err, err.decode()
+    if proc.returncode == 0:  # it finished before the signal came: the whole table, nothing on stderr
+        assert b"mnist-5k" in out and err == b"", err.decode()
+    else:  # quietly while loading, or through main's one line
+        assert proc.returncode == 130 and err in (b"", b"cnnkit: interrupted\n"), (proc.returncode, err)
 
 
 def test_output_into_a_closed_pipe_keeps_training(tmp_path, small_npz):
@@ -273,20 +301,31 @@ def test_stale_temp_files_of_a_killed_run_are_removed_on_resume(cli, run_copy):
     assert not any(path.exists() for path in stale)
 
 
-def test_too_many_threads_are_capped(cli, tmp_path, small_npz):
-    result = cli(
-        "train",
-        "--dataset",
-        small_npz,
-        "--epochs",
-        1,
-        "--threads",
-        10000,
-        "--out",
-        tmp_path / "run",
-        timeout=120,
+# `python -m cnnkit ARGS` that, at exit, writes the thread count torch ran with as its last stderr line.
+_REPORT_TORCH_THREADS = """
+import atexit, runpy, sys
+atexit.register(lambda: print(f"torch threads: {sys.modules['torch'].get_num_threads()}", file=sys.stderr))
+sys.argv[0] = "cnnkit"
+runpy.run_module("cnnkit", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_too_many_threads_are_capped(tmp_path, small_npz):
+    from cnnkit.threads import available_cpus
+
+    args = ["train", "--dataset", small_npz, "--epochs", "1", "--threads", "10000", "--out", tmp_path / "run"]
+    result = subprocess.run(
+        [sys.executable, "-c", _REPORT_TORCH_THREADS, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
-    assert result.code == 0, result.err
+    assert result.returncode == 0, result.stderr
+    cpus = available_cpus()  # the child's: the same affinity mask and cgroup as this process
+    assert result.stderr.splitlines() == [
+        f"cnnkit: --threads 10000 is more than the {cpus} CPUs this process may use; using {cpus}",
+        f"torch threads: {cpus}",
+    ], result.stderr
     assert checkpoint_path(tmp_path / "run", 1).exists()
 
 

@@ -224,32 +224,30 @@ def test_other_examples_render_and_say_how_many_outputs_are_not_drawn(draw):
 @pytest.mark.parametrize("seed", range(25))
 def test_every_drawn_window_gives_the_output_cnnkit_ops_computed(seed):
     rng = np.random.default_rng(seed)
-    x = rng.integers(-5, 6, tuple(rng.integers(1, 8, 2)))
     w = rng.integers(-3, 4, tuple(rng.integers(1, 4, 2)))
     padding, stride = tuple(rng.integers(0, 3, 2)), tuple(rng.integers(1, 4, 2))
-    if any(n + 2 * p < k for n, p, k in zip(x.shape, padding, w.shape, strict=True)):
-        return
+    # x at least as large as the kernel once padded (else no window fits), so every seed draws windows.
+    x_shape = tuple(rng.integers(max(1, k - 2 * p), 8) for k, p in zip(w.shape, padding, strict=True))
+    x = rng.integers(-5, 6, x_shape)
     steps = plots.conv2d_steps(x, w, padding, stride)
     assert np.array_equal(steps.output, ops.conv2d(x, w, padding=padding, stride=stride))
     assert len(steps.windows) == steps.output.size
     for (i, j), (top, left) in steps.windows.items():
         window = steps.padded[top : top + w.shape[0], left : left + w.shape[1]]
         assert (window * steps.kernel).sum() == steps.output[i, j]
-    row = x[0]
-    steps = (
-        plots.conv1d_steps(row, w[0], padding[1], stride[1])
-        if len(row) + 2 * padding[1] >= w.shape[1]
-        else None
-    )
-    if steps is not None:
-        for (_, j), (_, left) in steps.windows.items():
-            assert (steps.padded[0, left : left + w.shape[1]] * steps.kernel[0]).sum() == steps.output[0, j]
+    row = x[0]  # its padded length fits w's row, as x's padded width fits w's
+    steps = plots.conv1d_steps(row, w[0], padding[1], stride[1])
+    assert np.array_equal(steps.output[0], ops.conv1d(row, w[0], padding=padding[1], stride=stride[1]))
+    assert len(steps.windows) == steps.output.size
+    for (_, j), (_, left) in steps.windows.items():
+        assert (steps.padded[0, left : left + w.shape[1]] * steps.kernel[0]).sum() == steps.output[0, j]
     size, pool_stride = tuple(rng.integers(1, 4, 2)), tuple(rng.integers(1, 4, 2))
-    for padding in ("same", "valid"):
-        if padding == "valid" and (size[0] > x.shape[0] or size[1] > x.shape[1]):
-            continue
+    # "valid" takes only windows inside x: there the window is cut to x where it is larger.
+    sizes = {"same": size, "valid": tuple(min(s, n) for s, n in zip(size, x.shape, strict=True))}
+    for padding, size in sizes.items():
         maximum = plots.pool_steps(x, size, pool_stride, padding, "max")
         mean = plots.pool_steps(x, size, pool_stride, padding, "mean")
+        assert len(maximum.windows) == maximum.output.size > 0
         for (i, j), (top, left) in maximum.windows.items():
             cells = maximum.padded[top : top + size[0], left : left + size[1]]
             real = maximum.real[top : top + size[0], left : left + size[1]]

@@ -3,7 +3,6 @@
 import csv
 import json
 import re
-import time
 from pathlib import Path
 
 import numpy as np
@@ -113,14 +112,23 @@ def test_a_run_works_from_any_directory(cli, tmp_path, small_npz):
 
 def test_epoch_lines_reach_a_pipe_as_they_are_written(tmp_path, small_npz):
     proc = start_cnnkit("train", "--dataset", small_npz, "--epochs", "6", "--out", str(tmp_path), text=True)
-    arrivals = {}
+    # An epoch's line is written once its checkpoint is on disk. Seen from here: the newest checkpoint
+    # on disk when each line arrives. Printed as they are written, epoch 1's line comes while the run
+    # is still at its first epochs; from a block buffer, every line would come at the end, after
+    # epoch 6's checkpoint. (No clock: a busy machine only slows both sides.)
+    newest_on_disk = {}
     for line in proc.stdout:
         if line.startswith("epoch "):
-            arrivals[line.split()[1]] = (time.monotonic(), proc.poll())
-    assert proc.wait() == 0
-    first, last = arrivals["1/6"], arrivals["6/6"]
-    assert first[1] is None  # the process was still running when epoch 1's line arrived
-    assert last[0] - first[0] > 0.2, "the lines arrived together, as a block buffer would give them"
+            running = proc.poll() is None
+            checkpoints = list_checkpoints(tmp_path)
+            newest_on_disk[line.split()[1]] = (int(checkpoints[-1].stem.split("-")[1]), running)
+    assert proc.wait() == 0, proc.stderr.read()
+    assert list(newest_on_disk) == [f"{k}/6" for k in range(1, 7)]
+    for k, (newest, _) in enumerate(newest_on_disk.values(), start=1):
+        assert newest >= k  # the line came after its checkpoint
+    first, last = newest_on_disk["1/6"], newest_on_disk["6/6"]
+    assert first[1], "the process had ended when epoch 1's line arrived"
+    assert first[0] < last[0] == 6, "the lines arrived together, as a block buffer would give them"
 
 
 def test_best_epoch_is_kept_beside_the_newest_and_addressable(cli, tiny_run):
