@@ -319,13 +319,13 @@ def run_cnnkit_in_process(*args, cwd=None, env=None, stdin=None) -> CliRun:
 @pytest.fixture
 def cli():
     """`cli("train", "--dataset", ...)`: the command line, run in this process (see
-    `run_cnnkit_in_process`); with `timeout=` (a command that might hang), in a child process (see
-    `run_cnnkit`). Tests where the process itself is the point (start-up, signals, pipes, torchrun)
+    `run_cnnkit_in_process`); with `timeout=` (a command that might hang) or --nproc-per-node, in a child
+    process (see `run_cnnkit`). Tests where the process itself is the point (start-up, signals, pipes, torchrun)
     call `run_cnnkit` or `start_cnnkit`."""
 
     def run(*args, timeout=None, **kwargs):
-        if timeout is not None:
-            return run_cnnkit(*args, timeout=timeout, **kwargs)
+        if timeout is not None or "--nproc-per-node" in args:  # torchrun's ranks write to the real stdout
+            return run_cnnkit(*args, timeout=timeout or 300, **kwargs)
         return run_cnnkit_in_process(*args, **kwargs)
 
     return run

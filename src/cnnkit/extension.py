@@ -201,7 +201,7 @@ def _compiler_flags(level: str) -> list[str]:
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return CFLAGS + (["-march=native"] if level != "portable" else [])
     if level == machine_isa():
-        return [*CFLAGS, "-march=native"] if level != "portable" else CFLAGS
+        return [*CFLAGS, "-march=native"] if level != "portable" else list(CFLAGS)
     return CFLAGS + _CAPPED_X86_FLAGS[level]
 
 
@@ -217,7 +217,7 @@ def _build(name, directory, built, level):
             name=name,
             sources=[str(source) for source in SOURCES],
             extra_cflags=_compiler_flags(level),
-            extra_ldflags=LDFLAGS,
+            extra_ldflags=list(LDFLAGS),  # torch appends its own to the list it is given
             build_directory=str(directory),
             verbose=False,
         )
