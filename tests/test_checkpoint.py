@@ -150,6 +150,7 @@ def _versions(folder) -> dict:
     return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in list_checkpoints(folder)}
 
 
+@pytest.mark.slow  # a real process over seconds
 def test_kill_9_while_saving_leaves_every_checkpoint_loadable(tmp_path):
     # A child saves checkpoints as fast as it can; we kill it at several moments mid-write.
     script = textwrap.dedent(

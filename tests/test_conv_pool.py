@@ -35,9 +35,15 @@ SHAPES = [
 ]
 
 
-@pytest.fixture(scope="session")
-def cpp_kernels(cpp_extension):
-    return cpp_extension.conv_pool
+@pytest.fixture
+def cpp_kernels(cpp_extension, monkeypatch):
+    """The C++ kernels, which conv_pool_relu then uses even where cnnkit would not (built without
+    AVX-512: on such a CPU, or under CNNKIT_MAX_ISA=avx2 or portable), so that every path's code is
+    tested through it."""
+    kernels = cpp_extension.conv_pool
+    if not kernels.vectorised:
+        monkeypatch.setattr(conv_pool, "_kernels", lambda: kernels)
+    return kernels
 
 
 @pytest.fixture
@@ -463,12 +469,13 @@ def test_without_the_cpp_kernels_it_is_pytorchs_composition(pure_pytorch):
     assert torch.equal(ours[0], torch.autograd.grad(expected, weight, torch.ones_like(expected))[0])
 
 
-def test_kernels_built_without_avx512_are_not_used(cpp_kernels, monkeypatch):
+def test_kernels_built_without_avx512_are_not_used(cpp_extension, monkeypatch):
     """Compiled for other CPUs, the portable C++ code is slower than PyTorch's ops: not used."""
     monkeypatch.setattr(
         extension, "load", lambda: SimpleNamespace(conv_pool=SimpleNamespace(vectorised=False))
     )
     assert conv_pool._kernels() is None
+    cpp_kernels = cpp_extension.conv_pool
     monkeypatch.setattr(extension, "load", lambda: SimpleNamespace(conv_pool=cpp_kernels))
     # The kernels built for this CPU (or the level CNNKIT_MAX_ISA caps them to) are used with AVX-512.
     assert cpp_kernels.vectorised == (extension.isa() in ("avx512_bf16", "avx512"))

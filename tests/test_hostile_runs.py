@@ -213,6 +213,7 @@ def test_a_diverging_run_stops_naming_epoch_and_step_and_keeps_strict_json(cli, 
     assert "NaN" not in history and "Infinity" not in history
 
 
+@pytest.mark.slow  # a real process over seconds
 def test_an_interrupted_run_says_what_is_on_disk(tmp_path, small_npz):
     proc = start_cnnkit(
         "train", "--dataset", small_npz, "--epochs", "200", "--out", str(tmp_path / "run"), text=True
@@ -279,6 +280,7 @@ def test_sigint_at_start_up_is_never_a_traceback(delay):
         assert proc.returncode == 130 and err in (b"", b"cnnkit: interrupted\n"), (proc.returncode, err)
 
 
+@pytest.mark.slow  # a real process over seconds
 def test_output_into_a_closed_pipe_keeps_training(tmp_path, small_npz):
     # `cnnkit train ... | head -1`: the reader goes away after one line; the run must still finish.
     proc = start_cnnkit("train", "--dataset", small_npz, "--epochs", "2", "--out", str(tmp_path / "run"))

@@ -110,6 +110,7 @@ def test_a_run_works_from_any_directory(cli, tmp_path, small_npz):
     assert load_checkpoint(here / "run").epoch == 2
 
 
+@pytest.mark.slow  # a real process over seconds
 def test_epoch_lines_reach_a_pipe_as_they_are_written(tmp_path, small_npz):
     proc = start_cnnkit("train", "--dataset", small_npz, "--epochs", "6", "--out", str(tmp_path), text=True)
     # An epoch's line is written once its checkpoint is on disk. Seen from here: the newest checkpoint

@@ -17,6 +17,8 @@ import httpx
 import pytest
 from conftest import start_cnnkit
 
+pytestmark = pytest.mark.slow  # a real browser, a server and a training run
+
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = os.environ.get("CNNKIT_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
