@@ -12,12 +12,14 @@ The goal: at most 2x scipy's time at 5x5, faster than scipy at 15x15 (ratio = cn
 import argparse
 import json
 import statistics
+import sys
 import time
 from functools import partial
 
 import numpy as np
 import scipy.signal
 
+from cnnkit.device import machine_line
 from cnnkit.ops import conv2d
 
 KERNELS = (3, 5, 15)
@@ -42,6 +44,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=7, help="timed runs per function (default 7)")
     parser.add_argument("--seed", type=int, default=0, help="random seed for image and kernels")
     args = parser.parse_args(argv)
+    print(f"# machine: {machine_line()}", file=sys.stderr, flush=True)  # with every figure
 
     rng = np.random.default_rng(args.seed)
     image = rng.standard_normal((args.size, args.size))

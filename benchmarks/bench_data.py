@@ -43,6 +43,9 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    from cnnkit.device import machine_line
+
+    print(f"# machine: {machine_line()}", file=sys.stderr, flush=True)  # with every figure
     if args.child:
         print(json.dumps(measure_once(args.dataset)))
         return

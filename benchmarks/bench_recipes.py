@@ -12,6 +12,7 @@ Training time is the sum of the epochs' times (training and validation; checkpoi
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 
 
@@ -67,6 +68,9 @@ def main(argv=None):
     import torch
 
     torch.set_num_threads(threads)
+    from cnnkit.device import machine_line
+
+    print(f"# machine: {machine_line()}", file=sys.stderr, flush=True)  # with every figure
     valid_size = float(args.valid_size) if "." in args.valid_size else int(args.valid_size)
     rows = []
     for source in args.datasets.split(","):

@@ -157,6 +157,9 @@ def main(argv=None):
     parser.add_argument("--browser", action="store_true", help="also time the page in chromium")
     parser.add_argument("--strokes", type=int, default=20, help="digits drawn in the browser")
     args = parser.parse_args(argv)
+    from cnnkit.device import machine_line
+
+    print(f"# machine: {machine_line()}", file=sys.stderr, flush=True)  # with every figure
     images = digit_pngs(500)
     proc, url = start_server(args.run, args.workers)
     results = []

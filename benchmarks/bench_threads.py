@@ -95,7 +95,10 @@ def main(argv=None):
         return
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+    from cnnkit.device import machine_line
     from cnnkit.threads import WAIT_ENV, available_cpus
+
+    print(f"# machine: {machine_line()}", flush=True)  # with every figure
 
     cpus = available_cpus()
     configs = {

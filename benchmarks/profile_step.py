@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from cnnkit import conv_pool, master_weights, pooling
 from cnnkit import device as cnnkit_device
 from cnnkit import model as cnnkit_model
-from cnnkit.device import memory_format
+from cnnkit.device import machine_line, memory_format
 from cnnkit.model import Architecture, build_model
 from cnnkit.training import make_optimizer, train_epoch
 
@@ -58,6 +58,7 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--child", nargs=2, metavar=("WHEN", "PRECISION"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    print(f"# machine: {machine_line()}", file=sys.stderr, flush=True)  # with every figure
     if args.child:  # one process per measurement: glibc's allocator settings cannot be undone
         when, precision = args.child
         setup = Setup(precision, when == "before")

@@ -25,7 +25,6 @@ Prints one JSON object per measurement (also appended to --out if given), then a
 """
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -43,7 +42,7 @@ import torch
 from cnnkit import pooling
 from cnnkit.checkpoint import load_model, save_checkpoint
 from cnnkit.data import Standardization, load_dataset, minibatch_indices
-from cnnkit.device import cpu_has_fast_bf16, memory_format, resolve_precision
+from cnnkit.device import describe_machine, machine_line, memory_format, resolve_precision
 from cnnkit.errors import CnnkitError
 from cnnkit.inference import predict_logits
 from cnnkit.model import Architecture, build_model
@@ -296,21 +295,11 @@ def seeded_peer_script(peer_script, seed: int, folder: Path) -> str:
 
 
 def machine() -> dict:
-    cpu = platform.processor()
-    with contextlib.suppress(OSError, StopIteration):
-        cpu = next(
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        )
     return {
         "measure": "machine",
-        "cpu": cpu,
-        "cores": os.cpu_count(),
+        **describe_machine(),
         "torch_threads": torch.get_num_threads(),
-        "native_bf16": cpu_has_fast_bf16(),
         "pooling_kernels": pooling.kernel_name(),
-        "torch": torch.__version__,
         "python": platform.python_version(),
     }
 
@@ -343,9 +332,10 @@ class Reporter:
     def __init__(self, path=None):
         self.path = path
         self.rows = []
+        self.machine = machine_line()
 
     def emit(self, record: dict):
-        line = json.dumps(record)
+        line = json.dumps({**record, "machine": self.machine})
         print(line, flush=True)
         if self.path:
             with open(self.path, "a") as f:
@@ -364,9 +354,8 @@ class Reporter:
             self.emit(record)
 
     def summary(self):
-        print(
-            "\nmeasure                     who                          median     vs peer", file=sys.stderr
-        )
+        print(f"\nmachine: {machine_line()}", file=sys.stderr)
+        print("measure                     who                          median     vs peer", file=sys.stderr)
         for row in self.rows:
             if "median" in row and not isinstance(row["median"], dict):
                 ratio = f"{row['ratio_vs_peer']:.2f}x" if "ratio_vs_peer" in row else ""

@@ -3,6 +3,7 @@
 import contextlib
 import ctypes
 import functools
+import os
 import sys
 
 import torch
@@ -74,6 +75,47 @@ def describe_path(requested: str, precision: str, device: torch.device) -> str:
         capped = f", capped by CNNKIT_MAX_ISA={extension.isa_cap()}" if extension.isa_cap() else ""
         kernels = f"cnnkit's C++ kernels for {level} (this CPU: {extension.machine_isa()}{capped})"
     return f"{precision}: {why}; {kernels}"
+
+
+def cpu_model() -> str:
+    """The processor's name as /proc/cpuinfo gives it (else platform's guess), e.g. "AMD EPYC 9R45"."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith(("model name", "Model", "CPU part")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def describe_machine() -> dict:
+    """What a benchmark figure depends on: the CPU, its instruction sets, the kernels' level and the
+    default precision. `benchmarks/` prints it with every figure."""
+    from cnnkit import extension
+
+    return {
+        "cpu": cpu_model(),
+        "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cpu_isa": extension.machine_isa(),
+        "amx": cpu_has_amx(),
+        "kernels": extension.isa(),
+        "default_precision": resolve_precision("auto", torch.device("cpu")),
+        "torch": torch.__version__,
+    }
+
+
+def machine_line() -> str:
+    """`describe_machine` in one line, e.g. "Intel(R) Xeon(R) Processor, 2 CPUs, avx512_bf16 + AMX;
+    kernels avx512_bf16; default precision bf16; torch 2.13.0+cpu"."""
+    m = describe_machine()
+    amx = " + AMX" if m["amx"] else ""
+    return (
+        f"{m['cpu']}, {m['cpus']} CPUs, {m['cpu_isa']}{amx}; kernels {m['kernels']}; "
+        f"default precision {m['default_precision']}; torch {m['torch']}"
+    )
 
 
 def _capability(name: str) -> bool:
