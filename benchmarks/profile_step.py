@@ -23,12 +23,10 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from cnnkit import conv_pool, master_weights, pooling
 from cnnkit import device as cnnkit_device
-from cnnkit import model as cnnkit_model
 from cnnkit.device import machine_line, memory_format
+from cnnkit.kernels import conv_pool, master_weights, pooling
 from cnnkit.model import Architecture, build_model
 from cnnkit.training import make_optimizer, train_epoch
 
@@ -110,15 +108,13 @@ class Setup:
         import cnnkit.training as training
 
         saved = (
-            cnnkit_model.conv_pool_relu,
+            conv_pool.fuses,
             cnnkit_device.cpu_has_amx,
             training.FusedAdam,
             training.keep_freed_memory,
             master_weights._kernels_for,
         )
-        cnnkit_model.conv_pool_relu = lambda x, w, b: F.relu(
-            F.max_pool2d(F.conv2d(x, w, b), 2, 2, ceil_mode=True)
-        )
+        conv_pool.fuses = lambda *args: False  # oneDNN's first convolution, then the fused pooling
         cnnkit_device.cpu_has_amx = lambda: True  # keeps fp32 products in MKL
         training.FusedAdam = lambda params, lr: torch.optim.Adam(params, lr=lr, fused=True)
         training.keep_freed_memory = lambda: None
@@ -127,7 +123,7 @@ class Setup:
             yield
         finally:
             (
-                cnnkit_model.conv_pool_relu,
+                conv_pool.fuses,
                 cnnkit_device.cpu_has_amx,
                 training.FusedAdam,
                 training.keep_freed_memory,

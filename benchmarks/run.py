@@ -39,12 +39,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cnnkit import pooling
 from cnnkit.checkpoint import load_model, save_checkpoint
 from cnnkit.data import Standardization, load_dataset, minibatch_indices
 from cnnkit.device import describe_machine, machine_line, memory_format, resolve_precision
 from cnnkit.errors import CnnkitError
 from cnnkit.inference import predict_logits
+from cnnkit.kernels import pooling
 from cnnkit.model import Architecture, build_model
 from cnnkit.quantize import quantize_int8
 from cnnkit.recipes import TrainConfig

@@ -37,7 +37,7 @@ def cpp_extension():
     session. Without a compiler the C++ tests are skipped, except under CI=true, where they fail."""
     import shutil
 
-    from cnnkit import extension
+    from cnnkit.kernels import extension
 
     if not (shutil.which("g++") or shutil.which("c++")):
         if os.environ.get("CI", "").lower() == "true":
@@ -56,7 +56,7 @@ def fused_pooling_built():
     """Build the fused pooling's C++ kernels (cnnkit.pooling) once, up front: a first build takes 12-17 s,
     which would otherwise fall inside whichever test first runs the network, possibly in a child process
     with a timeout."""
-    from cnnkit import pooling
+    from cnnkit.kernels import pooling
 
     pooling.kernel_name()
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cnnkit import conv_pool, extension
-from cnnkit.conv_pool import conv_pool_relu
+from cnnkit.kernels import conv_pool, extension
+from cnnkit.kernels.conv_pool import conv_pool_relu
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16}
@@ -522,7 +522,7 @@ def test_transforms_tracing_and_export_see_pytorchs_ops(cpp_kernels, recwarn):
 def test_the_chapters_network_runs_its_first_layer_fused(cpp_kernels, monkeypatch, build, precision):
     """Through its nn.Parameters, in training (with the bf16 weight copies of cnnkit.master_weights) and
     in inference."""
-    from cnnkit.master_weights import bf16_weights
+    from cnnkit.kernels.master_weights import bf16_weights
     from cnnkit.model import Architecture, build_model
     from cnnkit.training import make_optimizer
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 from conftest import TINY
 
-from cnnkit import device, extension, training
+from cnnkit import device, training
 from cnnkit.errors import ArgumentError
+from cnnkit.kernels import extension
 from cnnkit.recipes import TrainConfig
 from cnnkit.runs import start_run
 

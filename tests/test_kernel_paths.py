@@ -21,7 +21,7 @@ from test_pooling import assert_same_bits as assert_same_pool_bits
 from test_pooling import forward_backward, make_input
 from test_pooling import reference as pool_reference
 
-from cnnkit import extension, pooling
+from cnnkit.kernels import extension, pooling
 
 BELOW_THIS_CPU = [
     level

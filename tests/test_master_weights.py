@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import TINY
 
-from cnnkit import extension, master_weights
-from cnnkit.master_weights import bf16_weights
+from cnnkit.kernels import extension, master_weights
+from cnnkit.kernels.master_weights import bf16_weights
 from cnnkit.model import Architecture, build_model
 from cnnkit.training import FusedAdam, make_optimizer, train_epoch
 

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch import nn
 
 from cnnkit.model import Architecture, LayerCNN, LowLevelCNN, build_model, convert_state, dropout
 
@@ -160,3 +161,31 @@ def test_relu_after_pooling_is_bit_identical_to_the_chapters_order(dtype):
     grads_theirs = torch.autograd.grad(theirs, list(chapter_order.parameters()), grad)
     for a, b in zip(grads_ours, grads_theirs, strict=True):
         assert torch.equal(a, b)
+
+
+def test_the_layer_build_is_the_chapters_layers_and_printing_it_shows_what_runs():
+    """The reference build holds PyTorch's modules in the chapter's order; build_model swaps the fused
+    layers in (cnnkit.kernels.fuse) with the same parameters and names, and printing it shows them."""
+    from cnnkit.kernels import Conv2dReLUPool, MaxPoolReLU
+
+    arch = Architecture(conv_channels=(4, 8), hidden_units=16)
+    reference = build_model(arch, seed=3, fused=False)
+    fused = build_model(arch, seed=3)
+    assert [type(m) for m in reference.features] == [nn.Conv2d, nn.ReLU, nn.MaxPool2d] * 2
+    assert [type(m) for m in fused.features] == [
+        Conv2dReLUPool,
+        nn.Identity,
+        nn.Identity,
+        nn.Conv2d,  # 4 input channels: the fused first layer takes images of one channel
+        MaxPoolReLU,
+        nn.Identity,
+    ]
+    assert "Conv2dReLUPool(1, 4" in repr(fused) and "MaxPoolReLU()" in repr(fused)
+    assert "MaxPool2d" not in repr(fused) and "MaxPool2d" in repr(reference)
+    assert fused.state_dict().keys() == reference.state_dict().keys()
+    for name, value in fused.state_dict().items():
+        assert torch.equal(value, reference.state_dict()[name]), name
+    x = torch.randn(5, 1, 28, 28)
+    fused.eval(), reference.eval()
+    with torch.inference_mode():
+        assert torch.allclose(fused(x), reference(x), atol=1e-5)  # the first layer sums in another order

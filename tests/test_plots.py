@@ -8,7 +8,7 @@ from PIL import Image
 
 from cnnkit import ops, plots
 from cnnkit.data.sources import FASHION_MNIST
-from cnnkit.inspect import activations, filters
+from cnnkit.layer_outputs import activations, filters
 from cnnkit.model import Architecture, build_model
 
 FASHION = list(FASHION_MNIST.class_names)

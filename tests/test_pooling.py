@@ -18,8 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from cnnkit import extension, pooling
-from cnnkit.pooling import MaxPoolReLU, kernel_name, max_pool_relu
+from cnnkit.kernels import extension, pooling
+from cnnkit.kernels.pooling import MaxPoolReLU, kernel_name, max_pool_relu
 
 FORMATS = {"NCHW": torch.contiguous_format, "channels_last": torch.channels_last}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -345,8 +345,8 @@ CHILD = textwrap.dedent(
     import sys
     import torch
     import torch.nn.functional as F
-    import cnnkit.pooling as pooling
-    assert "torch.utils.cpp_extension" not in sys.modules, "importing cnnkit.pooling imported cpp_extension"
+    import cnnkit.kernels.pooling as pooling
+    assert "torch.utils.cpp_extension" not in sys.modules, "importing cnnkit.kernels.pooling imported cpp_extension"
     print(pooling.kernel_name())
     for layout in (torch.contiguous_format, torch.channels_last):
         x = torch.randint(-2, 3, (3, 5, 7, 9)).to(torch.bfloat16).contiguous(memory_format=layout)

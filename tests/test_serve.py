@@ -21,7 +21,7 @@ from PIL import Image
 from cnnkit.checkpoint import load_model
 from cnnkit.images import ImageBytes, load_for_model
 from cnnkit.inference import predict_proba
-from cnnkit.inspect import LAYERS, activations, filters
+from cnnkit.layer_outputs import LAYERS, activations, filters
 from cnnkit.serve import app as serve_app
 from cnnkit.serve import create_app, load_models
 
@@ -116,7 +116,7 @@ def test_predict_uses_the_model_asked_for(client):
     refused(upload(client, TWO.read_bytes(), model="nope"), 404, "no model 'nope'", "tiny, tiny-2")
 
 
-def test_activations_return_every_layer_of_cnnkit_inspect_compactly(client, tiny_run):
+def test_activations_return_every_layer_of_cnnkit_layer_outputs_compactly(client, tiny_run):
     proba, model, record, raw = expected_proba(tiny_run, TWO)
     body = upload(client, TWO.read_bytes(), route="/api/activations").json()
     assert body["label"] == int(proba.argmax()) and body["model"] == "tiny"

@@ -165,14 +165,15 @@ def test_no_augmentation_trains_exactly_as_a_plain_pytorch_loop(
     taken on one CPU; oneDNN sums in another order on another CPU.)"""
     from cnnkit import device, model
     from cnnkit.data import minibatch_indices
+    from cnnkit.kernels import conv_pool
     from cnnkit.training import epoch_seed
 
     # The dense layers' fp32 products in MKL and the first convolution in oneDNN, as the plain loop does
     # (the fused first layer sums in another order); the fused pooling is bit-identical to PyTorch's.
     monkeypatch.setattr(device, "cpu_has_amx", lambda: True)
     monkeypatch.setattr(
-        model, "conv_pool_relu", lambda x, w, b: F.relu(F.max_pool2d(F.conv2d(x, w, b), 2, 2, ceil_mode=True))
-    )
+        conv_pool, "fuses", lambda *args: False
+    )  # oneDNN's convolution, then the fused pooling
     config = TrainConfig(epochs=2, seed=5, precision="fp32", augment="none")
     start_run(small_npz, config, tmp_path / "run", device="cpu", valid_size=128, **tiny)
 
@@ -181,7 +182,7 @@ def test_no_augmentation_trains_exactly_as_a_plain_pytorch_loop(
     images = torch.from_numpy(std.apply(data.train.images)).contiguous(memory_format=torch.channels_last)
     labels = torch.from_numpy(data.train.labels).long()
     arch = Architecture(input_shape=(1, 28, 28), num_classes=10, dropout_rate=config.dropout_rate, **TINY)
-    net = build_model(arch, "layers", seed=config.seed).to(memory_format=torch.channels_last)
+    net = build_model(arch, "layers", seed=config.seed, fused=False).to(memory_format=torch.channels_last)
     conv1, conv2 = (m for m in net.modules() if isinstance(m, torch.nn.Conv2d))
     dense = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
     adam = torch.optim.Adam(net.parameters(), lr=config.learning_rate, fused=True)
@@ -256,16 +257,13 @@ def _train_before_and_after(tmp_path, small_npz, monkeypatch, precision):
     """A tiny run trained by the fast path and by what it replaced: oneDNN's convolutions, PyTorch's
     max_pool2d and ReLU, Adam through Optimizer.step on float32 weights cast by autocast, fp32 products
     in MKL. Returns both runs' histories."""
-    from cnnkit import device, master_weights, model, training
+    from cnnkit import device, training
+    from cnnkit.kernels import conv_pool, master_weights
 
     config = TrainConfig(epochs=3, seed=5, precision=precision, learning_rate=1e-3)
     start_run(small_npz, config, tmp_path / "after", device="cpu", **tiny)
     with monkeypatch.context() as patch:
-        patch.setattr(
-            model,
-            "conv_pool_relu",
-            lambda x, w, b: F.relu(F.max_pool2d(F.conv2d(x, w, b), 2, 2, ceil_mode=True)),
-        )
+        patch.setattr(conv_pool, "fuses", lambda *args: False)  # oneDNN's first convolution
         patch.setattr(training, "FusedAdam", lambda params, lr: torch.optim.Adam(params, lr=lr, fused=True))
         patch.setattr(device, "cpu_has_amx", lambda: True)
         patch.setattr(master_weights, "_kernels_for", lambda *args: None)

@@ -30,7 +30,7 @@ def resolve_device(device: "str | torch.device" = "auto") -> torch.device:
 def cpu_has_fast_bf16() -> bool:
     """True where the CPU multiplies bf16 natively (AVX512-BF16 or AMX), so bf16 autocast pays off, and
     CNNKIT_MAX_ISA (see cnnkit.extension) does not cap cnnkit below avx512_bf16."""
-    from cnnkit import extension
+    from cnnkit.kernels import extension
 
     if extension.isa_cap() in ("avx512", "avx2", "portable"):
         return False
@@ -51,7 +51,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 def describe_path(requested: str, precision: str, device: torch.device) -> str:
     """One line saying which precision and which kernels a run takes, and why: `requested` is the
     precision asked for ("auto", "fp32", "bf16"), `precision` what resolve_precision made of it."""
-    from cnnkit import extension
+    from cnnkit.kernels import extension
 
     if requested != "auto":
         why = f"as asked (--precision {requested})"
@@ -94,7 +94,7 @@ def cpu_model() -> str:
 def describe_machine() -> dict:
     """What a benchmark figure depends on: the CPU, its instruction sets, the kernels' level and the
     default precision. `benchmarks/` prints it with every figure."""
-    from cnnkit import extension
+    from cnnkit.kernels import extension
 
     return {
         "cpu": cpu_model(),

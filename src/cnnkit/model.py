@@ -12,14 +12,15 @@ same outputs in either build.
 
 import math
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnnkit.conv_pool import conv_pool_relu, fuses
+from cnnkit import kernels
 from cnnkit.errors import CheckpointError
-from cnnkit.pooling import max_pool_relu
+from cnnkit.kernels.conv_pool import conv_pool_relu
 
 BUILDS = ("layers", "lowlevel")
 
@@ -154,9 +155,9 @@ def conv_pool_layer(x, weights, biases):
     """The chapter's conv_layer (VALID convolution, bias, ReLU) and the 2x2 max pooling after it (stride 2,
     TensorFlow's SAME padding). weights (kh, kw, in, out), x (N, in, H, W) -> (N, out, ceil(H'/2), ceil(W'/2)).
 
-    ReLU runs after the pooling, fused with it (`cnnkit.conv_pool`, `cnnkit.pooling`): ReLU and max commute
-    (ReLU is monotone), so values and gradients are those of the chapter's order, and ReLU touches 4x fewer
-    values. With one input channel the convolution is fused in too.
+    ReLU runs after the pooling, fused with it (`cnnkit.kernels.conv_pool`, `cnnkit.kernels.pooling`): ReLU
+    and max commute (ReLU is monotone), so values and gradients are those of the chapter's order, and ReLU
+    touches 4x fewer values. With one input channel the convolution is fused in too.
     """
     return conv_pool_relu(x, weights.permute(3, 2, 0, 1), biases)
 
@@ -199,24 +200,36 @@ class LowLevelCNN(nn.Module):
 
 
 class LayerCNN(nn.Module):
-    """The chapter's second build, from layers (its tf.layers version), with torch's weight layout."""
+    """The chapter's second build, from layers (its tf.layers version), with torch's weight layout.
+
+    The layers are the chapter's, in its order; `build_model` swaps the fused C++ layers in
+    (cnnkit.kernels.fuse), which keeps the parameters and their names. `ACTIVATIONS` names the layers
+    whose outputs cnnkit.activations reports.
+    """
+
+    ACTIVATIONS: ClassVar[dict[str, str]] = {
+        "features.0": "conv1",
+        "features.1": "relu1",
+        "features.2": "pool1",
+        "features.3": "conv2",
+        "features.4": "relu2",
+        "features.5": "pool2",
+        "classifier.2": "dense3",
+        "classifier.4": "logits",
+    }
 
     def __init__(self, arch: Architecture = Architecture()):
         super().__init__()
         self.arch = arch
-        c_in = arch.input_shape[0]
         c1, c2 = arch.conv_channels
         k = arch.kernel_size
-        # The chapter's conv -> ReLU -> max-pool, with ReLU after the pooling (see conv_pool_layer); forward
-        # runs each pooling and ReLU pair fused (cnnkit.pooling), and the first layer, where its images
-        # have one channel, as one call of cnnkit.conv_pool.conv_pool_relu.
         self.features = nn.Sequential(
-            nn.Conv2d(c_in, c1, k),
-            nn.MaxPool2d(2, 2, ceil_mode=True),
+            nn.Conv2d(arch.input_shape[0], c1, k),
             nn.ReLU(),
+            nn.MaxPool2d(2, 2, ceil_mode=True),  # TensorFlow's SAME pooling: ceil(n / 2)
             nn.Conv2d(c1, c2, k),
-            nn.MaxPool2d(2, 2, ceil_mode=True),
             nn.ReLU(),
+            nn.MaxPool2d(2, 2, ceil_mode=True),
         )
         self.classifier = nn.Sequential(
             nn.Flatten(),
@@ -227,12 +240,7 @@ class LayerCNN(nn.Module):
         )
 
     def forward(self, x):
-        conv1, _, _, conv2, _, _ = self.features
-        if fuses(x, conv1.weight, conv1.bias):
-            x = conv_pool_relu(x, conv1.weight, conv1.bias)
-        else:  # calling the module lets tracers see it (int8 quantization replaces it; cnnkit.quantize)
-            x = max_pool_relu(conv1(x))
-        return self.classifier(max_pool_relu(conv2(x)))
+        return self.classifier(self.features(x))
 
 
 def summary(arch: Architecture, build: str = "layers") -> str:
@@ -254,11 +262,13 @@ def summary(arch: Architecture, build: str = "layers") -> str:
 
 
 def build_model(
-    arch: Architecture = Architecture(), build: str = "layers", seed: int | None = None
+    arch: Architecture = Architecture(), build: str = "layers", seed: int | None = None, fused: bool = True
 ) -> nn.Module:
     """A freshly initialized network: Glorot-uniform weights and zero biases, as TensorFlow's defaults.
 
-    The same `seed` gives the same initial weights in both builds.
+    The same `seed` gives the same initial weights in both builds. `fused`: the layer build with the
+    fused C++ layers swapped in (cnnkit.kernels.fuse); the low-level build calls the fused functions
+    itself.
     """
     if build not in BUILDS:
         raise ValueError(f"build must be one of {BUILDS}, got {build!r}")
@@ -269,7 +279,7 @@ def build_model(
             nn.init.xavier_uniform_(module.weight, generator=generator)
             nn.init.zeros_(module.bias)
     if build == "layers":
-        return layers
+        return kernels.fuse(layers) if fused else layers
     lowlevel = LowLevelCNN(arch)
     lowlevel.load_state_dict(convert_state(layers.state_dict(), arch, "layers", "lowlevel"))
     return lowlevel

@@ -454,10 +454,10 @@ def feature_maps_image(
 ) -> Image.Image:
     """What each layer makes of one image: every map of conv1, relu1, pool1, conv2, relu2 and pool2.
 
-    `activations` is `cnnkit.inspect.activations(model, images)`; `index` picks the image; `label` is
+    `activations` is `cnnkit.layer_outputs.activations(model, images)`; `index` picks the image; `label` is
     its true class (optional). Each row is labelled with the layer and its shape. GRID_WIDTH wide.
     """
-    from cnnkit.inspect import DESCRIPTIONS
+    from cnnkit.layer_outputs import DESCRIPTIONS
 
     label_width, gap = 330, 2
     content = GRID_WIDTH - label_width - 10

@@ -11,7 +11,8 @@ import warnings
 import torch
 
 from cnnkit.errors import ArgumentError
-from cnnkit.model import LayerCNN, LowLevelCNN, convert_state
+from cnnkit.layer_outputs import layer_weights
+from cnnkit.model import LayerCNN
 from cnnkit.recipes import CALIBRATION_IMAGES
 
 
@@ -29,11 +30,8 @@ def quantize_int8(model, calibration_images) -> torch.nn.Module:
         raise ArgumentError(
             "--precision int8 needs torch.ao.quantization, which this PyTorch does not ship; use bf16 or fp32"
         ) from None
-    arch = model.arch
-    layers = LayerCNN(arch)
-    source = "lowlevel" if isinstance(model, LowLevelCNN) else "layers"
-    state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
-    layers.load_state_dict(convert_state(state, arch, source, "layers"))
+    layers = LayerCNN(model.arch)  # PyTorch's modules, which FX quantization knows
+    layers.load_state_dict(layer_weights(model))
     layers.eval()
     images = torch.as_tensor(calibration_images, dtype=torch.float32)[:CALIBRATION_IMAGES].contiguous()
     if len(images) == 0:
@@ -45,7 +43,7 @@ def quantize_int8(model, calibration_images) -> torch.nn.Module:
             for start in range(0, len(images), 256):
                 prepared(images[start : start + 256])
         quantized = convert_fx(prepared)
-    return Int8CNN(quantized, arch)
+    return Int8CNN(quantized, model.arch)
 
 
 class Int8CNN(torch.nn.Module):

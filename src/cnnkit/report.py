@@ -8,7 +8,7 @@
       feature_maps_1.png ...  projection.png  network.png
 
 The figures come from `cnnkit.plots` (the functions a notebook calls), the layers' outputs from
-`cnnkit.inspect.activations`. The page links only its own PNG files: no network, no CDN.
+`cnnkit.layer_outputs.activations`. The page links only its own PNG files: no network, no CDN.
 """
 
 import html
@@ -25,7 +25,7 @@ from cnnkit.checkpoint import load_model, read_record, resolve_checkpoint
 from cnnkit.device import resolve_device, resolve_precision
 from cnnkit.errors import FileError
 from cnnkit.evaluation import evaluate_split, evaluation_split
-from cnnkit.inspect import activations, filters
+from cnnkit.layer_outputs import activations, filters
 
 REPORT_FOLDER = "report"
 FEATURE_MAP_IMAGES = 3  # test images whose every layer is drawn

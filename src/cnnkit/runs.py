@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from cnnkit import distributed, extension
+from cnnkit import distributed
 from cnnkit.atomic import atomic_write, remove_stale_temp_files
 from cnnkit.checkpoint import (
     checkpoint_path,
@@ -34,6 +34,7 @@ from cnnkit.data import Dataset, Standardization, load_dataset, load_for_model, 
 from cnnkit.data.dataset import shape_text
 from cnnkit.device import describe_path, memory_format, resolve_device, resolve_precision
 from cnnkit.errors import CheckpointError, CnnkitError, DatasetError, FileError
+from cnnkit.kernels import extension
 from cnnkit.model import Architecture, build_model, summary
 from cnnkit.recipes import TrainConfig, default_valid_size, describe_augmentation, for_dataset
 from cnnkit.record import ModelRecord

@@ -23,13 +23,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cnnkit import distributed, extension
+from cnnkit import distributed
 from cnnkit.augment import epoch_generator, random_affine
 from cnnkit.data import minibatch_indices
 from cnnkit.device import autocast, keep_freed_memory
 from cnnkit.errors import CnnkitError
 from cnnkit.inference import evaluate
-from cnnkit.master_weights import bf16_weights
+from cnnkit.kernels import extension
+from cnnkit.kernels.master_weights import bf16_weights
 from cnnkit.recipes import RECIPES, TrainConfig, learning_rate_at
 
 

@@ -48,7 +48,7 @@ from cnnkit.checkpoint import Checkpoint, load_model
 from cnnkit.errors import CnnkitError
 from cnnkit.images import ImageBytes, load_for_model
 from cnnkit.inference import predict_proba
-from cnnkit.inspect import DESCRIPTIONS, activations, filters
+from cnnkit.layer_outputs import DESCRIPTIONS, activations, filters
 from cnnkit.runs import HISTORY_FILE
 
 STATIC = Path(__file__).parent / "static"

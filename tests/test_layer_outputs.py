@@ -1,11 +1,11 @@
-"""cnnkit.inspect: every layer's output, and the filters that made the feature maps."""
+"""cnnkit.layer_outputs (once cnnkit.inspect): every layer's output, and the filters that made the feature maps."""
 
 import numpy as np
 import pytest
 import torch
 
 from cnnkit.inference import predict_logits
-from cnnkit.inspect import LAYERS, activations, filters
+from cnnkit.layer_outputs import LAYERS, activations, filters
 from cnnkit.model import Architecture, build_model
 
 ARCH = Architecture(input_shape=(3, 20, 17), num_classes=3, conv_channels=(4, 6), hidden_units=16)
