@@ -308,3 +308,24 @@ def test_augmentation_parameters_train_as_cnnkit_train_does_and_survive_save_and
         (0.8, 1.2),
         True,
     )
+
+
+def test_parameters_are_keyword_only_and_n_iter_counts_epochs(digits):
+    X, y, _, _ = digits
+    with pytest.raises(TypeError):
+        ConvNN(64, 2)
+    model = ConvNN(epochs=2, random_state=0, **SMALL).fit(X[:200], y[:200])
+    assert model.n_iter_ == 2 == len(model.history_)
+
+
+def test_patience_without_validation_warns_and_validation_fraction_holds_images_out(digits):
+    X, y, _, _ = digits
+    with pytest.warns(UserWarning, match="patience=1 has no effect without validation_data"):
+        ConvNN(epochs=1, patience=1, random_state=0, **SMALL).fit(X[:200], y[:200])
+    model = ConvNN(epochs=2, patience=1, validation_fraction=0.25, random_state=0, **SMALL)
+    model.fit(X[:200], y[:200])
+    assert all(h["valid_accuracy"] is not None for h in model.history_)
+    # The held-out quarter is the last 50 images: their accuracy is what the history says.
+    assert model.history_[-1]["valid_accuracy"] == pytest.approx(model.score(X[150:200], y[150:200]))
+    with pytest.raises(ValueError, match="validation_fraction must be a number in"):
+        ConvNN(validation_fraction=1.0).fit(X[:20], y[:20])

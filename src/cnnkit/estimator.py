@@ -34,9 +34,11 @@ class ConvNN(ClassifierMixin, BaseEstimator):
     scikit-learn classifier. Inputs are standardized with the training set's per-channel mean and std,
     which the fitted model keeps (`standardization_`).
 
-    Training: batch_size, epochs, learning_rate (the peak of a "one-cycle" lr_schedule), dropout_rate,
-    shuffle, label_smoothing, and patience (stop after that many epochs without a lower loss on
-    `validation_data`; 0 never stops early) - the chapter's values by default, `cnnkit train`'s
+    All parameters are keyword-only, as scikit-learn's. Training: batch_size, epochs, learning_rate (the
+    peak of a "one-cycle" lr_schedule), dropout_rate, shuffle, label_smoothing, and patience (stop after
+    that many epochs without a lower loss on `validation_data`, or on the last `validation_fraction` of
+    the training images when fit gets no validation_data; 0 never stops early; patience with neither is
+    a UserWarning) - the chapter's values by default, `cnnkit train`'s
     TrainConfig fields; augment ("none" or "affine") with its ranges rotate, shift, scale (low, high)
     and shear, and flip, as `cnnkit train --augment` (see cnnkit.augment). random_state is None (a seed drawn from NumPy's global generator), an int or
     a NumPy RandomState / Generator; the seed used is kept in `seed_`. random_seed is its deprecated
@@ -49,12 +51,13 @@ class ConvNN(ClassifierMixin, BaseEstimator):
     ValueError, a value of the wrong type a TypeError, each naming the parameter.
 
     Fitted attributes: classes_, n_features_in_ (C*H*W), input_shape_ (C, H, W), standardization_,
-    model_, optimizer_, history_ (one dict per epoch), seed_, config_ (the TrainConfig of the last
-    fit, or of the checkpoint `load` read).
+    model_, optimizer_, history_ (one dict per epoch), n_iter_ (epochs trained, len(history_)), seed_,
+    config_ (the TrainConfig of the last fit, or of the checkpoint `load` read).
     """
 
     def __init__(
         self,
+        *,
         batch_size=64,
         epochs=20,
         learning_rate=1e-4,
@@ -66,10 +69,10 @@ class ConvNN(ClassifierMixin, BaseEstimator):
         precision="auto",
         device="auto",
         verbose=0,
-        *,
         lr_schedule="constant",
         label_smoothing=0.0,
         patience=0,
+        validation_fraction=0.0,
         augment="none",
         rotate=12.0,
         shift=2.5,
@@ -95,6 +98,7 @@ class ConvNN(ClassifierMixin, BaseEstimator):
         self.lr_schedule = lr_schedule
         self.label_smoothing = label_smoothing
         self.patience = patience
+        self.validation_fraction = validation_fraction
         self.augment = augment
         self.rotate = rotate
         self.shift = shift
@@ -106,8 +110,15 @@ class ConvNN(ClassifierMixin, BaseEstimator):
         self.hidden_units = hidden_units
         self.random_seed = random_seed
 
+    @property
+    def n_iter_(self) -> int:
+        """Epochs trained so far (scikit-learn's name for the iterations an estimator ran)."""
+        self._check_fitted()
+        return len(self.history_)
+
     def fit(self, X, y, validation_data=None):
-        """Train on X, y; validation_data=(X_valid, y_valid) is measured after each epoch. Returns self."""
+        """Train on X, y; validation_data=(X_valid, y_valid) is measured after each epoch (without it,
+        the last `validation_fraction` of X, y is held out for that). Returns self."""
         self._check_params()
         random_state = self._random_state()
         continuing = self.warm_start and hasattr(self, "model_")
@@ -116,6 +127,17 @@ class ConvNN(ClassifierMixin, BaseEstimator):
         y = self._labels(y)
         if len(X) != len(y):
             raise ValueError(f"X has {len(X)} samples but y has {len(y)}")
+        if validation_data is None and self.validation_fraction > 0:
+            held_out = max(1, round(len(X) * self.validation_fraction))
+            if held_out >= len(X):
+                raise ValueError(f"validation_fraction={self.validation_fraction} leaves no training images")
+            X, y, validation_data = X[:-held_out], y[:-held_out], (X[-held_out:], y[-held_out:])
+        if self.patience and validation_data is None:
+            warnings.warn(
+                f"patience={self.patience} has no effect without validation_data or a validation_fraction",
+                UserWarning,
+                stacklevel=2,
+            )
         if not continuing:
             self._check_classes(y)
         images = self._images(X, check_shape=continuing)
@@ -268,6 +290,7 @@ class ConvNN(ClassifierMixin, BaseEstimator):
         _choice(self, "lr_schedule", LR_SCHEDULES)
         _number(self, "label_smoothing", "a number in [0, 1)", lambda v: 0 <= v < 1)
         _integer(self, "patience", 0)
+        _number(self, "validation_fraction", "a number in [0, 1)", lambda v: 0 <= v < 1)
         _choice(self, "augment", AUGMENTATIONS)
         _number(self, "rotate", "a number of degrees from 0 to 180", lambda v: 0 <= v <= 180)
         _number(self, "shift", "a number of pixels >= 0", lambda v: 0 <= v < math.inf)
