@@ -417,3 +417,15 @@ def test_tracing_and_export_record_pytorchs_ops(kernels, recwarn):
     program = torch.export.export(model, (x,))
     assert "aten.max_pool2d.default" in {str(node.target) for node in program.graph.nodes}
     assert_same_bits(program.module()(x), model(x))
+
+
+def test_without_pytorchs_private_queries_pytorchs_op_runs(kernels, monkeypatch):
+    """The check for functorch transforms and forward-mode AD uses private PyTorch functions; where a
+    torch lacks them, max_pool_relu takes PyTorch's own op, with the same bits."""
+    x = make_input("ties", (3, 5, 7, 9), torch.bfloat16, torch.channels_last).requires_grad_()
+    cpp = kernels is not pooling.PURE_PYTORCH
+    assert (max_pool_relu(x).grad_fn.name() == "_MaxPoolReLUBackward") == cpp
+    monkeypatch.delattr(torch._C, "_are_functorch_transforms_active")
+    assert pooling._transform_active()
+    assert max_pool_relu(x).grad_fn.name() != "_MaxPoolReLUBackward"
+    assert_matches_reference(x.detach())

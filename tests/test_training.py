@@ -216,8 +216,20 @@ def test_augmentation_changes_what_is_learned_and_is_stored_in_the_record(tmp_pa
     assert (config.augment, config.rotate, config.shift) == ("affine", 20.0, 2.5)
 
 
-def test_fused_adam_takes_the_same_steps_as_torchs_fused_adam():
-    # Same bits, same state_dict: checkpoints from either resume in the other.
+@pytest.mark.parametrize("kernel", ["torch._fused_adam_", "missing"])
+def test_fused_adam_takes_the_same_steps_as_torchs_fused_adam(monkeypatch, kernel):
+    # Same bits, same state_dict: checkpoints from either resume in the other. Where a torch has no
+    # torch._fused_adam_ (private), FusedAdam is Adam.step all along.
+    from cnnkit import training
+
+    calls = []
+    real = training._fused_adam_kernel()
+    monkeypatch.setattr(
+        training,
+        "_fused_adam_kernel",
+        lambda: None if kernel == "missing" else (lambda *a, **k: calls.append(1) or real(*a, **k)),
+    )
+
     def train(make):
         model = build_model(Architecture(**TINY), seed=0).to(memory_format=torch.channels_last)
         optimizer = make(model.parameters())
@@ -234,6 +246,7 @@ def test_fused_adam_takes_the_same_steps_as_torchs_fused_adam():
         return model, optimizer.state_dict()
 
     ours, our_state = train(lambda params: FusedAdam(params, lr=1e-3))
+    assert len(calls) == (5 if kernel != "missing" else 0)  # every step but the first, which makes the state
     torchs, torch_state = train(lambda params: torch.optim.Adam(params, lr=1e-3, fused=True))
     assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), torchs.parameters(), strict=True))
     assert our_state["param_groups"] == torch_state["param_groups"]

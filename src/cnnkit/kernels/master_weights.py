@@ -45,16 +45,16 @@ def bf16_weights(model: nn.Module, optimizer: torch.optim.Optimizer, precision: 
     owners = [
         (module, name, param)
         for module in model.modules()
-        for name, param in module._parameters.items()
-        if param is not None and param in copies
+        for name, param in module.named_parameters(recurse=False)
+        if param in copies
     ]
     for module, name, master in owners:
-        module._parameters[name] = copies[master]
+        module.register_parameter(name, copies[master])  # replaces the parameter of that name
     try:
         yield lambda: _step(kernels, optimizer, masters, [copies[master] for master in masters])
     finally:
         for module, name, master in owners:
-            module._parameters[name] = master
+            module.register_parameter(name, master)
 
 
 def _kernels_for(model, optimizer, precision):
@@ -98,7 +98,8 @@ def _step(kernels, optimizer, masters, copies):
             copy.copy_(master)
     else:
         steps = [state["step"] for state in states]
-        torch._foreach_add_(steps, 1)
+        for step in steps:
+            step.add_(1)
         group = optimizer.param_groups[0]
         beta1, beta2 = group["betas"]
         kernels.step(

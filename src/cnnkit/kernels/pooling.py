@@ -91,9 +91,21 @@ def _fusable(x: torch.Tensor) -> bool:
         and x.device.type == "cpu"
         and x.layout == torch.strided
         and min(x.shape[1:]) > 0  # empty channels or images: let torch raise or return as it does
-        and not torch._C._are_functorch_transforms_active()
-        and torch.autograd.forward_ad._current_level < 0
+        and not _transform_active()
     )
+
+
+def _transform_active() -> bool:
+    """Whether a functorch transform (torch.func.grad, vmap) or forward-mode AD is running: then PyTorch's
+    own ops compute, since an autograd.Function of C++ kernels has no rules for them. PyTorch has no
+    public query for either; its private ones are guarded: where another torch lacks them, this says
+    True and PyTorch's ops (the same values, slower) always run."""
+    try:
+        return (
+            bool(torch._C._are_functorch_transforms_active()) or torch.autograd.forward_ad._current_level >= 0
+        )
+    except AttributeError:
+        return True
 
 
 def _suggests_channels_last(x: torch.Tensor) -> bool:
