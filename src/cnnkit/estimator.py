@@ -17,12 +17,30 @@ from cnnkit.data import Standardization
 from cnnkit.data.dataset import MAX_CLASSES, images_as_nchw, infer_preprocessing
 from cnnkit.device import DEVICES, PRECISIONS, memory_format, resolve_device, resolve_precision
 from cnnkit.inference import predict_logits
-from cnnkit.model import BUILDS, Architecture, build_model
-from cnnkit.recipes import AUGMENTATIONS, LR_SCHEDULES, TrainConfig
+from cnnkit.model import Architecture, build_model
+from cnnkit.recipes import SETTINGS, TrainConfig, check_setting
 from cnnkit.record import ModelRecord
 from cnnkit.training import EarlyStopping, EpochLogger, make_optimizer, restore_optimizer, train
 
 _DEPRECATED = "deprecated"  # random_seed's default: the old name was not given
+# ConvNN's parameters that are TrainConfig's settings of the same name: checked, stored and read back
+# through cnnkit.recipes (the others: random_state is `seed`, scale is (scale_low, scale_high), and
+# precision also takes "auto").
+CONFIG_PARAMS = (
+    "batch_size",
+    "learning_rate",
+    "dropout_rate",
+    "shuffle",
+    "build",
+    "lr_schedule",
+    "label_smoothing",
+    "patience",
+    "augment",
+    "rotate",
+    "shift",
+    "shear",
+    "flip",
+)
 
 
 class ConvNN(ClassifierMixin, BaseEstimator):
@@ -149,24 +167,12 @@ class ConvNN(ClassifierMixin, BaseEstimator):
         # recipe and keep have no parameter here: they stay as the checkpoint `load` read had them.
         self.config_ = config = dataclasses.replace(
             getattr(self, "config_", TrainConfig()),
+            **{name: SETTINGS[name].type(getattr(self, name)) for name in CONFIG_PARAMS},
             epochs=done + int(self.epochs),
-            batch_size=int(self.batch_size),
-            learning_rate=float(self.learning_rate),
-            dropout_rate=float(self.dropout_rate),
-            shuffle=bool(self.shuffle),
             seed=self.seed_,
-            build=self.build,
             precision=self.precision_,
-            lr_schedule=self.lr_schedule,
-            label_smoothing=float(self.label_smoothing),
-            patience=int(self.patience),
-            augment=self.augment,
-            rotate=float(self.rotate),
-            shift=float(self.shift),
             scale_low=float(self.scale[0]),
             scale_high=float(self.scale[1]),
-            shear=float(self.shear),
-            flip=bool(self.flip),
         )
         valid = None
         if validation_data is not None:
@@ -229,24 +235,12 @@ class ConvNN(ClassifierMixin, BaseEstimator):
         ckpt = load_checkpoint(path)
         record, config, arch = ckpt.record, ckpt.record.config, ckpt.record.architecture
         est = cls(
-            batch_size=config.batch_size,
+            **{name: getattr(config, name) for name in CONFIG_PARAMS},
             epochs=config.epochs,
-            learning_rate=config.learning_rate,
-            dropout_rate=config.dropout_rate,
-            shuffle=config.shuffle,
             random_state=config.seed,
-            build=config.build,
             precision=config.precision,
             device=device,
-            lr_schedule=config.lr_schedule,
-            label_smoothing=config.label_smoothing,
-            patience=config.patience,
-            augment=config.augment,
-            rotate=config.rotate,
-            shift=config.shift,
             scale=(config.scale_low, config.scale_high),
-            shear=config.shear,
-            flip=config.flip,
             conv_channels=arch.conv_channels,
             kernel_size=arch.kernel_size,
             hidden_units=arch.hidden_units,
@@ -276,26 +270,14 @@ class ConvNN(ClassifierMixin, BaseEstimator):
 
     def _check_params(self):
         """Raise ValueError (TypeError for a wrong type) naming the first parameter that cannot work."""
-        _integer(self, "batch_size", 1)
-        _integer(self, "epochs", 1)
-        _number(self, "learning_rate", "a positive finite number", lambda v: 0 < v < math.inf)
-        _number(self, "dropout_rate", "a number in [0, 1)", lambda v: 0 <= v < 1)
-        _boolean(self, "shuffle")
+        for name in (*CONFIG_PARAMS, "epochs"):
+            check_setting(name, getattr(self, name))
         _seed(self, "random_state")
         _boolean(self, "warm_start")
-        _choice(self, "build", BUILDS)
         _choice(self, "precision", PRECISIONS)
         _choice(self, "device", DEVICES)
         _integer(self, "verbose", 0)
-        _choice(self, "lr_schedule", LR_SCHEDULES)
-        _number(self, "label_smoothing", "a number in [0, 1)", lambda v: 0 <= v < 1)
-        _integer(self, "patience", 0)
         _number(self, "validation_fraction", "a number in [0, 1)", lambda v: 0 <= v < 1)
-        _choice(self, "augment", AUGMENTATIONS)
-        _number(self, "rotate", "a number of degrees from 0 to 180", lambda v: 0 <= v <= 180)
-        _number(self, "shift", "a number of pixels >= 0", lambda v: 0 <= v < math.inf)
-        _number(self, "shear", "a number of degrees from 0 to under 80", lambda v: 0 <= v < 80)
-        _boolean(self, "flip")
         scale = self.scale
         if not (
             isinstance(scale, tuple | list)

@@ -5,10 +5,39 @@ Kept free of torch so that the command line can show its options without loading
 
 import dataclasses
 import math
-from dataclasses import asdict, dataclass
+import numbers
+from dataclasses import asdict, dataclass, field, fields
 
 LR_SCHEDULES = ("constant", "one-cycle")
 AUGMENTATIONS = ("none", "affine")
+
+
+BUILDS = ("layers", "lowlevel")  # the chapter's two builds of the network (cnnkit.model)
+RECIPE_NAMES = ("chapter", "fast", "accurate")
+
+
+def setting(default, expected: str, accept=None, *, help: str, option: str | None = None, resumable=False):
+    """A TrainConfig field and everything said about it, in one place: its default, what values it takes
+    (`expected`, words finishing "NAME must be ..."; `accept`, a test of a value of the field's type),
+    its help line, its command-line option (default: --NAME with dashes) and whether resuming a run
+    may change it. TrainConfig checks itself with it; `cnnkit train`'s options and ConvNN's parameter
+    checks are made from it (see `check_setting`, `SETTINGS`)."""
+    return field(
+        default=default,
+        metadata={
+            "expected": expected,
+            "accept": accept,
+            "help": help,
+            "option": option,
+            "resumable": resumable,
+        },
+    )
+
+
+def _choice(default, choices, help, **kwargs):
+    return setting(
+        default, f"one of {', '.join(map(repr, choices))}", lambda v: v in choices, help=help, **kwargs
+    )
 
 
 @dataclass(frozen=True)
@@ -23,55 +52,84 @@ class TrainConfig:
     scale_high], shifted by up to +-shift pixels each way; `flip` mirrors half of the images left-right
     (for datasets where a mirrored image keeps its class; never digits). The ranges apply only to
     "affine"; `flip` works with either.
+
+    Each field's values, help and option are in its metadata (`setting`): a value outside them raises
+    ValueError (TypeError for a wrong type) naming the field.
     """
 
-    epochs: int = 20
-    batch_size: int = 64
-    learning_rate: float = 1e-4
-    dropout_rate: float = 0.5
-    shuffle: bool = True
-    seed: int = 123
-    build: str = "layers"
-    precision: str = "fp32"  # "fp32" or "bf16" (resolved; see cnnkit.device.resolve_precision)
-    lr_schedule: str = "constant"
-    label_smoothing: float = 0.0
-    recipe: str = "chapter"
-    patience: int = 0  # early stopping: epochs without a better validation loss (0: never stop early)
-    keep: int = 0  # checkpoints kept: the newest `keep` and the best (0: all)
-    augment: str = "none"
-    rotate: float = 12.0
-    shift: float = 2.5
-    scale_low: float = 0.9
-    scale_high: float = 1.1
-    shear: float = 10.0
-    flip: bool = False
+    epochs: int = setting(20, "an int >= 1", lambda v: v >= 1, help="epochs in all", resumable=True)
+    batch_size: int = setting(64, "an int >= 1", lambda v: v >= 1, help="images per mini-batch")
+    learning_rate: float = setting(
+        1e-4,
+        "a positive finite number",
+        lambda v: 0 < v < math.inf,
+        help="Adam's learning rate (the peak of a one-cycle schedule)",
+        option="--lr",
+    )
+    dropout_rate: float = setting(
+        0.5,
+        "a number in [0, 1)",
+        lambda v: 0 <= v < 1,
+        help="dropout before the last layer",
+        option="--dropout",
+    )
+    shuffle: bool = setting(True, "True or False", help="shuffle the training images every epoch")
+    seed: int = setting(
+        123, "an int in [0, 2**63)", lambda v: 0 <= v < 2**63, help="seed of every random draw"
+    )
+    build: str = _choice("layers", BUILDS, "the network's build (the chapter's two)")
+    precision: str = _choice(  # a run's record holds fp32 or bf16: "auto" is resolved when it starts
+        "fp32", ("auto", "fp32", "bf16"), "fp32, bf16, or auto (bf16 where the CPU has native bf16)"
+    )
+    lr_schedule: str = _choice("constant", LR_SCHEDULES, "how the learning rate moves over the run")
+    label_smoothing: float = setting(
+        0.0, "a number in [0, 1)", lambda v: 0 <= v < 1, help="weight of a uniform target mixed in"
+    )
+    recipe: str = _choice("chapter", RECIPE_NAMES, "the recipe whose values are the defaults")
+    patience: int = setting(
+        0,
+        "an int >= 0",
+        lambda v: v >= 0,
+        help="stop after this many epochs without a lower valid_loss (0: never)",
+    )
+    keep: int = setting(
+        0,
+        "an int >= 0",
+        lambda v: v >= 0,
+        help="checkpoints kept: the newest N and the best (0: all)",
+        resumable=True,
+    )
+    augment: str = _choice("none", AUGMENTATIONS, "random transforms of the training images")
+    rotate: float = setting(
+        12.0,
+        "a number of degrees from 0 to 180",
+        lambda v: 0 <= v <= 180,
+        help="affine: rotate by up to +-DEG",
+    )
+    shift: float = setting(
+        2.5,
+        "a number of pixels >= 0",
+        lambda v: 0 <= v < math.inf,
+        help="affine: shift by up to +-PX each way",
+    )
+    scale_low: float = setting(
+        0.9, "a positive finite number", lambda v: 0 < v < math.inf, help="affine: the smallest scale factor"
+    )
+    scale_high: float = setting(
+        1.1, "a positive finite number", lambda v: 0 < v < math.inf, help="affine: the largest scale factor"
+    )
+    shear: float = setting(
+        10.0,
+        "a number of degrees from 0 to under 80",
+        lambda v: 0 <= v < 80,
+        help="affine: shear by up to +-DEG",
+    )
+    flip: bool = setting(False, "True or False", help="mirror half of the training images left-right")
 
     def __post_init__(self):
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("patience", "keep"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
-        if not 0 <= self.seed < 2**63:
-            raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
-        if not 0 < self.learning_rate < math.inf:
-            raise ValueError(f"learning_rate must be positive and finite, got {self.learning_rate}")
-        if not 0.0 <= self.dropout_rate < 1.0:
-            raise ValueError(f"dropout_rate must be in [0, 1), got {self.dropout_rate}")
-        if self.augment not in AUGMENTATIONS:
-            raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {self.augment!r}")
-        if not 0 <= self.rotate <= 180:
-            raise ValueError(f"rotate must be 0 to 180 degrees, got {self.rotate}")
-        if not 0 <= self.shear < 80:
-            raise ValueError(f"shear must be 0 to under 80 degrees, got {self.shear}")
-        if not 0 <= self.shift < math.inf:
-            raise ValueError(f"shift must be a non-negative number of pixels, got {self.shift}")
-        if not 0 < self.scale_low <= self.scale_high < math.inf:
+        for name in SETTINGS:
+            check_setting(name, getattr(self, name))
+        if not self.scale_low <= self.scale_high:
             raise ValueError(f"scale must be LO,HI with 0 < LO <= HI, got {self.scale_low},{self.scale_high}")
 
     @property
@@ -81,6 +139,33 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+SETTINGS = {f.name: f for f in fields(TrainConfig)}  # name -> field, with each setting's metadata
+
+
+def check_setting(name: str, value):
+    """Raise TypeError (a value of the wrong type) or ValueError (outside the setting's values), saying
+    "NAME must be EXPECTED, got VALUE", for TrainConfig's field `name`."""
+    spec = SETTINGS[name]
+    expected, accept = spec.metadata["expected"], spec.metadata["accept"]
+    kind = (
+        spec.type
+        if isinstance(spec.type, type)
+        else {"int": int, "float": float, "bool": bool, "str": str}[spec.type]
+    )
+    if kind is bool:
+        right_type = isinstance(value, bool) or type(value).__name__ == "bool_"
+    elif kind is int:
+        right_type = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    elif kind is float:
+        right_type = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    else:
+        right_type = isinstance(value, kind)
+    if not right_type:
+        raise TypeError(f"{name} must be {expected}, got {value!r}")
+    if accept is not None and not accept(value):
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
 
 
 # --recipe: "chapter" is the chapter's schedule exactly; "fast" buys accuracy per second on a CPU
