@@ -18,6 +18,7 @@ optimizer state beside it.
 
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -33,9 +34,10 @@ from cnnkit.atomic import atomic_write
 from cnnkit.device import memory_format
 from cnnkit.errors import CheckpointError
 from cnnkit.model import build_model
-from cnnkit.record import FORMAT, ModelRecord
+from cnnkit.record import FORMAT, FORMAT_VERSION, ModelRecord
 
 MAX_HEADER_BYTES = 16 * 2**20
+logger = logging.getLogger("cnnkit")
 _NAME = re.compile(r"^epoch-(\d+)\.safetensors$")
 _ADAM_KEYS = {"step", "exp_avg", "exp_avg_sq"}
 
@@ -138,7 +140,7 @@ def load_checkpoint(path, which: str | None = None) -> Checkpoint:
     record = _record_from(path, header)
     expected = _expected_shapes(record)
     _check_tensors(path, header, expected)
-    tensors = _read_tensors(path, header)
+    tensors = _read_tensors(path, header, _format_version(header))
     return Checkpoint(path=path, record=record, model_state=tensors)
 
 
@@ -186,7 +188,7 @@ def load_optimizer_state(weights_path, model: torch.nn.Module, required: bool = 
             f"{opt_path}: optimizer state is for {len(saved)} parameters but the network has {len(params)}"
         )
     _check_tensors(opt_path, header, expected)
-    tensors = _read_tensors(opt_path, header)
+    tensors = _read_tensors(opt_path, header, _format_version(_read_header(Path(weights_path))))
     state = {}
     for i in range(len(params)):
         entries = {key: tensors[f"state.{i}.{key}"] for key in _ADAM_KEYS}
@@ -320,14 +322,38 @@ def _check_tensors(path: Path, header: dict, expected: dict):
         )
 
 
-def _read_tensors(path: Path, header: dict) -> dict:
+def _format_version(weights_header: dict) -> int:
+    """The checkpoint format a weights file was written in (its record's format_version; 1 where it has none)."""
+    try:
+        version = json.loads(weights_header["__metadata__"]["cnnkit"]).get("format_version", 1)
+    except (KeyError, TypeError, ValueError, AttributeError, RecursionError):
+        return FORMAT_VERSION  # not a record cnnkit read: held to the current format
+    return version if isinstance(version, int) else FORMAT_VERSION
+
+
+def _read_tensors(path: Path, header: dict, format_version: int) -> dict:
+    """The tensors of a file of a checkpoint of format `format_version`, checked against their stored SHA-256.
+
+    Every file of format 2 on was written with one, so a file without it is refused; format 1 (cnnkit
+    0.1.0) had none, and its files load with a notice on the "cnnkit" logger.
+    """
+    stored = header.get("__metadata__", {}).get("sha256")
+    if stored is None and format_version >= 2:
+        raise CheckpointError(
+            f"{path}: no SHA-256 of its tensors, which every checkpoint of format {format_version} carries "
+            "(the file was altered or damaged)"
+        )
     try:
         with safe_open(path, framework="pt") as f:
             tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
     except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
         raise CheckpointError(f"{path}: cannot read tensors ({' '.join(str(exc).split())})") from None
-    stored = header.get("__metadata__", {}).get("sha256")
-    if stored is not None and tensors_sha256(tensors) != stored:
+    if stored is None:
+        logger.warning(
+            "%s: written by cnnkit 0.1.0 (checkpoint format 1) without a SHA-256 of its tensors; loaded unchecked",
+            path,
+        )
+    elif tensors_sha256(tensors) != stored:
         raise CheckpointError(f"{path}: tensor data does not match its SHA-256 (the file is corrupt)")
     return tensors
 

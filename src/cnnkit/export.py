@@ -98,7 +98,8 @@ def export_onnx(
     precision "fp32", or "int8" calibrated on the first CALIBRATION_IMAGES training images of
     `dataset` (a source; default: the one the model was trained on), whose test split then measures
     int8's agreement with fp32. The file is written atomically, then reopened with cnnkit.onnx_model
-    (its metadata read back) and compared with PyTorch. Raises CnnkitError naming the problem.
+    (its metadata and graph checked) and compared with PyTorch. Raises CnnkitError naming the problem,
+    e.g. weights that are not finite.
     """
     onnx = _require_onnx()
     out = Path(out)
@@ -109,6 +110,7 @@ def export_onnx(
     if dataset is not None and precision != "int8":
         raise ArgumentError("--dataset names int8's calibration images; it applies to --precision int8 only")
     model, ckpt = load_model(checkpoint, which)
+    _check_finite(model, ckpt.path)
     record = ckpt.record
     graph = Deployable(model, record.standardization).eval()
     if precision == "int8":
@@ -149,6 +151,16 @@ def export_onnx(
             same = exported.predict_logits(test).argmax(1) == fp32.predict_logits(test).argmax(1)
             result.agreement, result.agreement_images = float(same.mean()), len(test)
     return result
+
+
+def _check_finite(model: nn.Module, path: Path):
+    """Refuse weights holding NaN or infinity (a diverged run): their export would answer NaN for every image."""
+    for name, tensor in model.state_dict().items():
+        if not torch.isfinite(tensor).all():
+            raise CheckpointError(
+                f"{path}: weight {name} holds NaN or infinite values (did training diverge?); "
+                "an export of it would answer NaN for every image, so none was written"
+            )
 
 
 def _require_onnx():

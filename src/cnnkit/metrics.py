@@ -48,6 +48,19 @@ def _finite_or_none(value: float) -> float | None:
     return value if np.isfinite(value) else None
 
 
+def strict_json(value):
+    """`value` (dicts, lists and tuples of numbers, strings, None) with every NaN or infinity made None:
+    what every JSON that cnnkit writes goes through, as `json.dumps(strict_json(value), allow_nan=False)`,
+    so that a diverged network's NaN becomes null instead of stopping the command."""
+    if isinstance(value, dict):
+        return {key: strict_json(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [strict_json(item) for item in value]
+    if isinstance(value, float | np.floating):
+        return _finite_or_none(float(value))
+    return value
+
+
 def evaluate_logits(logits, labels) -> Evaluation:
     """Metrics of logits (N, K) against labels (N,) indexing the K classes.
 

@@ -5,13 +5,16 @@
 them with the checkpoint's statistics itself, and returns `logits` and `probabilities` (N, K). Its
 metadata_props (`OnnxMetadata`, string keys and values) say what the model is: class names,
 preprocessing style, input shape, precision, the cnnkit version and the SHA-256 of the checkpoint it
-came from. `load_onnx` opens a file, checks its metadata and its graph's inputs and outputs against
-each other, and returns an `OnnxClassifier`; a corrupt or foreign file is one CheckpointError naming
-it. This module imports only NumPy, onnxruntime (when a file is loaded) and cnnkit's torch-free
-modules, so `cnnkit predict FILE.onnx` and `cnnkit evaluate FILE.onnx` never load PyTorch.
+came from. `load_onnx` reads a file, checks its metadata and its graph with the onnx package before
+onnxruntime sees it (`check_graph`: only the operators `cnnkit export` writes, no subgraphs, every
+tensor's size bounded), then its inputs and outputs against the metadata, and returns an
+`OnnxClassifier`; a corrupt, foreign or hostile file is one CheckpointError naming it. This module
+imports only NumPy, onnx and onnxruntime (when a file is loaded) and cnnkit's torch-free modules, so
+`cnnkit predict FILE.onnx` and `cnnkit evaluate FILE.onnx` never load PyTorch.
 """
 
 import json
+import math
 import os
 import re
 import stat
@@ -31,6 +34,19 @@ OUTPUT_NAMES = ("logits", "probabilities")
 PRECISIONS = ("fp32", "int8")
 INSTALL_HINT = 'pip install "cnnkit[onnx]"'
 MAX_ONNX_BYTES = 2**31  # protobuf's own limit for one file
+# The operators `cnnkit export` writes, all in ONNX's default domain (tests/test_hostile_onnx.py checks
+# that its exports use exactly these). A graph with any other is refused before onnxruntime reads it:
+# a Loop can run for ever, a ConstantOfShape can ask for any size, a custom operator can be anything.
+OPERATORS = frozenset(
+    {
+        *("Sub", "Div"),  # the standardization
+        *("Conv", "Relu", "MaxPool", "Transpose", "Reshape", "Gemm", "Softmax"),  # the network, either build
+        *("QuantizeLinear", "DequantizeLinear"),  # int8
+    }
+)
+MAX_ELEMENTS = 2**29  # a tensor that does not grow with the images: 2 GiB of float32, a file's limit
+MAX_ELEMENTS_PER_IMAGE = 2**26  # a tensor computed from the images: 256 MiB of float32 for each
+_SMALL_TENSOR = 64  # initializers (shapes for Reshape) whose values shape inference reads
 # Images per onnxruntime call: as for PyTorch on a CPU, batches of a few hundred beat 1,000 (see the
 # README's Export section).
 DEFAULT_BATCH = 256
@@ -130,10 +146,15 @@ class OnnxClassifier:
                 f"got {shape_text(pixels.shape)}"
             )
         batch_size = batch_size or DEFAULT_BATCH
-        outputs = [
-            self.session.run([output], {INPUT_NAME: pixels[start : start + batch_size].astype(np.float32)})[0]
-            for start in range(0, len(pixels), batch_size)
-        ]
+        try:
+            outputs = [
+                self.session.run(
+                    [output], {INPUT_NAME: pixels[start : start + batch_size].astype(np.float32)}
+                )[0]
+                for start in range(0, len(pixels), batch_size)
+            ]
+        except Exception as exc:  # onnxruntime's own exception classes: what the file asked for failed
+            raise CnnkitError(f"{self.path}: onnxruntime could not run the model ({one_line(exc)})") from None
         if not outputs:
             return np.empty((0, len(self.class_names)), np.float32)
         return np.concatenate(outputs)
@@ -142,10 +163,11 @@ class OnnxClassifier:
 def load_onnx(path, threads: int | None = None) -> OnnxClassifier:
     """Open an exported model in onnxruntime on the CPU, with `threads` threads (default: its own choice).
 
-    Checks that `path` is a regular file of at most 2 GiB, that onnxruntime can load it, that its
-    metadata is cnnkit's (`OnnxMetadata.from_props`) and that its input and outputs fit that
-    metadata. Raises CheckpointError naming the file, or CnnkitError naming the extra to install
-    when onnxruntime is missing.
+    Checks that `path` is a regular file of at most 2 GiB holding an ONNX model, that its metadata is
+    cnnkit's (`OnnxMetadata.from_props`) and its graph one that cnnkit's exports could be
+    (`check_graph`), all before onnxruntime reads it; then that onnxruntime can load it and that its
+    input and outputs fit the metadata. Raises CheckpointError naming the file, or CnnkitError naming
+    the extra to install when onnx or onnxruntime is missing.
     """
     path = Path(path)
     try:
@@ -160,14 +182,27 @@ def load_onnx(path, threads: int | None = None) -> OnnxClassifier:
         raise CheckpointError(
             f"{path}: {info.st_size / 2**30:,.1f} GiB is over the 2 GiB an .onnx file can hold"
         )
-    ort = _onnxruntime(path)
+    onnx, ort = _runtime(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        model = onnx.load_model_from_string(data)
+    except Exception as exc:  # protobuf's DecodeError, onnx's own errors
+        raise CheckpointError(f"{path}: not a readable ONNX model ({one_line(exc)})") from None
+    if not model.HasField("graph"):
+        raise CheckpointError(f"{path}: not a readable ONNX model (it holds no graph)")
+    metadata = OnnxMetadata.from_props({prop.key: prop.value for prop in model.metadata_props}, path)
+    check_graph(model, path)
+    del model
     options = ort.SessionOptions()
     options.log_severity_level = 4  # errors come back as exceptions, said once by cnnkit
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
     try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])  # the bytes checked
     except Exception as exc:  # onnxruntime's own exception classes (InvalidProtobuf, Fail, ...)
         reason = re.sub(
             r"^\[ONNXRuntimeError\] : \d+ : \w+ : (Load model from .* failed:)?", "", one_line(exc)
@@ -175,17 +210,20 @@ def load_onnx(path, threads: int | None = None) -> OnnxClassifier:
         raise CheckpointError(
             f"{path}: not a readable ONNX model ({reason.strip().rstrip('.') or 'corrupt'})"
         ) from None
-    metadata = OnnxMetadata.from_props(session.get_modelmeta().custom_metadata_map, path)
     _check_signature(session, metadata, path)
     return OnnxClassifier(path, session, metadata)
 
 
-def _onnxruntime(path):
+def _runtime(path):
+    """The onnx package (which checks a graph) and onnxruntime (which runs it)."""
     try:
+        import onnx
         import onnxruntime
-    except ImportError:
-        raise CnnkitError(f"{path}: running an .onnx model needs onnxruntime: {INSTALL_HINT}") from None
-    return onnxruntime
+    except ImportError as exc:
+        raise CnnkitError(
+            f"{path}: running an .onnx model needs {exc.name or 'onnx and onnxruntime'}: {INSTALL_HINT}"
+        ) from None
+    return onnx, onnxruntime
 
 
 def _check_signature(session, metadata: OnnxMetadata, path):
@@ -207,6 +245,142 @@ def _check_signature(session, metadata: OnnxMetadata, path):
         raise CheckpointError(
             f"{path}: the graph's outputs do not fit its metadata (expected logits and probabilities, N x {k})"
         )
+
+
+# --- the graph: only what `cnnkit export` writes, every tensor of bounded size ---
+
+
+def check_graph(model, path):
+    """Refuse a graph (an onnx ModelProto) that no `cnnkit export` could have written.
+
+    That is: an operator outside OPERATORS, a subgraph, a function of its own, sparse tensors or
+    weights in another file, or a tensor of more than MAX_ELEMENTS elements, as the graph declares,
+    stores or (by onnx's shape inference) computes it; a tensor that grows with the images must have
+    them as its first dimension and at most MAX_ELEMENTS_PER_IMAGE elements for each. Raises
+    CheckpointError naming `path` and the operator or tensor.
+    """
+    from onnx import AttributeProto, TensorProto
+
+    graph = model.graph
+    if model.functions:
+        raise CheckpointError(
+            f"{path}: the model defines functions of its own ({model.functions[0].name}); cnnkit's exports have none"
+        )
+    if graph.sparse_initializer:
+        raise CheckpointError(f"{path}: the graph holds sparse tensors; cnnkit's exports have none")
+    for i, node in enumerate(graph.node):
+        where = f"node {node.name!r}" if node.name else f"node {i}"
+        if any(
+            a.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS) or a.HasField("g") or a.graphs
+            for a in node.attribute
+        ):
+            raise CheckpointError(
+                f"{path}: {where} ({node.op_type}) holds a subgraph; cnnkit's exports have none"
+            )
+        if node.domain not in ("", "ai.onnx") or node.op_type not in OPERATORS:
+            operator = f"{node.domain}.{node.op_type}" if node.domain else node.op_type
+            raise CheckpointError(
+                f"{path}: operator {operator} ({where}) is not one that `cnnkit export` writes; "
+                f"cnnkit runs graphs of {', '.join(sorted(OPERATORS))} only"
+            )
+    for tensor in graph.initializer:
+        if tensor.data_location == TensorProto.EXTERNAL or tensor.external_data:
+            raise CheckpointError(
+                f"{path}: tensor {tensor.name!r} is kept in another file; cnnkit's exports hold their weights inside"
+            )
+        _check_size(path, tensor.name, list(tensor.dims), MAX_ELEMENTS)
+    for value in (*graph.input, *graph.output, *graph.value_info):
+        _check_size(path, value.name, _declared_dims(value, path), MAX_ELEMENTS)
+    _check_computed_sizes(model, path)
+
+
+def _declared_dims(value, path) -> list:
+    """The dimensions a graph's input, output or value_info declares: numbers, or names (the batch's)."""
+    kind = value.type.WhichOneof("value")
+    if kind not in (None, "tensor_type"):
+        raise CheckpointError(
+            f"{path}: {value.name!r} is a {kind}, not a tensor; cnnkit's exports hold tensors only"
+        )
+    return [
+        d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+        for d in value.type.tensor_type.shape.dim
+    ]
+
+
+def _check_size(path, name: str, dims: list, limit: int, per: str = ""):
+    numbers = [d for d in dims if isinstance(d, int)]
+    if any(d < 0 for d in numbers):
+        raise CheckpointError(
+            f"{path}: tensor {name!r} is {shape_text(dims)}: a dimension cannot be negative"
+        )
+    if math.prod(numbers) > limit:
+        raise CheckpointError(
+            f"{path}: tensor {name!r} is {shape_text(dims)}, over cnnkit's limit of {limit:,} elements{per}"
+        )
+
+
+def _check_computed_sizes(model, path):
+    """Every tensor the nodes compute, as onnx infers it for 1 and for 2 images: of fixed dimensions, or
+    the images first and fixed ones after (as in cnnkit's exports), so that the limits bound any batch."""
+    one, two = (_inferred_shapes(model, images, path) for images in (1, 2))
+    for name in (output for node in model.graph.node for output in node.output if output):
+        shape, other = one.get(name), two.get(name)
+        if shape is None or other is None:
+            raise CheckpointError(
+                f"{path}: the size of tensor {name!r} cannot be told from the graph; in cnnkit's exports "
+                "every size is known but the number of images"
+            )
+        if shape == other:
+            _check_size(path, name, list(shape), MAX_ELEMENTS)
+        elif len(shape) == len(other) > 0 and shape[1:] == other[1:] and (shape[0], other[0]) == (1, 2):
+            _check_size(path, name, list(shape), MAX_ELEMENTS_PER_IMAGE, " for one image")
+        else:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} is {shape_text(shape)} for one image and {shape_text(other)} for two; "
+                "in cnnkit's exports only the first dimension grows, with the number of images"
+            )
+
+
+def _inferred_shapes(model, images: int, path) -> dict:
+    """name -> dimensions (a tuple of numbers, or None where one is unknown) of the tensors of `model`'s
+    graph with `images` images in, by onnx's shape inference on a copy whose initializers larger than
+    _SMALL_TENSOR are inputs of their shape instead (so that a large file is not copied)."""
+    from onnx import ValueInfoProto, helper, shape_inference
+
+    graph = model.graph
+    stored = {tensor.name for tensor in graph.initializer}
+    inputs = []
+    for value in graph.input:
+        if value.name not in stored:
+            fixed = ValueInfoProto()
+            fixed.CopyFrom(value)
+            if fixed.type.tensor_type.shape.dim:
+                fixed.type.tensor_type.shape.dim[0].dim_value = images
+            inputs.append(fixed)
+    small = [tensor for tensor in graph.initializer if math.prod(tensor.dims) <= _SMALL_TENSOR]
+    inputs += [
+        helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
+        for tensor in graph.initializer
+        if math.prod(tensor.dims) > _SMALL_TENSOR
+    ]
+    outputs = [
+        helper.make_tensor_value_info(v.name, v.type.tensor_type.elem_type, None) for v in graph.output
+    ]
+    skeleton = helper.make_model(
+        helper.make_graph(graph.node, "shapes", inputs, outputs, small),
+        opset_imports=model.opset_import,
+        ir_version=model.ir_version,
+    )
+    try:
+        inferred = shape_inference.infer_shapes(skeleton, check_type=True, strict_mode=True)
+    except Exception as exc:  # onnx's InferenceError and ValidationError
+        raise CheckpointError(f"{path}: the graph's shapes do not check ({one_line(exc)})") from None
+    shapes = {}
+    for value in (*inferred.graph.value_info, *inferred.graph.output):
+        tensor = value.type.tensor_type
+        dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim)
+        shapes[value.name] = dims if tensor.HasField("shape") and None not in dims else None
+    return shapes
 
 
 # --- validation: each check names the key it reads ---
