@@ -19,11 +19,8 @@ from hypothesis import strategies as st
 
 from cnnkit.data import MAX_CLASSES, read_idx
 from cnnkit.data.idx import write_idx
-from cnnkit.errors import FileError
+from cnnkit.errors import DatasetError, FileError
 from cnnkit.images import MAX_IMAGE_PIXELS, read_image
-
-CHECKPOINT = "tests/data/v1/epoch-002.safetensors"  # a tiny 1 x 28 x 28 network
-
 
 # --- making hostile files ------------------------------------------------------------------------------
 
@@ -248,7 +245,7 @@ def test_any_idx_header_gives_its_array_or_one_line_file_error(
     valid = type_code == 0x08 and dims and holdable and len(data) == 4 + 4 * len(dims) + declared
     try:
         array = read_idx(path)
-    except FileError as exc:
+    except (FileError, DatasetError) as exc:  # DatasetError: over the data memory budget
         assert not valid, exc
         assert str(path) in str(exc) and "\n" not in str(exc)
     else:
@@ -258,46 +255,46 @@ def test_any_idx_header_gives_its_array_or_one_line_file_error(
 # --- image files, through predict ---------------------------------------------------------------------
 
 
-def test_png_bomb_of_144_megapixels_is_refused_from_its_header(cli, tmp_path):
+def test_png_bomb_of_144_megapixels_is_refused_from_its_header(cli, tmp_path, tiny_run):
     path = tmp_path / "bomb.png"
     path.write_bytes(png_bomb(12_000))
     assert path.stat().st_size < 1024**2
-    result = cli("predict", CHECKPOINT, path)
+    result = cli("predict", tiny_run, path)
     result.assert_one_line_error(
         "bomb.png", "12000x12000 = 144 megapixels is over cnnkit's limit of 50 megapixels"
     )
 
 
-def test_png_declaring_ten_gigapixels_is_refused_with_cnnkits_message(cli, tmp_path):
+def test_png_declaring_ten_gigapixels_is_refused_with_cnnkits_message(cli, tmp_path, tiny_run):
     # Pillow itself refuses this (DecompressionBombError) before cnnkit sees the size.
     path = tmp_path / "huge.png"
     path.write_bytes(png(100_000, 100_000, 6, zeros_deflated(1, 400_001)))
-    result = cli("predict", CHECKPOINT, path)
+    result = cli("predict", tiny_run, path)
     result.assert_one_line_error("huge.png", "10,000 megapixels is over cnnkit's limit of 50 megapixels")
     assert "DecompressionBomb" not in result.err
 
 
-def test_png_between_cnnkits_and_pillows_limits_gives_no_pillow_warning(cli, tmp_path):
+def test_png_between_cnnkits_and_pillows_limits_gives_no_pillow_warning(cli, tmp_path, tiny_run):
     path = tmp_path / "big.png"
     path.write_bytes(png(10_000, 10_000, 0, zeros_deflated(1, 1000)))  # 100 MP: Pillow would only warn
-    result = cli("predict", CHECKPOINT, path)
+    result = cli("predict", tiny_run, path)
     result.assert_one_line_error("big.png", "10000x10000 = 100 megapixels")
 
 
-def test_image_just_under_the_pixel_limit_is_read_in_bounded_memory(cli, tmp_path):
+def test_image_just_under_the_pixel_limit_is_read_in_bounded_memory(cli, tmp_path, tiny_run):
     side = math.isqrt(MAX_IMAGE_PIXELS) // 100 * 100  # 7000: 49 megapixels of RGBA, 196 MB decoded
     path = tmp_path / "large.png"
     path.write_bytes(png_bomb(side))
-    result = cli("predict", CHECKPOINT, path)
+    result = cli("predict", tiny_run, path)
     # fully transparent: nothing drawn, which predict reports; what matters is that it was decoded
     result.assert_one_line_error("large.png", "no visible digit")
 
 
-def test_truncated_and_fake_images_are_one_line_errors(cli, tmp_path):
+def test_truncated_and_fake_images_are_one_line_errors(cli, tmp_path, tiny_run):
     (tmp_path / "cut.png").write_bytes(png(64, 64, 0, zeros_deflated(1, 65 * 64))[:60])
     (tmp_path / "fake.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    cli("predict", CHECKPOINT, tmp_path / "cut.png").assert_one_line_error("cut.png", "cannot read image")
-    cli("predict", CHECKPOINT, tmp_path / "fake.jpg").assert_one_line_error("fake.jpg")
+    cli("predict", tiny_run, tmp_path / "cut.png").assert_one_line_error("cut.png", "cannot read image")
+    cli("predict", tiny_run, tmp_path / "fake.jpg").assert_one_line_error("fake.jpg")
 
 
 def test_folder_source_refuses_an_image_bomb_from_its_header(cli, tmp_path):
@@ -315,3 +312,124 @@ def test_read_image_never_lets_pillows_bomb_warning_or_error_escape(tmp_path):
         for name in ("a.png", "b.png"):
             with pytest.raises(FileError, match=f"{name}: .* megapixels is over cnnkit's limit of 50"):
                 read_image(tmp_path / name)
+
+
+# --- the data memory budget (cnnkit.data.budget) -------------------------------------------------------
+
+
+def deflated_zeros(prefix: bytes, n_zeros: int) -> tuple[bytes, int, int]:
+    """`prefix` then `n_zeros` zero bytes as a raw deflate stream, with its CRC-32 and length, made in well
+    under a second per GB: after a full flush deflate starts afresh, so one block's bytes repeat."""
+    block = bytes(16 * 1024**2)
+    full, rest = divmod(n_zeros, len(block))
+    c = zlib.compressobj(9, zlib.DEFLATED, -15)
+    head = c.compress(prefix) + c.flush(zlib.Z_FULL_FLUSH)
+    again = c.compress(block) + c.flush(zlib.Z_FULL_FLUSH)
+    tail = c.compress(block[:rest]) + c.flush()
+    crc = zlib.crc32(prefix)
+    for _ in range(full):
+        crc = zlib.crc32(block, crc)
+    return head + again * full + tail, zlib.crc32(block[:rest], crc), len(prefix) + n_zeros
+
+
+def npz_of_zeros(path, shape, labels):
+    """A real .npz whose X_train is `shape` uint8 zeros, deflated (about 1 KB on disk per MB), and whose
+    y_train is `labels` (uint8): NumPy reads it whole, CRC-32 included. Written by hand, as a zip of
+    two deflated members, because zipfile would spend seconds compressing every zero."""
+    x_header = npy_member({"descr": "|u1", "fortran_order": False, "shape": tuple(shape)})
+    y_npy = npy_member({"descr": "|u1", "fortran_order": False, "shape": (len(labels),)}, labels.tobytes())
+    c = zlib.compressobj(9, zlib.DEFLATED, -15)
+    members = {
+        "X_train.npy": deflated_zeros(x_header, math.prod(shape)),
+        "y_train.npy": (c.compress(y_npy) + c.flush(), zlib.crc32(y_npy), len(y_npy)),
+    }
+    local, central = b"", b""
+    for name, (data, crc, size) in members.items():
+        # version 2.0, no flags, deflated, 1980-01-01 00:00
+        fields = struct.pack("<HHHHHIII", 20, 0, 8, 0, 0x21, crc, len(data), size)
+        central += b"PK\1\2" + struct.pack("<H", 20) + fields
+        central += struct.pack("<HHHHHII", len(name), 0, 0, 0, 0, 0, len(local)) + name.encode()
+        local += b"PK\3\4" + fields + struct.pack("<HH", len(name), 0) + name.encode() + data
+    end = b"PK\5\6" + struct.pack("<HHHHIIH", 0, 0, len(members), len(members), len(central), len(local), 0)
+    path.write_bytes(local + central + end)
+    return path
+
+
+def test_npz_that_inflates_to_1_9_gb_is_refused_by_the_default_budget_before_inflating(cli, tmp_path):
+    # The issue's file: 1.8 MB on disk, X_train 2,400,000 x 28 x 28 = 1.88 GB, under the 2 GiB per array.
+    # Before the budget, `data info` peaked at 1.9 GB and `train` at 9.6 GB (the float32 copy).
+    path = npz_of_zeros(
+        tmp_path / "bomb.npz", (2_400_000, 28, 28), (np.arange(2_400_000) % 2).astype(np.uint8)
+    )
+    assert path.stat().st_size < 2 * 1024**2
+    default = {"CNNKIT_MAX_DATA_MB": ""}  # unset: min(half of MemAvailable, 1 GiB)
+    for command in (["data", "info"], ["train", "--out", tmp_path / "run", "--dataset"]):
+        result = cli(*command, f"npz:{path}", env=default, timeout=120)
+        result.assert_one_line_error(
+            "bomb.npz: X_train (2400000 x 28 x 28 uint8) would take 1,794 MB",
+            "data memory budget",
+            "set CNNKIT_MAX_DATA_MB",
+            max_mb=600,
+        )
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_npz_bomb_is_a_real_archive_that_numpy_reads(tmp_path):
+    path = npz_of_zeros(tmp_path / "small.npz", (3, 5, 7), np.array([0, 1, 2], np.uint8))
+    with np.load(path) as archive:
+        np.testing.assert_array_equal(archive["X_train"], np.zeros((3, 5, 7), np.uint8))
+        np.testing.assert_array_equal(archive["y_train"], [0, 1, 2])
+
+
+def test_training_refuses_a_float32_copy_over_the_budget_that_the_uint8_images_fit(cli, tmp_path):
+    # 100,000 x 28 x 28 = 75 MiB of uint8 fit a 200 MiB budget; the 90,000 training images as float32 would
+    # add 269 MB. `data info` needs no float32 copy, so it runs.
+    path = npz_of_zeros(tmp_path / "big.npz", (100_000, 28, 28), (np.arange(100_000) % 2).astype(np.uint8))
+    budget = {"CNNKIT_MAX_DATA_MB": "200"}
+    info = cli("data", "info", f"npz:{path}", env=budget)
+    assert info.code == 0 and "train mean   0" in info.out, info.err
+    result = cli("train", "--dataset", f"npz:{path}", "--out", tmp_path / "run", env=budget, timeout=120)
+    result.assert_one_line_error(
+        "big.npz: the train images standardized as float32 (90000 x 1 x 28 x 28) would take 269 MB "
+        "beside the 76 MB already loaded, over cnnkit's data memory budget of 200 MB",
+        max_mb=600,
+    )
+
+
+def test_gzip_idx_within_the_array_limit_but_over_the_budget_is_refused_before_inflating(cli, tmp_path):
+    folder = small_idx_folder(tmp_path / "idx")
+    dims = (1_572_864, 32, 32)  # 1.5 GiB of real zeros, 1.5 MB gzipped
+    bomb = gzip_bomb(idx_header(dims), math.prod(dims))
+    assert len(bomb) < 2 * 1024**2
+    (folder / "train-images-idx3-ubyte.gz").write_bytes(bomb)
+    result = cli("data", "info", f"idx:{folder}", env={"CNNKIT_MAX_DATA_MB": ""})
+    result.assert_one_line_error(
+        "train-images-idx3-ubyte.gz: IDX data (1572864 x 32 x 32 uint8) would take 1,536 MB", max_mb=600
+    )
+
+
+def test_mnist_5k_trains_within_a_budget_of_what_it_holds_and_not_below(cli, tmp_path, mnist_5k):
+    # what training holds: the uint8 images and int64 labels, and the 4,500 training and validation
+    # images as float32
+    needed = mnist_5k.nbytes + 4 * mnist_5k.train.images.size
+    enough, short = str(math.ceil(needed / 1024**2)), str(math.floor(needed / 1024**2) - 1)
+    result = cli(
+        "train",
+        "--dataset",
+        "mnist-5k",
+        "--epochs",
+        1,
+        "--out",
+        tmp_path / "a",
+        env={"CNNKIT_MAX_DATA_MB": enough},
+    )
+    assert result.code == 0, result.err
+    assert (tmp_path / "a" / "checkpoints" / "epoch-001.safetensors").is_file()
+    result = cli("train", "--dataset", "mnist-5k", "--out", tmp_path / "b", env={"CNNKIT_MAX_DATA_MB": short})
+    result.assert_one_line_error("mnist-5k: the ", "images standardized as float32", f"budget of {short} MB")
+
+
+def test_a_budget_variable_that_is_not_a_number_is_one_line_error(cli, tmp_path):
+    path = npz_of_zeros(tmp_path / "ok.npz", (2, 28, 28), np.array([0, 1], np.uint8))
+    result = cli("data", "info", f"npz:{path}", env={"CNNKIT_MAX_DATA_MB": "lots"})
+    result.assert_one_line_error("CNNKIT_MAX_DATA_MB='lots': expected a positive number of megabytes")

@@ -5,9 +5,12 @@
 holds train/valid/test Splits, class names (at most MAX_CLASSES) and how `predict` prepares photos;
 `split_validation` carves the validation split, `Standardization` holds the training statistics,
 `minibatch_indices` / `iterate_minibatches` make the batches; `load_for_model` / `split_for_model`
-bring a dataset to a trained model's input shape and classes.
+bring a dataset to a trained model's input shape and classes. Every array made from a source counts
+against one data memory budget (`data_memory_limit`, $CNNKIT_MAX_DATA_MB), reserved in a `MemoryBudget`
+before it is made (see `cnnkit.data.budget`).
 """
 
+from cnnkit.data.budget import MemoryBudget, data_memory_limit
 from cnnkit.data.dataset import (
     MAX_CLASSES,
     Dataset,
@@ -24,8 +27,10 @@ from cnnkit.data.sources import load_dataset, resolve_source
 __all__ = [
     "MAX_CLASSES",
     "Dataset",
+    "MemoryBudget",
     "Split",
     "Standardization",
+    "data_memory_limit",
     "info_table",
     "iterate_minibatches",
     "load_dataset",

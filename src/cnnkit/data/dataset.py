@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cnnkit.data.budget import MemoryBudget, array_bytes
 from cnnkit.errors import CnnkitError, DatasetError
 from cnnkit.images import PREPROCESSING
 
@@ -28,6 +29,10 @@ DIGITS = tuple(str(d) for d in range(10))
 
 # The chapter keeps the last 10,000 of MNIST's 60,000 training images for validation.
 CHAPTER_VALID_SIZE = 10_000
+
+# The most values `infer_preprocessing` looks at (64 MB as float32): 1,000 images of up to 3 x 64 x 64,
+# fewer of larger ones, and one image larger than that every k-th pixel.
+SAMPLE_VALUES = 2**24
 
 
 def images_as_nchw(x, allow_nhwc: bool = False) -> np.ndarray:
@@ -139,6 +144,11 @@ class Dataset:
         return [split for split in (self.train, self.valid, self.test) if split is not None]
 
     @property
+    def nbytes(self) -> int:
+        """The bytes of memory its images and labels take, an array shared by splits counted once."""
+        return array_bytes(*(a for split in self.splits for a in (split.images, split.labels)))
+
+    @property
     def image_shape(self) -> tuple[int, int, int]:
         """(C, H, W) of every image."""
         return tuple(int(d) for d in self.splits[0].images.shape[1:])
@@ -187,18 +197,22 @@ def infer_preprocessing(images: np.ndarray, class_names) -> tuple[str, str]:
 
     Gray means one channel, or three nearly equal ones. An image's background is the median of its
     border pixels; the data's background is dark when the median of those lies below the middle of the
-    value range (0..255 for uint8, min..max otherwise). At most 1,000 evenly spaced images are looked at.
+    value range (0..255 for uint8, min..max otherwise). At most 1,000 evenly spaced images are looked at,
+    fewer where they would hold more than SAMPLE_VALUES values, and an image larger than that every k-th
+    pixel in each direction.
     """
     images = np.asarray(images)
     n, channels, height, width = images.shape
     if n == 0 or channels not in (1, 3):
         return "resize", f"images with {channels} channel(s)" if n else "no images to look at"
-    sample = images[:: max(1, n // 1000)][:1000].astype(np.float32)
+    count = max(1, min(1000, SAMPLE_VALUES // max(1, channels * height * width)))
+    step = max(1, math.ceil(math.sqrt(channels * height * width / SAMPLE_VALUES)))
+    sample = images[:: max(1, n // count)][:count, :, ::step, ::step].astype(np.float32)
     low, high = (0.0, 255.0) if images.dtype == np.uint8 else (float(sample.min()), float(sample.max()))
     span = max(high - low, 1e-12)
     if channels == 3 and np.abs(np.diff(sample, axis=1)).mean() / span > 0.01:
         return "resize", "color images"
-    gray = sample.mean(axis=1)
+    gray = sample[:, 0] if channels == 1 else sample.mean(axis=1)
     border = np.concatenate([gray[:, 0, :], gray[:, -1, :], gray[:, 1:-1, 0], gray[:, 1:-1, -1]], axis=1)
     if (np.median(np.median(border, axis=1)) - low) / span >= 0.5:
         return "resize", "images on a light background"
@@ -284,13 +298,20 @@ class Standardization:
         return cls(tuple(means), tuple(stds))
 
     def apply(self, images) -> np.ndarray:
-        """Return `images` (..., C, H, W) standardized as a new float32 array of the same shape."""
+        """Return `images` (..., C, H, W) standardized as a new float32 array of the same shape.
+
+        The new array is first reserved in a MemoryBudget (cnnkit.data.budget) holding `images`:
+        DatasetError when the two do not fit the data memory budget.
+        """
         images = np.asarray(images)
         if images.ndim < 3 or images.shape[-3] != len(self.mean):
             raise DatasetError(
                 f"images of shape {images.shape} do not have the {len(self.mean)} channel(s) "
                 "this standardization was fitted on"
             )
+        MemoryBudget(held=array_bytes(images)).reserve(
+            4 * images.size, f"{shape_text(images.shape)} images standardized as float32"
+        )
         out = images.astype(np.float32)
         out -= np.array(self.mean, dtype=np.float32)[:, None, None]
         out /= np.array(self.std, dtype=np.float32)[:, None, None]
@@ -313,15 +334,29 @@ def _mean_std(channel: np.ndarray) -> tuple[float, float]:
     # Two passes in float64 over chunks of about a million values: exact enough for any data, and
     # never a float64 copy of the whole array (60,000 MNIST images would need 376 MB).
     n = channel.size
-    chunk = max(1, 2**20 // max(1, channel[0].size))
     total = 0.0
-    for start in range(0, len(channel), chunk):
-        total += channel[start : start + chunk].sum(dtype=np.float64)
+    for chunk in _value_chunks(channel):
+        total += chunk.sum(dtype=np.float64)
     mean = total / n
     squares = 0.0
-    for start in range(0, len(channel), chunk):
-        squares += np.square(channel[start : start + chunk].astype(np.float64) - mean).sum()
+    for chunk in _value_chunks(channel):
+        squares += np.square(chunk.astype(np.float64) - mean).sum()
     return mean, float(np.sqrt(squares / n))
+
+
+def _value_chunks(channel: np.ndarray, size: int = 2**20):
+    """`channel` (N, H, W) in pieces of at most about `size` values: runs of whole images, or slices of
+    one image where a single image holds more."""
+    per_image = max(1, channel[0].size)
+    if per_image <= size:
+        step = size // per_image
+        for start in range(0, len(channel), step):
+            yield channel[start : start + step]
+        return
+    for image in channel:
+        values = image.reshape(-1)
+        for start in range(0, values.size, size):
+            yield values[start : start + size]
 
 
 def minibatch_indices(n: int, batch_size: int = 64, shuffle: bool = True, seed=None, epoch: int = 1):

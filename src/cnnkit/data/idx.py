@@ -4,9 +4,9 @@ An IDX file is a magic number (two zero bytes, a type code, the number of dimens
 uint32 per dimension, then the values in C order. cnnkit reads the unsigned-byte type (0x08), the one
 these datasets use. A file may be gzipped; that is detected from its first bytes, not its name.
 
-The header is a promise checked before anything is allocated: at most MAX_ARRAY_BYTES of data, and a
-gzipped file is decompressed as a stream that stops as soon as it holds more than the header says, so
-a small file cannot make cnnkit decompress gigabytes.
+The header is a promise checked before anything is allocated: at most MAX_ARRAY_BYTES of data, within
+the data memory budget (cnnkit.data.budget), and a gzipped file is decompressed as a stream that stops
+as soon as it holds more than the header says, so a small file cannot make cnnkit decompress gigabytes.
 """
 
 import gzip
@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cnnkit.data.dataset import MAX_ARRAY_BYTES, MAX_ARRAY_TEXT
+from cnnkit.data.budget import MemoryBudget
+from cnnkit.data.dataset import MAX_ARRAY_BYTES, MAX_ARRAY_TEXT, shape_text
 from cnnkit.errors import FileError, one_line
 
 UBYTE = 0x08
@@ -27,23 +28,25 @@ LABELS_MAGIC = "00000801"
 _CHUNK = 1 << 20
 
 
-def read_idx(path) -> np.ndarray:
+def read_idx(path, budget: MemoryBudget | None = None) -> np.ndarray:
     """Read an unsigned-byte IDX file, gzipped or raw, into a uint8 array shaped by the file's dimensions.
 
     An images file (magic 0x00000803) gives (N, H, W), a labels file (0x00000801) gives (N,).
     Raises FileError naming the file when it is missing, not IDX, truncated, longer than its header
-    says, or declares more than MAX_ARRAY_BYTES of data.
+    says, or declares more than MAX_ARRAY_BYTES of data; DatasetError when the data does not fit
+    `budget` (default: a fresh MemoryBudget), where it is reserved before it is allocated.
     """
     path = Path(path)
+    budget = budget if budget is not None else MemoryBudget()
     try:
         with open(path, "rb") as raw:
             if raw.read(2) != GZIP_MAGIC:
                 raw.seek(0)
-                return _read(raw, path, gzipped=False)
+                return _read(raw, path, budget, gzipped=False)
             raw.seek(0)
             try:
                 with gzip.GzipFile(fileobj=raw, mode="rb") as stream:
-                    return _read(stream, path, gzipped=True)
+                    return _read(stream, path, budget, gzipped=True)
             except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
                 raise FileError(f"{path}: corrupt or truncated gzip file ({one_line(exc)})") from None
     except FileNotFoundError:
@@ -52,7 +55,7 @@ def read_idx(path) -> np.ndarray:
         raise FileError(f"{path}: cannot read ({exc.strerror or exc})") from None
 
 
-def _read(f, path: Path, gzipped: bool) -> np.ndarray:
+def _read(f, path: Path, budget: MemoryBudget, gzipped: bool) -> np.ndarray:
     magic = f.read(4)
     if len(magic) < 4 or magic[:2] != b"\0\0":
         raise FileError(
@@ -84,6 +87,7 @@ def _read(f, path: Path, gzipped: bool) -> np.ndarray:
             raise FileError(
                 f"{path}: IDX dimensions {shape} need {expected:,} bytes of data but the file has {found:,}{hint}"
             )
+    budget.reserve(expected, f"{path}: IDX data ({shape_text(dims)} uint8)")
     data = np.empty(expected, dtype=np.uint8)
     view, found = memoryview(data), 0
     while found < expected and (n := f.readinto(view[found : found + _CHUNK])):
@@ -101,12 +105,16 @@ def _read(f, path: Path, gzipped: bool) -> np.ndarray:
     return data.reshape(dims)
 
 
-def read_idx_pair(images_path, labels_path) -> tuple[np.ndarray, np.ndarray]:
+def read_idx_pair(
+    images_path, labels_path, budget: MemoryBudget | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Read an images file and its labels file: (images (N, 1, H, W) uint8, labels (N,) int64).
 
-    Raises FileError when the first is not N x H x W images, the second not N labels, or the counts differ.
+    Raises FileError when the first is not N x H x W images, the second not N labels, or the counts
+    differ; DatasetError when they do not fit `budget` (default: a fresh MemoryBudget).
     """
-    images, labels = read_idx(images_path), read_idx(labels_path)
+    budget = budget if budget is not None else MemoryBudget()
+    images, labels = read_idx(images_path, budget), read_idx(labels_path, budget)
     if images.ndim != 3:
         raise FileError(
             f"{images_path}: expected images (IDX magic {IMAGES_MAGIC}, N x H x W) "
@@ -121,7 +129,10 @@ def read_idx_pair(images_path, labels_path) -> tuple[np.ndarray, np.ndarray]:
         raise FileError(
             f"{images_path} holds {len(images):,} images but {labels_path} holds {len(labels):,} labels"
         )
-    return images[:, None], labels.astype(np.int64)
+    budget.reserve(8 * len(labels), f"{labels_path}: {len(labels):,} int64 labels")
+    labels64 = labels.astype(np.int64)
+    budget.release(labels.nbytes)
+    return images[:, None], labels64
 
 
 def write_idx(path, array) -> None:

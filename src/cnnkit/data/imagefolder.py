@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cnnkit.data.dataset import Dataset, Split, infer_preprocessing_with_note
+from cnnkit.data.budget import MemoryBudget
+from cnnkit.data.dataset import Dataset, Split, infer_preprocessing_with_note, shape_text
 from cnnkit.errors import DatasetError
 from cnnkit.images import image_shape, read_image, resize_image
 
@@ -32,7 +33,8 @@ def load_image_folder(folder, *, image_size=None, channels=None, name=None, prep
     the default channels 1 if every image is grayscale, else 3. RGBA is composited over white.
 
     Image sizes come from the files' headers first; then each image is decoded reduced where it is
-    much larger than `image_size` and resized at once, so full-size images are never all in memory.
+    much larger than `image_size` and resized at once, so full-size images are never all in memory;
+    each split's array is reserved in a MemoryBudget (cnnkit.data.budget) before it is made.
     The training split is shuffled with a fixed seed (0), so its last images make a representative
     validation split. `preprocessing` None infers it from the images (`infer_preprocessing`); the
     dataset's `notes` say which size and preprocessing were chosen and why.
@@ -72,16 +74,20 @@ def load_image_folder(folder, *, image_size=None, channels=None, name=None, prep
         channels = 1 if all(shape[2] == 1 for shape in shapes) else 3
     image_size, channels = check_image_size(image_size), check_channels(channels)
 
-    splits = {}
+    splits, budget = {}, MemoryBudget()
     for split, pairs in labelled.items():
-        images = np.empty((len(pairs), channels, *image_size), dtype=np.uint8)
+        if split == "train":  # read in the shuffled order: no second copy of the images
+            pairs = [pairs[i] for i in np.random.RandomState(SHUFFLE_SEED).permutation(len(pairs))]
+        shape = (len(pairs), channels, *image_size)
+        budget.reserve(
+            len(pairs) * (channels * image_size[0] * image_size[1] + 8),
+            f"{split_roots[split]}: {shape_text(shape)} uint8 images",
+        )
+        images = np.empty(shape, dtype=np.uint8)
         for i, (path, _) in enumerate(pairs):
             image = read_image(path, min_size=image_size)
             images[i] = resize_image(image, image_size, channels).transpose(2, 0, 1)
         labels = np.array([label for _, label in pairs], dtype=np.int64)
-        if split == "train":
-            order = np.random.RandomState(SHUFFLE_SEED).permutation(len(labels))
-            images, labels = images[order], labels[order]
         splits[split] = Split(images, labels, split)
     if preprocessing is None:
         first = next(iter(splits.values()))
@@ -112,11 +118,14 @@ def default_image_size(sizes) -> tuple[tuple[int, int], str]:
     )
 
 
-def conform_images(images: np.ndarray, image_size=None, channels=None) -> np.ndarray:
+def conform_images(
+    images: np.ndarray, image_size=None, channels=None, budget: MemoryBudget | None = None, what="images"
+) -> np.ndarray:
     """Bring uint8 images (N, C, H, W) to `image_size` (H, W) and `channels` (1 or 3); None keeps that part.
 
-    Returns `images` itself when nothing changes. Resizing is bilinear without keeping the aspect
-    ratio; RGB becomes gray by ITU-R 601-2 luma, gray becomes RGB by repetition.
+    Returns `images` itself when nothing changes; otherwise the new array is first reserved in `budget`
+    (default: a MemoryBudget holding `images`), its error naming `what`. Resizing is bilinear without
+    keeping the aspect ratio; RGB becomes gray by ITU-R 601-2 luma, gray becomes RGB by repetition.
     """
     n, c, h, w = images.shape
     image_size = (h, w) if image_size is None else check_image_size(image_size)
@@ -128,7 +137,12 @@ def conform_images(images: np.ndarray, image_size=None, channels=None) -> np.nda
             f"cannot resize or convert {images.dtype} images (only uint8 images can be brought to "
             f"image_size={image_size}, channels={channels})"
         )
-    out = np.empty((n, channels, *image_size), dtype=np.uint8)
+    shape = (n, channels, *image_size)
+    budget = budget if budget is not None else MemoryBudget(held=images.nbytes)
+    budget.reserve(
+        n * channels * image_size[0] * image_size[1], f"{what} resized to {shape_text(shape)} uint8"
+    )
+    out = np.empty(shape, dtype=np.uint8)
     for i, image in enumerate(images):
         out[i] = resize_image(image.transpose(1, 2, 0), image_size, channels).transpose(2, 0, 1)
     return out

@@ -11,13 +11,15 @@ Each source says how `cnnkit predict` must prepare a user's photo (`Dataset.prep
 mnist-5k "digit", fashion-mnist "object"; idx:DIR and folder:DIR may declare it in DIR/preprocessing.txt
 (one word), npz:FILE in a 0-d string array `preprocessing`; otherwise it is inferred from the images
 (`cnnkit.data.dataset.infer_preprocessing`). Every file is read within fixed limits (MAX_CLASSES
-classes, MAX_ARRAY_BYTES per array, MAX_TEXT_BYTES per text file), checked before allocating.
+classes, MAX_ARRAY_BYTES per array, MAX_TEXT_BYTES per text file), checked before allocating, and every
+array made from one source is reserved in one MemoryBudget (`cnnkit.data.budget`) before it is made.
 """
 
 import dataclasses
 import math
 import os
 import re
+import stat
 import tokenize
 import zipfile
 import zlib
@@ -26,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cnnkit.data.budget import MemoryBudget
 from cnnkit.data.dataset import (
     DIGITS,
     MAX_ARRAY_BYTES,
@@ -35,6 +38,7 @@ from cnnkit.data.dataset import (
     Split,
     images_as_nchw,
     infer_preprocessing_with_note,
+    shape_text,
 )
 from cnnkit.data.download import DEFAULT_DEADLINE, DEFAULT_TIMEOUT, DownloadError, fetch
 from cnnkit.data.idx import read_idx_pair
@@ -176,8 +180,13 @@ def load_dataset(source: str, *, cache_dir=None, image_size=None, channels=None,
         raise DatasetError(f"unknown dataset {source!r}: expected {SOURCE_FORMS}{hint}")
     if image_size is None and channels is None:
         return dataset
+    budget = MemoryBudget(held=dataset.nbytes)
     splits = {
-        split.name: Split(conform_images(split.images, image_size, channels), split.labels, split.name)
+        split.name: Split(
+            conform_images(split.images, image_size, channels, budget, f"{source}: {split.name} images"),
+            split.labels,
+            split.name,
+        )
         for split in dataset.splits
     }
     return dataclasses.replace(dataset, **splits)
@@ -284,8 +293,9 @@ def load_published(
                 f"(a folder with the four IDX files), or put the files in {folder}; "
                 f"{spec.mirrors_env} sets other mirrors"
             ) from None
-    train = Split(*read_idx_pair(paths[0], paths[1]), "train")
-    test = Split(*read_idx_pair(paths[2], paths[3]), "test")
+    budget = MemoryBudget()
+    train = Split(*read_idx_pair(paths[0], paths[1], budget), "train")
+    test = Split(*read_idx_pair(paths[2], paths[3], budget), "test")
     return Dataset(
         spec.name, list(spec.class_names), train=train, test=test, preprocessing=spec.preprocessing
     )
@@ -303,7 +313,7 @@ def load_idx_folder(folder, *, name=None) -> Dataset:
     name = name or f"idx:{folder}"
     if not folder.is_dir():
         raise DatasetError(f"{folder}: not a folder (idx:DIR needs a folder holding IDX files)")
-    splits = {}
+    splits, budget = {}, MemoryBudget()
     for split, prefixes in (("train", ("train",)), ("test", ("t10k", "test"))):
         images = _find_idx(folder, prefixes, "images", 3)
         labels = _find_idx(folder, prefixes, "labels", 1)
@@ -312,7 +322,7 @@ def load_idx_folder(folder, *, name=None) -> Dataset:
         if images is None or labels is None:
             found, missing = (labels, "images-idx3") if images is None else (images, "labels-idx1")
             raise DatasetError(f"{found}: no matching {prefixes[0]}-{missing}-ubyte[.gz] file beside it")
-        splits[split] = Split(*read_idx_pair(images, labels), split)
+        splits[split] = Split(*read_idx_pair(images, labels, budget), split)
     if not splits:
         raise DatasetError(
             f"{folder}: no IDX files (expected train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], "
@@ -336,11 +346,16 @@ def load_npz(path, *, name=None) -> Dataset:
     C 1 or 3. uint8 (or integers within 0..255) stay uint8; anything else becomes float32.
     Optional members: `class_names`, 1-D strings (default "0".."K-1" from the largest label), and
     `preprocessing`, a 0-d string (default: `infer_preprocessing`). Each member's .npy header is
-    checked (no objects, at most MAX_ARRAY_BYTES) before the member is read.
+    checked (no objects, at most MAX_ARRAY_BYTES, within the MemoryBudget with the members read before
+    it) before the member is inflated.
     """
     path = Path(path)
     name = name or f"npz:{path}"
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # opening a FIFO would wait for a writer
+            raise FileError(
+                f"{path}: not a regular file (a folder, pipe or device cannot be an .npz archive)"
+            )
         archive = np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise FileError(f"{path}: does not exist") from None
@@ -352,7 +367,7 @@ def load_npz(path, *, name=None) -> Dataset:
         )
     with archive:
         keys = set(archive.files)
-        splits = {}
+        splits, budget = {}, MemoryBudget()
         for split in ("train", "test"):
             x_key = next((k for k in (f"X_{split}", f"x_{split}") if k in keys), None)
             y_key = f"y_{split}" if f"y_{split}" in keys else None
@@ -361,8 +376,8 @@ def load_npz(path, *, name=None) -> Dataset:
             if x_key is None or y_key is None:
                 present, missing = (x_key, f"y_{split}") if y_key is None else (y_key, f"X_{split}")
                 raise FileError(f"{path}: has {present} but no {missing}")
-            labels = _npz_labels(_npz_array(archive, y_key, path), path, y_key)
-            images = _npz_images(_npz_array(archive, x_key, path), path, x_key)
+            labels = _npz_labels(_npz_array(archive, y_key, path, budget), path, y_key, budget)
+            images = _npz_images(_npz_array(archive, x_key, path, budget), path, x_key, budget)
             if len(images) != len(labels):
                 raise FileError(
                     f"{path}: {x_key} has {len(images):,} images but {y_key} has {len(labels):,} labels"
@@ -373,8 +388,10 @@ def load_npz(path, *, name=None) -> Dataset:
                 f"{path}: no X_train/y_train or X_test/y_test arrays "
                 f"(it has: {', '.join(sorted(keys)) or 'nothing'})"
             )
-        class_names = _npz_strings(archive, "class_names", path, ndim=1) if "class_names" in keys else None
-        declared = _npz_strings(archive, "preprocessing", path, ndim=0) if "preprocessing" in keys else None
+        class_names = _npz_strings(archive, "class_names", path, 1, budget) if "class_names" in keys else None
+        declared = (
+            _npz_strings(archive, "preprocessing", path, 0, budget) if "preprocessing" in keys else None
+        )
     if len({s.images.shape[1:] for s in splits.values()}) > 1:
         raise FileError(f"{path}: training and test images differ in shape")
     n_classes = 1 + max(int(s.labels.max(initial=0)) for s in splits.values())
@@ -450,8 +467,9 @@ def _read_text(path: Path) -> str:
         ) from None
 
 
-def _npz_array(archive, key: str, path: Path) -> np.ndarray:
-    """Member `key` of an opened npz archive, read only after its .npy header passed the checks."""
+def _npz_array(archive, key: str, path: Path, budget: MemoryBudget) -> np.ndarray:
+    """Member `key` of an opened npz archive, read only after its .npy header passed the checks and its
+    declared size was reserved in `budget`: a compressed member is refused before it is inflated."""
     names = archive.zip.namelist()
     member = f"{key}.npy" if f"{key}.npy" in names else key
     try:
@@ -478,19 +496,25 @@ def _npz_array(archive, key: str, path: Path) -> np.ndarray:
             f"{path}: {key} declares shape {tuple(shape)} of {dtype} = {size:,} bytes, "
             f"over cnnkit's limit of {MAX_ARRAY_TEXT} for one array"
         )
+    budget.reserve(size, f"{path}: {key} ({shape_text(shape) or 'one value'} {dtype})")
     try:
         return archive[key]
     except (OSError, ValueError, EOFError, *_ZIP_ERRORS) as exc:
         raise FileError(f"{path}: cannot read array {key} ({one_line(exc)})") from None
 
 
-def _npz_strings(archive, key: str, path: Path, ndim: int):
-    """Member `key` as a list of strings (ndim 1) or one string (ndim 0)."""
-    array = _npz_array(archive, key, path)
+def _npz_strings(archive, key: str, path: Path, ndim: int, budget: MemoryBudget):
+    """Member `key` as a list of strings (ndim 1, at most MAX_CLASSES) or one string (ndim 0)."""
+    array = _npz_array(archive, key, path, budget)
     if array.dtype.kind not in "US" or array.ndim != ndim:
         form = "a 1-D array of strings" if ndim == 1 else "a single string (a 0-d array)"
         raise FileError(f"{path}: {key} has dtype {array.dtype} and shape {array.shape}; expected {form}")
+    if ndim == 1 and len(array) > MAX_CLASSES:
+        raise FileError(
+            f"{path}: {key} lists {len(array):,} names, over cnnkit's limit of {MAX_CLASSES:,} classes"
+        )
     if array.dtype.kind == "S":
+        budget.reserve(4 * array.nbytes, f"{path}: {key} decoded as UTF-8 text")
         try:
             array = np.char.decode(array, "utf-8")
         except UnicodeDecodeError:
@@ -498,27 +522,47 @@ def _npz_strings(archive, key: str, path: Path, ndim: int):
     return str(array[()]) if ndim == 0 else [str(s) for s in array]
 
 
-def _npz_images(x: np.ndarray, path: Path, key: str) -> np.ndarray:
+def _npz_images(x: np.ndarray, path: Path, key: str, budget: MemoryBudget) -> np.ndarray:
+    """Images `x` as (N, C, H, W) uint8 or float32, a copy reserved in `budget` where one is needed (the
+    caller drops `x`, whose bytes are released)."""
     try:
         x = images_as_nchw(x, allow_nhwc=True)
     except ValueError as exc:
         raise FileError(f"{path}: {key} {exc}") from None
-    if x.dtype == np.uint8:
-        return np.ascontiguousarray(x)
-    if np.issubdtype(x.dtype, np.integer) and x.size and x.min() >= 0 and x.max() <= 255:
-        return np.ascontiguousarray(x, dtype=np.uint8)
-    return np.ascontiguousarray(x, dtype=np.float32)
+    if np.issubdtype(x.dtype, np.floating) and x.size:  # min and max: NaN and inf show, and no copy
+        low, high, largest = float(x.min()), float(x.max()), float(np.finfo(np.float32).max)
+        if not (math.isfinite(low) and math.isfinite(high)) or max(-low, high) > largest:
+            raise FileError(
+                f"{path}: {key} holds values from {low:g} to {high:g}; expected finite pixel values "
+                "(such as 0..255 or 0..1) within float32's range"
+            )
+    if x.dtype == np.uint8 or (
+        np.issubdtype(x.dtype, np.integer) and x.size and x.min() >= 0 and x.max() <= 255
+    ):
+        dtype = np.dtype(np.uint8)
+    else:
+        dtype = np.dtype(np.float32)
+    if x.dtype == dtype and x.flags.c_contiguous:
+        return x
+    budget.reserve(x.size * dtype.itemsize, f"{path}: {key} as {shape_text(x.shape)} {dtype} images")
+    images = np.ascontiguousarray(x, dtype=dtype)
+    budget.release(x.nbytes)
+    return images
 
 
-def _npz_labels(y: np.ndarray, path: Path, key: str) -> np.ndarray:
-    """Labels as int64 class indices, checked below MAX_CLASSES before any conversion."""
+def _npz_labels(y: np.ndarray, path: Path, key: str, budget: MemoryBudget) -> np.ndarray:
+    """Labels as int64 class indices, checked below MAX_CLASSES before any conversion (reserved in `budget`)."""
     if y.ndim != 1:
         raise FileError(f"{path}: {key} has shape {y.shape}; expected one label per image (N,)")
     if not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating)):
         raise FileError(f"{path}: {key} has dtype {y.dtype}; expected integer labels")
     if not y.size:
         return y.astype(np.int64)
-    whole = np.issubdtype(y.dtype, np.integer) or bool(np.all(np.isfinite(y)) and np.all(y == np.floor(y)))
+    whole = np.issubdtype(y.dtype, np.integer)
+    if not whole:
+        budget.reserve(y.nbytes, f"{path}: {key} checked for whole numbers")  # np.floor's copy
+        whole = bool(np.all(np.isfinite(y)) and np.all(y == np.floor(y)))
+        budget.release(y.nbytes)
     if not whole or y.min() < 0:
         raise FileError(f"{path}: {key} must hold non-negative whole numbers (class indices)")
     if y.max() >= MAX_CLASSES:
@@ -526,4 +570,9 @@ def _npz_labels(y: np.ndarray, path: Path, key: str) -> np.ndarray:
             f"{path}: {key} holds the label {int(y.max()):,}, which would make {int(y.max()) + 1:,} classes; "
             f"cnnkit's limit is {MAX_CLASSES:,}"
         )
-    return y.astype(np.int64)
+    if y.dtype == np.int64:
+        return y
+    budget.reserve(8 * len(y), f"{path}: {key} as {len(y):,} int64 labels")
+    labels = y.astype(np.int64)
+    budget.release(y.nbytes)
+    return labels
