@@ -20,7 +20,13 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from cnnkit.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint, optimizer_path
+from cnnkit.checkpoint import (
+    checkpoint_path,
+    list_checkpoints,
+    load_checkpoint,
+    optimizer_path,
+    tensors_sha256,
+)
 from cnnkit.runs import run_folder_lock
 
 
@@ -46,8 +52,8 @@ def _rewrite_optimizer(path, change):
     opt = optimizer_path(path)
     with safe_open(opt, "pt") as f:
         metadata = f.metadata()
-    metadata.pop("sha256", None)
-    save_file(change(load_file(opt)), opt, metadata=metadata)
+    tensors = change(load_file(opt))  # with their SHA-256, so that the checks after it are what refuses them
+    save_file(tensors, opt, metadata={**metadata, "sha256": tensors_sha256(tensors)})
 
 
 def test_moments_that_do_not_fit_the_parameters_are_one_line_not_a_segfault(cli, run_copy):
@@ -374,3 +380,168 @@ def test_convnn_load_raises_only_cnnkit_errors(tmp_path):
             ConvNN.load(tmp_path / name)
     with pytest.raises(CheckpointError):
         ConvNN.load(tmp_path)
+
+
+# --- round three: the whole record validated, FIFOs, start-up interrupts, nested run folders ---
+
+
+def _rewrite_newest(run, change):
+    """Rewrite the record of `run`'s newest checkpoint: `change(meta) -> new meta`; returns the file."""
+    from test_record import _rewrite_metadata
+
+    path = list_checkpoints(run)[-1]
+    _rewrite_metadata(path, change)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        (lambda m: {**m, "trainer_state": {**m["trainer_state"], "best": [3, 0.9]}}, "trainer_state.best"),
+        (
+            lambda m: {**m, "trainer_state": {"best": {"epoch": 3, "valid_accuracy": "0.9"}}},
+            "trainer_state.best.valid_accuracy",
+        ),
+        (
+            lambda m: {**m, "trainer_state": {"early_stopping": {"best_loss": 0.3, "wait": "1"}}},
+            "trainer_state.early_stopping.wait",
+        ),
+        (
+            lambda m: {**m, "history": [*m["history"][:2], {**m["history"][2], "valid_accuracy": "0.9"}]},
+            "history[2].valid_accuracy",
+        ),
+    ],
+)
+def test_a_malformed_record_is_one_line_naming_the_field_in_every_command(
+    cli, tmp_path, run_copy, change, field
+):
+    # trainer_state.best as a list used to end summary, report and resume in an AttributeError, and a
+    # string best accuracy a resume in a TypeError after it had trained an epoch.
+    path = _rewrite_newest(run_copy, change)
+    before = _snapshot(run_copy)
+    for command in (
+        ["summary", run_copy],
+        ["evaluate", run_copy],
+        ["report", run_copy, "--out", tmp_path / "report"],
+        ["train", "--resume", run_copy, "--epochs", 4],
+    ):
+        cli(*command).assert_one_line_error(str(path), f"field {field} ")
+    assert _snapshot(run_copy) == before and not (tmp_path / "report").exists()
+
+
+def test_a_fifo_as_an_npz_dataset_is_refused_not_waited_on(cli, tmp_path, run_copy):
+    fifo = tmp_path / "data.npz"
+    os.mkfifo(fifo)
+    error = (f"{fifo}: not a regular file",)
+    cli("data", "info", f"npz:{fifo}", timeout=60).assert_one_line_error(*error)
+    cli("evaluate", run_copy, "--dataset", f"npz:{fifo}", timeout=60).assert_one_line_error(*error)
+    _rewrite_newest(run_copy, lambda m: {**m, "dataset": f"npz:{fifo}"})  # the dataset the run recorded
+    cli("evaluate", run_copy, timeout=60).assert_one_line_error(*error)
+    cli("report", run_copy, "--out", tmp_path / "report", timeout=60).assert_one_line_error(*error)
+
+
+@pytest.mark.parametrize("value", [np.inf, 1e300, np.nan])
+def test_pixel_values_out_of_range_are_one_line_without_warnings(cli, tmp_path, value):
+    images = np.random.default_rng(0).random((20, 28, 28))
+    images[3, 4, 5] = value
+    np.savez(tmp_path / "bad.npz", x_train=images, y_train=np.arange(20) % 2)
+    result = cli("data", "info", f"npz:{tmp_path / 'bad.npz'}")
+    result.assert_one_line_error("bad.npz", "x_train", "finite pixel values")
+    assert len(result.err.splitlines()) == 1, result.err  # no RuntimeWarning before it
+
+
+# A module that, while it is imported, is interrupted and (as a compiled module's import does, NumPy's)
+# raises an error of its own in place of whatever the interrupt raised.
+_INTERRUPTED_IMPORT = """
+import os, signal, time
+try:
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(10)
+except BaseException as exc:
+    raise ImportError(f"could not load ({type(exc).__name__})") from None
+"""
+
+
+@pytest.mark.parametrize(
+    ("code", "err"),
+    [
+        ("import cnnkit.__main__; import interrupted_import", ""),  # before main takes over
+        (
+            "from cnnkit import cli; cli.run_data_info = lambda args: __import__('interrupted_import'); "
+            "cli.main(['data', 'info', 'mnist-5k'])",
+            "cnnkit: interrupted\n",
+        ),
+    ],
+)
+def test_sigint_inside_an_import_is_never_a_traceback(tmp_path, code, err):
+    (tmp_path / "interrupted_import.py").write_text(_INTERRUPTED_IMPORT)
+    result = subprocess.run(
+        [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(tmp_path)!r}); {code}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (result.returncode, result.stderr) == (130, err), result.stderr
+
+
+def test_an_out_inside_a_runs_checkpoints_folder_is_refused(cli, run_copy, small_npz):
+    before = _snapshot(run_copy)
+    for out in (run_copy / "checkpoints", run_copy / "checkpoints" / "nested"):
+        for command in (["--resume", run_copy, "--epochs", 4], ["--dataset", small_npz, "--epochs", 1]):
+            cli("train", *command, "--out", out).assert_one_line_error(
+                f"{out}: inside {run_copy / 'checkpoints'}, the checkpoints folder of the run {run_copy}",
+                "--out",
+            )
+    assert _snapshot(run_copy) == before
+
+
+def test_a_class_name_of_a_million_characters_is_drawn_cut_short(cli, tmp_path, three_class_run):
+    # Pillow refuses to draw a text of over 1,000,000 characters, and matplotlib took minutes to lay one
+    # out: the figures draw the first characters and an ellipsis; report.json keeps the whole name.
+    import shutil
+
+    long = "a" * 1_000_001
+    run = tmp_path / "run"
+    shutil.copytree(three_class_run, run)
+    record = load_checkpoint(run).record
+    with np.load(record.dataset.removeprefix("npz:")) as data:
+        arrays = {key: data[key] for key in ("x_train", "y_train", "x_test", "y_test")}
+    names = [long.encode(), *(name.encode() for name in record.class_names[1:])]
+    np.savez(tmp_path / "long.npz", **arrays, class_names=np.array(names))
+    _rewrite_newest(run, lambda m: {**m, "class_names": [long, *m["class_names"][1:]]})
+    result = cli("report", run, "--dataset", f"npz:{tmp_path / 'long.npz'}", "--out", tmp_path / "report")
+    assert result.code == 0 and "Traceback" not in result.err, result.err[-2000:]
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["class_names"][0] == long
+
+
+@pytest.mark.slow  # two ranks over seconds
+def test_ctrl_c_on_a_nproc_per_node_job_is_one_line_saying_what_is_on_disk(tmp_path, small_npz):
+    # Ctrl-C reaches the launcher and every rank: each rank used to print its own line, and the
+    # launcher a third (exit 2); the launcher now speaks for the job, in rank 0's words.
+    import contextlib
+
+    run = tmp_path / "run"
+    train = ["train", "--dataset", small_npz, "--epochs", 100, "--out", run, "--quiet", "--nproc-per-node", 2]
+    job = subprocess.Popen(
+        [sys.executable, "-m", "cnnkit", *map(str, train)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # a process group of its own, as a terminal's job
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while not checkpoint_path(run, 2).exists():
+            assert job.poll() is None and time.monotonic() < deadline, job.stderr.read()
+            time.sleep(0.1)
+        os.killpg(job.pid, signal.SIGINT)
+        err = job.communicate(timeout=60)[1]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(job.pid, signal.SIGKILL)
+    [line] = err.strip().splitlines()
+    assert job.returncode == 130, err
+    assert line.startswith(
+        f"cnnkit: error: interrupted. The newest checkpoint is {run / 'checkpoints'}/epoch-"
+    ), err

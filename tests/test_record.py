@@ -1,6 +1,7 @@
 """The trained-model record and the checkpoint file: validation, old formats, bounded and checked reads."""
 
 import json
+import logging
 import os
 import struct
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from PIL import Image
 
 from cnnkit.checkpoint import (
     checkpoint_path,
@@ -19,6 +21,7 @@ from cnnkit.checkpoint import (
     read_record,
     resolve_checkpoint,
     save_checkpoint,
+    tensors_sha256,
 )
 from cnnkit.data import Standardization
 from cnnkit.errors import CheckpointError
@@ -128,11 +131,47 @@ def test_checkpoint_best_newest_and_epoch_n(tmp_path):
         (lambda m: {**m, "valid_size": -1}, "valid_size"),
         (lambda m: {**m, "epoch": 1.5}, "epoch"),
         (lambda m: {**m, "config": {**m["config"], "learning_rate": "fast"}}, "config.learning_rate"),
+        (lambda m: {**m, "config": {**m["config"], "learning_rate": 10**400}}, "config.learning_rate"),
         (lambda m: {**m, "config": {**m["config"], "epochs": 0}}, "config"),
         (lambda m: {**m, "preprocessing": "sharpen"}, "preprocessing"),
         (lambda m: {**m, "standardization": {"mean": [1.0], "std": [0.0]}}, "standardization"),
         (lambda m: {k: v for k, v in m.items() if k != "architecture"}, "architecture is missing"),
         (lambda m: {**m, "history": [[[[]]]]}, "history"),
+        (lambda m: {**m, "history": [{"train_loss": 1.0}]}, "history[0].epoch is missing"),
+        (lambda m: {**m, "history": [{"epoch": 1}, {"epoch": 3}]}, "history[1].epoch must be an epoch 1..2"),
+        (lambda m: {**m, "history": [{"epoch": 1, "train_loss": "low"}]}, "history[0].train_loss"),
+        (lambda m: {**m, "history": [{"epoch": 1, "valid_loss": float("nan")}]}, "history[0].valid_loss"),
+        (lambda m: {**m, "history": [{"epoch": 1, "valid_accuracy": 1.5}]}, "history[0].valid_accuracy"),
+        (lambda m: {**m, "history": [{"epoch": 1, "learning_rate": 10**400}]}, "history[0].learning_rate"),
+        (lambda m: {**m, "trainer_state": [1]}, "trainer_state must be an object, got a JSON array"),
+        (lambda m: {**m, "trainer_state": {"best": [2, 0.5]}}, "trainer_state.best must be an object"),
+        (lambda m: {**m, "trainer_state": {"best": {"epoch": 0}}}, "trainer_state.best.epoch"),
+        (lambda m: {**m, "trainer_state": {"best": {"epoch": 3}}}, "trainer_state.best.epoch"),
+        (lambda m: {**m, "trainer_state": {"best": {"epoch": True}}}, "trainer_state.best.epoch"),
+        (
+            lambda m: {**m, "trainer_state": {"best": {"valid_accuracy": "0.9"}}},
+            "trainer_state.best.valid_accuracy must be in [0, 1] or null, got '0.9'",
+        ),
+        (
+            lambda m: {**m, "trainer_state": {"best": {"valid_accuracy": 2}}},
+            "trainer_state.best.valid_accuracy",
+        ),
+        (
+            lambda m: {**m, "trainer_state": {"early_stopping": {"best_loss": float("inf")}}},
+            "trainer_state.early_stopping.best_loss must be a finite number or null",
+        ),
+        (
+            lambda m: {**m, "trainer_state": {"early_stopping": {"wait": -1}}},
+            "trainer_state.early_stopping.wait",
+        ),
+        (
+            lambda m: {**m, "trainer_state": {"early_stopping": {"wait": None}}},
+            "trainer_state.early_stopping.wait",
+        ),
+        (
+            lambda m: {**m, "trainer_state": {"early_stopping": {"best_epoch": "1"}}},
+            "trainer_state.early_stopping.best_epoch",
+        ),
     ],
 )
 def test_malformed_metadata_is_one_error_naming_the_file_and_field(tmp_path, change, field):
@@ -142,6 +181,24 @@ def test_malformed_metadata_is_one_error_naming_the_file_and_field(tmp_path, cha
         load_checkpoint(path)
     message = str(info.value)
     assert message.startswith(str(path)) and field in message and "\n" not in message
+
+
+def test_keys_a_later_cnnkit_may_add_are_dropped_and_missing_ones_are_defaults():
+    meta = tiny_record().to_dict()
+    meta["history"][0]["train_accuracy"] = float("nan")  # not strict JSON: could not be written back
+    meta["trainer_state"] = {
+        "best": {"epoch": 2, "valid_accuracy": 0.5, "since": "2031-01-01"},
+        "early_stopping": {"wait": 1},
+        "reduce_lr_on_plateau": {"factor": [0.1]},
+    }
+    record = ModelRecord.from_dict(meta, "m.safetensors")
+    assert record.history[0] == {"epoch": 1, "train_loss": 1.0}
+    assert record.trainer_state == {
+        "best": {"epoch": 2, "valid_accuracy": 0.5},
+        "early_stopping": {"wait": 1},
+    }
+    assert ModelRecord.from_dict({**meta, "trainer_state": None}, "m.safetensors").trainer_state == {}
+    assert ModelRecord.from_dict({**meta, "trainer_state": {}}, "m.safetensors").best_epoch is None
 
 
 def test_deeply_nested_metadata_is_refused(tmp_path):
@@ -197,6 +254,47 @@ def test_flipped_bits_in_the_tensors_fail_the_sha256(tmp_path):
         load_checkpoint(path)
 
 
+def _without_sha256(path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(path, "pt") as f:
+        metadata = f.metadata()
+    save_file(load_file(path), path, metadata={k: v for k, v in metadata.items() if k != "sha256"})
+
+
+def test_a_format_2_file_without_its_sha256_is_refused_naming_it(tmp_path, cli):
+    # Every file of format 2 was written with a SHA-256: one without it was altered, not old.
+    path, model = _saved(tmp_path)
+    _without_sha256(optimizer_path(path))
+    with pytest.raises(CheckpointError, match=r"optimizer.safetensors: no SHA-256 of its tensors"):
+        load_optimizer_state(path, model)
+    _without_sha256(path)
+    with pytest.raises(CheckpointError, match=r"epoch-002.safetensors: no SHA-256 of its tensors"):
+        load_checkpoint(path)
+    image = tmp_path / "image.png"
+    Image.new("L", (13, 13)).save(image)
+    cli("predict", path, image).assert_one_line_error(str(path), "no SHA-256", "format 2")
+
+
+def test_format_1_files_load_unchecked_with_a_one_line_notice_each(tmp_path, cli, caplog):
+    weights = f"{V1}/epoch-002.safetensors"
+    with caplog.at_level(logging.WARNING, logger="cnnkit"):
+        model, ckpt = load_model(weights)
+        load_optimizer_state(ckpt.path, model)
+    notices = [record.getMessage() for record in caplog.records if record.name == "cnnkit"]
+    assert notices == [
+        f"{file}: written by cnnkit 0.1.0 (checkpoint format 1) without a SHA-256 of its tensors; loaded unchecked"
+        for file in (weights, f"{V1}/epoch-002.optimizer.safetensors")
+    ]
+    image = tmp_path / "digit.png"
+    digit = Image.new("L", (28, 28), 255)
+    digit.paste(0, (12, 6, 16, 22))  # a dark stroke on white
+    digit.save(image)
+    result = cli("predict", weights, image)
+    assert result.code == 0 and result.err.splitlines() == notices[:1], result.err
+
+
 def test_tensors_that_do_not_fit_the_record_are_refused_before_reading(tmp_path):
     path, _ = _saved(tmp_path)
     _rewrite_metadata(path, lambda m: {**m, "architecture": {**m["architecture"], "hidden_units": 9}})
@@ -229,8 +327,8 @@ def test_optimizer_state_is_checked_against_the_parameters(tmp_path, damage):
     opt = optimizer_path(path)
     with safe_open(opt, "pt") as f:
         metadata = f.metadata()
-    metadata.pop("sha256")
-    save_file(damage(load_file(opt)), opt, metadata=metadata)
+    damaged = damage(load_file(opt))  # with its SHA-256, so that the checks after it are what refuses it
+    save_file(damaged, opt, metadata={**metadata, "sha256": tensors_sha256(damaged)})
     with pytest.raises(CheckpointError) as info:
         load_optimizer_state(path, model)
     assert str(info.value).startswith(str(opt))

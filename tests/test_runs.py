@@ -249,3 +249,48 @@ def test_evaluate_and_predict_take_device_and_threads(cli, tiny_run, tmp_path, m
     path = tmp_path / "digit.png"
     Image.fromarray(mnist_5k.test.images[0, 0]).save(path)
     assert cli("predict", tiny_run, path, "--device", "cpu", "--threads", 1).code == 0
+
+
+def _history_files_epochs(run) -> tuple[list, list]:
+    """The epochs that RUN/history.jsonl and RUN/metrics.csv list."""
+    history = [json.loads(line)["epoch"] for line in (run / "history.jsonl").read_text().splitlines()]
+    with open(run / "metrics.csv") as f:
+        return history, [int(row["epoch"]) for row in csv.DictReader(f)]
+
+
+def test_the_history_files_never_list_an_epoch_whose_checkpoint_is_not_on_disk(
+    tmp_path, small_npz, monkeypatch, one_torch_thread
+):
+    import errno
+
+    from cnnkit import runs
+    from cnnkit.runs import resume_run
+
+    run, save = tmp_path / "run", runs.save_checkpoint
+
+    def disk_full_at_epoch_2(path, *args, **kwargs):
+        if path.name == "epoch-002.safetensors":
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return save(path, *args, **kwargs)
+
+    monkeypatch.setattr(runs, "save_checkpoint", disk_full_at_epoch_2)
+    config = TrainConfig(epochs=3, seed=0, learning_rate=1e-3)
+    with pytest.raises(OSError, match="No space left"):
+        start_run(small_npz, config, run, architecture=TINY, valid_size=64, **quiet)
+    assert [p.name for p in list_checkpoints(run)] == ["epoch-001.safetensors"]
+    assert _history_files_epochs(run) == ([1], [1])
+    # Files that list more (left by an older cnnkit) are written afresh from the checkpoint on resume.
+    with open(run / "history.jsonl", "a") as f:
+        f.write(json.dumps({"epoch": 2, "train_loss": 0.1}) + "\n")
+    monkeypatch.setattr(runs, "save_checkpoint", save)
+    resume_run(run, 2, **quiet)
+    assert _history_files_epochs(run) == ([1, 2], [1, 2])
+    assert [h["epoch"] for h in load_checkpoint(run).record.history] == [1, 2]
+
+
+def test_a_run_folder_may_be_inside_a_folder_named_checkpoints_of_no_run(
+    tmp_path, small_npz, one_torch_thread
+):
+    run = tmp_path / "checkpoints" / "run"
+    start_run(small_npz, TrainConfig(epochs=1, seed=0), run, architecture=TINY, valid_size=0, **quiet)
+    assert [p.name for p in list_checkpoints(run)] == ["epoch-001.safetensors"]

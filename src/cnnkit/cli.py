@@ -422,6 +422,23 @@ def _add_serve(commands):
         default=None,
         help="inference threads, one request each (default: the CPUs this process may use, at most 4)",
     )
+    p.add_argument(
+        "--allow-host",
+        type=_nonempty,
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a host name the server may be reached under, besides IP addresses, localhost and --host "
+        "(repeatable); requests naming another in their Host header get 400, which stops DNS rebinding",
+    )
+    p.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=None,
+        metavar="SECONDS",
+        help="a connection must send each whole request (headers and body) within this many seconds of "
+        "opening or of its last answer, or it is closed (default: 20)",
+    )
     p.set_defaults(run=run_serve)
 
 
@@ -800,8 +817,10 @@ def _print_evaluation(args, result, report: dict, names) -> int:
     """Print `cnnkit evaluate`'s `report` (its --json object) as JSON, or as a table with `result`'s metrics."""
     import numpy as np
 
+    from cnnkit.metrics import strict_json
+
     if args.json:
-        log(json.dumps(report, allow_nan=False))
+        log(json.dumps(strict_json(report), allow_nan=False))
         return 0
     models = report.get("models", [report])
     what = " + ".join(f"{m['checkpoint']} (epoch {m['epoch']})" for m in models)
@@ -892,8 +911,10 @@ def _print_predictions(args, names, proba) -> int:
         if args.proba:
             entry["probabilities"] = {name: float(v) for name, v in zip(names, p, strict=True)}
         results.append(entry)
-    if args.json:
-        log(json.dumps(results, allow_nan=False))
+    if args.json:  # a diverged model's NaN is null, as in evaluate's output
+        from cnnkit.metrics import strict_json
+
+        log(json.dumps(strict_json(results), allow_nan=False))
         return 0
     for entry in results:
         log(f"{entry['file']}: {entry['class_name']} ({entry['confidence']:.1%})")
@@ -964,7 +985,16 @@ def run_summary(args) -> int:
 def run_serve(args) -> int:
     from cnnkit.serve import serve
 
-    return serve(args.checkpoints, args.host, args.port, args.which, args.workers, log=log)
+    return serve(
+        args.checkpoints,
+        args.host,
+        args.port,
+        args.which,
+        args.workers,
+        log=log,
+        allow_hosts=args.allow_host,
+        timeout=args.timeout,
+    )
 
 
 def run_data_info(args) -> int:
@@ -1035,14 +1065,33 @@ def _silence_stdout():
     os.close(devnull)
 
 
-def _raise_keyboard_interrupt(signum, frame):
+def _interrupt(signum, frame):
+    """SIGINT and SIGTERM as a KeyboardInterrupt, which `main` ends with one line. Inside an import the
+    process ends at once with that line instead: a compiled module being imported (NumPy's, torch's)
+    turns an exception raised in it into an ImportError and a traceback (cnnkit writes its files
+    atomically, so an interrupted write leaves at most a temporary file, removed on resume)."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            os.write(2, b"cnnkit: interrupted\n")
+            os._exit(130)
+        frame = frame.f_back
     raise KeyboardInterrupt
 
 
+def _last_line(line: str, code: int) -> int:
+    """Print the command's last line on stderr and return its exit code. A rank of `--nproc-per-node`
+    hands both to the launcher instead, which prints one line for the job (see distributed.launch_here)."""
+    from cnnkit.distributed import report_to_launcher
+
+    if not report_to_launcher(line=line, code=code):
+        print(line, file=sys.stderr, flush=True)
+    return code
+
+
 def main(argv=None) -> int:
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # SIGTERM ends a run as Ctrl-C does
     try:
+        signal.signal(signal.SIGINT, _interrupt)
+        signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM ends a run as Ctrl-C does
         parser = build_parser()
         args = parser.parse_args(argv)
         args.command_line = list(sys.argv[1:] if argv is None else argv)  # what --nproc-per-node's ranks run
@@ -1057,18 +1106,14 @@ def main(argv=None) -> int:
             )
         return args.run(args)
     except CnnkitError as exc:
-        print(f"cnnkit: error: {exc}", file=sys.stderr)
-        return getattr(exc, "exit_code", 2)
+        return _last_line(f"cnnkit: error: {exc}", getattr(exc, "exit_code", 2))
     except KeyboardInterrupt:
-        print("cnnkit: interrupted", file=sys.stderr)
-        return 130
+        return _last_line("cnnkit: interrupted", 130)
     except BrokenPipeError:
         _silence_stdout()
         return 141  # as a program killed by SIGPIPE
     except OSError as exc:  # a full disk, a read-only or missing folder: say which file and why
         where = f"{exc.filename}: " if exc.filename else ""
-        print(f"cnnkit: error: {where}{exc.strerror or exc}", file=sys.stderr)
-        return 2
+        return _last_line(f"cnnkit: error: {where}{exc.strerror or exc}", 2)
     except MemoryError:
-        print("cnnkit: error: out of memory", file=sys.stderr)
-        return 2
+        return _last_line("cnnkit: error: out of memory", 2)

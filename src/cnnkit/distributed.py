@@ -13,14 +13,20 @@ the rest imports torch when called.
 
 import contextlib
 import gc
+import json
 import logging
 import math
 import os
 import re
+import shutil
+import signal
 import socket
 import sys
+import tempfile
+import time
 import traceback
 from datetime import timedelta
+from pathlib import Path
 
 from cnnkit.errors import CnnkitError, one_line
 
@@ -28,6 +34,9 @@ from cnnkit.errors import CnnkitError, one_line
 # validates and writes a checkpoint between two collectives, so this must cover those.
 TIMEOUT_ENV = "CNNKIT_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 120
+# The folder where the ranks of `--nproc-per-node` (launch_here) leave their reports for the launcher,
+# which speaks for the job in one line: each rank's last line and exit code, and what rank 0 has on disk.
+REPORTS_ENV = "CNNKIT_RANK_REPORTS"
 
 
 class PeerLost(CnnkitError):
@@ -147,17 +156,18 @@ def process_group(device):
             f"rank {os.environ['RANK']}: could not join the other ranks at {where} within {timeout:g} s "
             f"({one_line(exc)})"
         ) from None
-    me, world = dist.get_rank(), dist.get_world_size()
     try:
         yield device
     except BaseException as exc:
+        # This rank is stopping and its error says why: the SIGTERM torchrun sends the ranks left when
+        # one failed must not replace that error (as a KeyboardInterrupt) while the group is taken down.
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_IGN)
         # The failed run's frames hold the DDP wrapper and the optimizer; let them go before the group.
         traceback.clear_frames(exc.__traceback__)
-        if _lost_contact(exc):
-            raise PeerLost(
-                f"rank {me} of {world}: lost contact with another rank, which died or did not answer within "
-                f"{timeout:g} s ({_cause(exc)}); the newest checkpoint is the last finished epoch"
-            ) from None
+        lost = peer_lost(exc)
+        if lost is not None:
+            raise lost from None
         raise
     finally:
         gc.collect()
@@ -198,14 +208,21 @@ def _attempt_store(timeout: float) -> dict:
 _GLOO_LOST = ("gloo", "pair closure", "timed out", "timeout", "connection reset", "connection closed")
 
 
-def _lost_contact(exc: BaseException) -> bool:
-    """True for the errors of a collective whose peer is gone: gloo raises RuntimeError from the
-    backward pass (a closed connection, or its timeout), nccl and the store raise DistError."""
+def peer_lost(exc: BaseException, on_disk="The newest checkpoint is the last finished epoch"):
+    """A one-line PeerLost for `exc` when it is the error of a collective whose peer is gone (gloo
+    raises RuntimeError from the backward pass, for a closed connection or its timeout; nccl and the
+    store raise DistError), saying `on_disk`; else None."""
     import torch.distributed as dist
 
-    if isinstance(exc, dist.DistError):
-        return True
-    return isinstance(exc, RuntimeError) and any(words in str(exc).lower() for words in _GLOO_LOST)
+    lost = isinstance(exc, dist.DistError) or (
+        isinstance(exc, RuntimeError) and any(words in str(exc).lower() for words in _GLOO_LOST)
+    )
+    if not lost or not dist.is_initialized():
+        return None
+    return PeerLost(
+        f"rank {dist.get_rank()} of {dist.get_world_size()}: lost contact with another rank, which died or "
+        f"did not answer within {timeout_s():g} s ({_cause(exc)}). {on_disk}"
+    )
 
 
 def _cause(exc: BaseException) -> str:
@@ -263,10 +280,13 @@ def launch_here(nproc: int, command_line: list[str]) -> int:
     (torchrun), rendezvous on 127.0.0.1 at a free port; returns the exit code of the job.
 
     Each rank repeats `command_line` and sees torchrun's variables, so it trains instead of launching.
-    A failed rank ends the job; a rank killed by a signal (which cannot say why) is named in one line.
-    torchrun's own log lines are left out: the ranks' lines and that one say what happened.
+    A failed rank ends the job. The launcher speaks for the job in one line: a rank killed by a signal
+    (which cannot say why) named with what rank 0 last had on disk, else the first error line of a
+    rank (or rank 0's interrupt), which the ranks leave in their reports instead of printing (see
+    report_to_launcher). torchrun's own log lines are left out.
     """
     from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     from cnnkit.threads import available_cpus
@@ -290,19 +310,64 @@ def launch_here(nproc: int, command_line: list[str]) -> int:
             *command_line,
         ]
     )
+    reports = tempfile.mkdtemp(prefix="cnnkit-ranks-")
+    os.environ[REPORTS_ENV] = reports
+    failures, interrupted = {}, False
     try:
         torchrun.run(args)
     except ChildFailedError as exc:
-        killed = sorted((r, f) for r, f in exc.failures.items() if f.exitcode < 0)
-        if not killed:
-            return exc.get_first_failure()[1].exitcode  # the rank printed its own error line
-        names = ", ".join(f"rank {r} (pid {f.pid}) by {f.signal_name()}" for r, f in killed)
-        print(
-            f"cnnkit: error: killed: {names}; the job stopped, and the newest checkpoint is its last "
-            "finished epoch",
-            file=sys.stderr,
-        )
-        return 1
+        failures = exc.failures
+    except (SignalException, KeyboardInterrupt):  # Ctrl-C or SIGTERM: torchrun stopped the ranks
+        interrupted = True
     except Exception as exc:  # torchrun itself failed: a rendezvous error, no free port, ...
         raise CnnkitError(f"torchrun could not run the {nproc} processes: {one_line(exc)}") from None
-    return 0
+    finally:
+        del os.environ[REPORTS_ENV]
+        said = _read_reports(reports)
+        shutil.rmtree(reports, ignore_errors=True)
+    killed = sorted((r, f) for r, f in failures.items() if f.exitcode < 0)
+    last_lines = {r: report for r, report in said.items() if "line" in report}
+    if killed:
+        names = ", ".join(f"rank {r} (pid {f.pid}) by {f.signal_name()}" for r, f in killed)
+        on_disk = said.get(0, {}).get("on_disk", "The newest checkpoint is the last finished epoch")
+        line, code = f"cnnkit: error: killed: {names}; the job stopped. {on_disk}", 1
+    elif last_lines:
+        # The first error said (the others' followed from it: a lost peer, torchrun's stop), else rank 0's
+        # interrupt (Ctrl-C reaches every rank).
+        errors = [r for r, report in last_lines.items() if report.get("code") != 130]
+        first = min(errors, key=lambda r: last_lines[r].get("time", 0)) if errors else min(last_lines)
+        line, code = last_lines[first]["line"], last_lines[first].get("code", 1)
+    elif interrupted:
+        line, code = "cnnkit: interrupted", 130
+    else:  # done, or a rank that failed without a line has printed its traceback itself
+        return min(failures.items())[1].exitcode if failures else 0
+    print(line, file=sys.stderr)
+    return code
+
+
+def report_to_launcher(**fields) -> bool:
+    """In a rank of `--nproc-per-node`, add `fields` to its report for the launcher (see launch_here):
+    `line` and `code` (its last line and exit code, which it then does not print), `on_disk` (rank 0:
+    which checkpoint is on disk), each report stamped with the `time` of its last change. False,
+    writing nothing, in any other process."""
+    folder = os.environ.get(REPORTS_ENV)
+    if not folder or not launched_by_torchrun():
+        return False
+    path = Path(folder) / f"rank-{os.environ['RANK']}.json"
+    try:
+        report = json.loads(path.read_text()) if path.exists() else {}
+        with open(f"{path}.tmp", "w") as f:
+            json.dump({**report, **fields, "time": time.time()}, f)
+        os.replace(f"{path}.tmp", path)  # whole, even when this rank is killed while writing it
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _read_reports(folder) -> dict:
+    """rank -> the report it left in `folder` (see report_to_launcher)."""
+    reports = {}
+    for path in Path(folder).glob("rank-*.json"):
+        with contextlib.suppress(OSError, ValueError):
+            reports[int(path.stem.removeprefix("rank-"))] = json.loads(path.read_text())
+    return reports

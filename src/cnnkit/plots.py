@@ -42,6 +42,9 @@ SIZES = {
     "network": (1500, 340),
 }
 GRID_WIDTH = 1200
+# At most this many characters of a class name are drawn (the rest as "…"; report.json holds them
+# whole): Pillow refuses a text of a million characters, and matplotlib takes minutes to lay one out.
+NAME_CHARS = 40
 
 # Pillow colours
 _INK, _MUTED, _BACKGROUND = (20, 20, 20), (100, 100, 100), (255, 255, 255)
@@ -224,6 +227,7 @@ def projection(features, labels, class_names, explained=None, title_detail: str 
     points = features if features.shape[1] == 2 and explained is not None else None
     if points is None:
         points, explained = pca_2d(features)
+    class_names = _drawn_names(class_names, 18)  # as the axes' class ticks: the legend's margin fits 18
     legend = max(_names_width(class_names), 60) + 90 if len(class_names) <= 20 else 20
     fig = _figure("projection", left=75, right=legend, top=70, bottom=60)
     ax = fig.subplots()
@@ -350,6 +354,7 @@ def mistakes_image(
     probabilities (N, K). GRID_WIDTH pixels wide, 8 images a row."""
     labels = np.asarray(labels)
     probabilities = np.asarray(probabilities)
+    class_names = _drawn_names(class_names)
     chosen = most_confident_mistakes(labels, probabilities, count)
     n_wrong = int((probabilities.argmax(axis=1) != labels).sum())
     columns, cell_w, picture = 8, GRID_WIDTH // 8, 104
@@ -495,7 +500,7 @@ def feature_maps_image(
     draw = ImageDraw.Draw(canvas)
     probabilities = activations["probabilities"][index]
     predicted = int(np.argmax(probabilities))
-    names = class_names or [str(i) for i in range(len(probabilities))]
+    names = _drawn_names(class_names or range(len(probabilities)))
     _text(draw, (12, 8), title or "What each layer sees", 20, bold=True)
     verdict = f"the network says {names[predicted]} ({probabilities[predicted]:.1%})"
     if label is not None:
@@ -882,6 +887,11 @@ def _class_colors(k: int) -> np.ndarray:
 
 def _shorten(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _drawn_names(class_names, limit: int = NAME_CHARS) -> list[str]:
+    """The class names as a figure draws them: at most `limit` characters each, cut with an ellipsis."""
+    return [_shorten(str(name), limit) for name in class_names]
 
 
 def _wrap(text: str, width: int) -> str:

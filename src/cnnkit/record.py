@@ -150,14 +150,10 @@ def _parse_v2(meta: dict) -> ModelRecord:
         raise _FieldError("dataset", "must be a dataset source string or null")
     valid_size = _get(meta, "valid_size", int)
     epoch = _get(meta, "epoch", int)
-    history = _get(meta, "history", list)
     if valid_size < 0 or epoch < 0:
         raise _FieldError("valid_size" if valid_size < 0 else "epoch", "must not be negative")
-    if len(history) > MAX_HISTORY or not all(isinstance(h, dict) for h in history):
-        raise _FieldError("history", "must be a list of one object per epoch")
-    trainer_state = meta.get("trainer_state") or {}
-    if not isinstance(trainer_state, dict):
-        raise _FieldError("trainer_state", "must be an object")
+    history = _history(_get(meta, "history", list), epoch)
+    trainer_state = _trainer_state(meta.get("trainer_state"), epoch)
     version = meta.get("cnnkit_version", "unknown")
     return ModelRecord(
         architecture=arch,
@@ -229,7 +225,7 @@ def _config(d: dict) -> TrainConfig:
         elif isinstance(default, int):
             ok = _is_int(value)
         elif isinstance(default, float):
-            ok = _is_number(value) and math.isfinite(value)
+            ok = _is_finite(value)
         else:
             ok = isinstance(value, str)
         if not ok:
@@ -245,6 +241,91 @@ def _config(d: dict) -> TrainConfig:
         return TrainConfig(**values)
     except (TypeError, ValueError) as exc:
         raise _FieldError("config", f"is not a valid training configuration ({exc})") from None
+
+
+# The measures of a history entry and the state of each stateful callback (cnnkit.training's BestEpoch
+# and EarlyStopping), each value of one of the kinds below. Keys this cnnkit does not know (a later
+# version's measures or callbacks) are dropped when read, as unknown config fields are: nothing here
+# reads them, a resumed run writes only its own, and a value that is not strict JSON (NaN) could not be
+# written back.
+_KINDS = {
+    "epoch": (lambda v, last: _is_int(v) and 1 <= v <= last, "an epoch 1..{last} (the record's epoch)"),
+    "epoch or null": (
+        lambda v, last: v is None or (_is_int(v) and 1 <= v <= last),
+        "an epoch 1..{last} (the record's epoch) or null",
+    ),
+    "count": (lambda v, last: _is_int(v) and v >= 0, "a whole number >= 0"),
+    "number or null": (lambda v, last: v is None or _is_finite(v), "a finite number or null"),
+    "fraction or null": (lambda v, last: v is None or (_is_finite(v) and 0 <= v <= 1), "in [0, 1] or null"),
+}
+_HISTORY_ENTRY = {
+    "epoch": "epoch",
+    "train_loss": "number or null",
+    "valid_loss": "number or null",
+    "valid_accuracy": "fraction or null",
+    "learning_rate": "number or null",
+    "images_per_s": "number or null",
+    "epoch_seconds": "number or null",
+}
+_TRAINER_STATE = {
+    "best": {"epoch": "epoch or null", "valid_accuracy": "fraction or null"},
+    "early_stopping": {"best_loss": "number or null", "wait": "count", "best_epoch": "epoch or null"},
+}
+
+
+def _history(history: list, epoch: int) -> list[dict]:
+    """One object per epoch trained (1..`epoch`), each of known measures."""
+    if len(history) > MAX_HISTORY:
+        raise _FieldError("history", f"holds more than {MAX_HISTORY:,} epochs")
+    return [
+        _known_values(entry, f"history[{i}]", _HISTORY_ENTRY, epoch, required=("epoch",))
+        for i, entry in enumerate(history)
+    ]
+
+
+def _trainer_state(state, epoch: int) -> dict:
+    """The callbacks' state: the known ones, each an object of known keys (missing ones: the defaults)."""
+    if state is None:
+        return {}
+    if not isinstance(state, dict):
+        raise _FieldError("trainer_state", f"must be an object, got a JSON {_json_type(state)}")
+    return {
+        name: _known_values(state[name], f"trainer_state.{name}", kinds, epoch)
+        for name, kinds in _TRAINER_STATE.items()
+        if name in state
+    }
+
+
+def _known_values(d, where: str, kinds: dict, last_epoch: int, required=()) -> dict:
+    """The keys of object `d` named in `kinds` (key -> kind), each checked; the others dropped."""
+    if not isinstance(d, dict):
+        raise _FieldError(where, f"must be an object, got a JSON {_json_type(d)}")
+    for key in required:
+        if key not in d:
+            raise _FieldError(f"{where}.{key}", "is missing")
+    values = {}
+    for key, value in d.items():
+        if key in kinds:
+            ok, expected = _KINDS[kinds[key]]
+            if not ok(value, last_epoch):
+                raise _FieldError(
+                    f"{where}.{key}", f"must be {expected.format(last=last_epoch)}, got {_quoted(value)}"
+                )
+            values[key] = value
+    return values
+
+
+def _json_type(value) -> str:
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}
+    return names.get(type(value), "number")
+
+
+def _quoted(value) -> str:
+    """A JSON value as a message quotes it: its type when it is a container, else itself (cut short)."""
+    if isinstance(value, dict | list):
+        return f"a JSON {_json_type(value)}"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:40] + "..."
 
 
 def _upgrade_v1(meta: dict) -> dict:
@@ -288,3 +369,11 @@ def _is_int(value) -> bool:
 
 def _is_number(value) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_finite(value) -> bool:
+    """A JSON number that is a finite float (a whole number too large for a float is not)."""
+    try:
+        return _is_number(value) and math.isfinite(value)
+    except OverflowError:
+        return False

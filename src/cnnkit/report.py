@@ -26,6 +26,7 @@ from cnnkit.device import resolve_device, resolve_precision
 from cnnkit.errors import FileError
 from cnnkit.evaluation import evaluate_split, evaluation_split
 from cnnkit.layer_outputs import activations, filters
+from cnnkit.metrics import strict_json
 
 REPORT_FOLDER = "report"
 FEATURE_MAP_IMAGES = 3  # test images whose every layer is drawn
@@ -214,7 +215,7 @@ def write_report(
         }
     )
     with atomic_write(out / "report.json", "w") as f:
-        json.dump(report, f, allow_nan=False, indent=1)
+        json.dump(strict_json(report), f, allow_nan=False, indent=1)
         f.write("\n")
     with atomic_write(out / "index.html", "w") as f:
         f.write(_page(run, report, data.name))

@@ -31,6 +31,7 @@ from cnnkit.checkpoint import (
     save_checkpoint,
 )
 from cnnkit.data import Dataset, Standardization, load_dataset, load_for_model, resolve_source
+from cnnkit.data.budget import MemoryBudget
 from cnnkit.data.dataset import shape_text
 from cnnkit.device import describe_path, memory_format, resolve_device, resolve_precision
 from cnnkit.errors import CheckpointError, CnnkitError, DatasetError, FileError
@@ -105,6 +106,21 @@ def run_folder_lock(run_dir):
         os.close(fd)  # closing releases the lock
 
 
+def _check_not_in_checkpoints(run_dir: Path):
+    """Refuse a run folder in (or inside) another run's `checkpoints` folder, where its files would mix
+    with that run's epochs."""
+    resolved = run_dir.expanduser().resolve()
+    for folder in (resolved, *resolved.parents):
+        run = folder.parent
+        if folder.name == "checkpoints" and (
+            list_checkpoints(run) or (run / HISTORY_FILE).is_file() or (run / LOCK_FILE).is_file()
+        ):
+            raise FileError(
+                f"{run_dir}: inside {folder}, the checkpoints folder of the run {run}; "
+                "choose another --out (a run folder of its own, e.g. beside that run)"
+            )
+
+
 def _writer_lock(run_dir):
     """The run folder's lock, held by the one process that writes it: rank 0 of a distributed run."""
     return run_folder_lock(run_dir) if distributed.is_main() else contextlib.nullcontext()
@@ -135,6 +151,7 @@ def start_run(
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(source)
     source = resolve_source(source)
     log = log if distributed.is_main() else _silent
+    _check_not_in_checkpoints(run_dir)
     with _writer_lock(run_dir), _interrupted_says("No epoch finished, so no checkpoint was written"):
         existing = list_checkpoints(run_dir)
         if existing and not overwrite:
@@ -208,6 +225,7 @@ def resume_run(
     source_run = ckpt.path.parent.parent
     run_dir = Path(run_dir) if run_dir is not None else source_run
     log = log if distributed.is_main() else _silent
+    _check_not_in_checkpoints(run_dir)
     with _writer_lock(run_dir), _interrupted_says(f"No new epoch finished; {ckpt.path} is as it was"):
         newest = list_checkpoints(run_dir)
         own_folder = ckpt.path.parent.resolve() == (run_dir / "checkpoints").resolve()
@@ -268,10 +286,22 @@ def dataset_for_model(record: ModelRecord, source: str | None, checkpoint_path=N
     return load_for_model(source, record.architecture.input_shape, record.class_names)
 
 
-def to_tensors(split, standardization, device):
-    """A Split as (images, labels) tensors on `device`: images standardized float32 (N, C, H, W)."""
-    images = torch.from_numpy(standardization.apply(split.images))
-    images = images.to(device).contiguous(memory_format=memory_format(device))
+def to_tensors(split, standardization, device, budget: MemoryBudget, source: str):
+    """A Split as (images, labels) tensors on `device`: images standardized float32 (N, C, H, W).
+
+    The images are standardized a chunk at a time into one tensor in the device's layout, which on the
+    CPU is first reserved in `budget` (holding the dataset `source`'s arrays): no second full copy.
+    """
+    shape = split.images.shape
+    if device.type == "cpu":
+        what = f"{source}: the {split.name} images standardized as float32 ({shape_text(shape)})"
+        budget.reserve(4 * split.images.size, what)
+    images = torch.empty(shape, dtype=torch.float32, device=device, memory_format=memory_format(device))
+    step = max(1, 2**22 // max(1, split.images[0].size)) if len(split) else 1
+    for start in range(0, len(split), step):
+        images[start : start + step] = torch.from_numpy(
+            standardization.apply(split.images[start : start + step])
+        )
     return images, torch.from_numpy(split.labels).to(device, torch.int64)
 
 
@@ -279,14 +309,16 @@ def to_tensors(split, standardization, device):
 
 
 class HistoryFiles:
-    """Callback: rewrites RUN/history.jsonl and RUN/metrics.csv (Keras's CSVLogger columns) each epoch."""
+    """Callback: rewrites RUN/history.jsonl and RUN/metrics.csv (Keras's CSVLogger columns) from the run's
+    history each epoch. It comes after the Checkpointer, which adds the epoch to the history once its
+    checkpoint is saved, so the files never list an epoch whose checkpoint is not on disk; a run that
+    starts or resumes writes them afresh from the checkpoint's record."""
 
     def __init__(self, run_dir, history: list):
         self.run_dir, self.history = Path(run_dir), history
         self.write()
 
     def on_epoch_end(self, record):
-        self.history.append(record.to_dict())
         self.write()
 
     def write(self):
@@ -299,19 +331,19 @@ class HistoryFiles:
             writer.writerows(
                 [
                     h["epoch"],
-                    h["train_loss"],
-                    h["valid_loss"],
-                    h["valid_accuracy"],
+                    h.get("train_loss"),
+                    h.get("valid_loss"),
+                    h.get("valid_accuracy"),
                     h.get("learning_rate"),
-                    h["epoch_seconds"],
+                    h.get("epoch_seconds"),
                 ]
                 for h in self.history
             )
 
 
 class Checkpointer:
-    """Callback: saves a checkpoint each epoch, with the record and every stateful callback's state,
-    then keeps the newest `keep` (0: all) and always the best epoch."""
+    """Callback: saves a checkpoint each epoch, with the record (the epoch added to `history`) and every
+    stateful callback's state, then keeps the newest `keep` (0: all) and always the best epoch."""
 
     def __init__(
         self, run_dir, model, optimizer, record: ModelRecord, history: list, stateful, best: BestEpoch
@@ -321,6 +353,7 @@ class Checkpointer:
         self.last = None
 
     def on_epoch_end(self, epoch_record):
+        self.history.append(epoch_record.to_dict())
         self.record = self.record.replace(
             epoch=epoch_record.epoch,
             history=tuple(self.history),
@@ -329,6 +362,7 @@ class Checkpointer:
         self.last = save_checkpoint(
             checkpoint_path(self.run_dir, epoch_record.epoch), self.model, self.record, self.optimizer
         )
+        distributed.report_to_launcher(on_disk=_on_disk(self.last, self.record))
         if self.record.config.keep:
             prune_checkpoints(self.run_dir, self.record.config.keep, spare=self.best.epoch)
 
@@ -338,9 +372,10 @@ def _run(model, optimizer, record: ModelRecord, run_dir, dataset: Dataset, log, 
     config = record.config
     device = next(model.parameters()).device
     main, world = distributed.is_main(), distributed.world_size()
-    train_data = to_tensors(dataset.train, record.standardization, device)
+    budget = MemoryBudget(held=dataset.nbytes)  # the float32 copies count beside the dataset's arrays
+    train_data = to_tensors(dataset.train, record.standardization, device, budget, dataset.name)
     valid_data = (  # in a distributed run rank 0 validates, and the others wait for it
-        to_tensors(dataset.valid, record.standardization, device)
+        to_tensors(dataset.valid, record.standardization, device, budget, dataset.name)
         if dataset.valid is not None and main
         else None
     )
@@ -353,10 +388,12 @@ def _run(model, optimizer, record: ModelRecord, run_dir, dataset: Dataset, log, 
     checkpointer = Checkpointer(run_dir, model, optimizer, record, history, (best, stopping), best)
     callbacks = []  # ranks other than 0 write nothing
     if main:
+        distributed.report_to_launcher(on_disk=_on_disk(None, record))
         remove_stale_temp_files(Path(run_dir) / "checkpoints")
         remove_stale_temp_files(run_dir)
-        # In this order: an epoch's line is logged once its checkpoint is on disk, with every state in it.
-        callbacks = [best, HistoryFiles(run_dir, history), checkpointer, EpochLogger(log, config.epochs)]
+        # In this order: an epoch's checkpoint holds every state, and it is on disk before the history
+        # files list the epoch and its line is logged.
+        callbacks = [best, checkpointer, HistoryFiles(run_dir, history), EpochLogger(log, config.epochs)]
         if config.patience:
             callbacks.insert(1, stopping)
     try:
@@ -369,6 +406,11 @@ def _run(model, optimizer, record: ModelRecord, run_dir, dataset: Dataset, log, 
         raise TrainingDiverged(f"{exc}. {_on_disk(checkpointer.last, record, main)}") from None
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted. {_on_disk(checkpointer.last, record, main)}") from None
+    except Exception as exc:  # another rank died: say what is on disk
+        lost = distributed.peer_lost(exc, _on_disk(checkpointer.last, record, main))
+        if lost is None:
+            raise
+        raise lost from None
     if stopping.reason:
         log(stopping.reason)
     return RunResult(run_dir=Path(run_dir), model=model, history=history, last_checkpoint=checkpointer.last)
