@@ -1,8 +1,9 @@
 """`cnnkit serve`: a local web page that shows a trained network answer layer by layer, and a JSON API.
 
 The routes call the library as the command line does: models come from `checkpoint.load_model` and
-their one `ModelRecord`; an image is prepared by `images.load_for_model` with the record's
-preprocessing and standardized with its statistics, exactly as `cnnkit predict` does; predictions
+their one `ModelRecord`; an image is prepared by `images.prepare_for_model` with the record's
+preprocessing and standardized with its statistics, as `cnnkit predict` does (decoded within a memory
+bound first, see `prepare`); predictions
 come from `inference.predict_proba` and every layer's output from `inspect.activations`. The page
 (static files in `static/`, no build step) only draws what the API returns.
 
@@ -14,25 +15,38 @@ come from `inference.predict_proba` and every layer's output from `inspect.activ
     GET  /api/models/{id}/history       the run's learning curves, re-read on every request
     GET  /docs, /openapi.json           the API's documentation
 
-Limits: request bodies over MAX_BODY_BYTES get 413 (checked from Content-Length and while the body
-streams in); an image cnnkit cannot read (not an image, truncated, over images.MAX_IMAGE_PIXELS,
-blank) gets 422; a malformed request 400; every error is JSON `{"error": "..."}`, never a traceback.
-Inference runs in a pool of `workers` threads; at most `max_waiting` requests wait or run at once,
-and the next gets 503, so a burst queues in bounded memory.
+Limits, so that no request and no burst of them can take unbounded memory, time or sockets:
+- request bodies over MAX_BODY_BYTES get 413 (checked from Content-Length and while the body streams
+  in), and at most MAX_BODIES_BYTES of bodies are held at once (the next request gets 503);
+- an image cnnkit cannot read (not an image, truncated, over images.MAX_IMAGE_PIXELS, blank) gets 422,
+  and so does one that would be decoded whole over MAX_UPLOAD_PIXELS (a JPEG is decoded reduced);
+  uploads are decoded at most `max_images` at a time, reduced to UPLOAD_DETAIL_PIXELS;
+- inference runs in a pool of `workers` threads; at most `max_waiting` requests wait or run at once,
+  and the next gets 503, so a burst queues in bounded memory;
+- a history is read 1 MB at a time, at most MAX_HISTORY_BYTES, and answered as at most
+  MAX_HISTORY_POINTS entries;
+- with `allowed_hosts`, a request whose Host header is none of them gets 400 (DNS rebinding);
+- a model whose record cannot be described is listed with its error, and only its requests fail.
+Every error is JSON `{"error": "..."}`, never a traceback, and no answer holds a bare NaN. The
+connections themselves (deadlines, how many are open) are limited in `connections`.
 """
 
 import asyncio
 import base64
+import ctypes
 import errno
+import io
 import ipaddress
 import json
 import math
+import os
 import re
 import socket
 import threading
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,20 +55,32 @@ from fastapi import FastAPI, File, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from PIL import Image
 from starlette.exceptions import HTTPException
 
 from cnnkit import __version__
 from cnnkit.checkpoint import Checkpoint, load_model
-from cnnkit.errors import CnnkitError
-from cnnkit.images import ImageBytes, load_for_model
+from cnnkit.errors import CnnkitError, FileError, one_line
+from cnnkit.images import ImageBytes, image_shape, prepare_for_model, read_image
 from cnnkit.inference import predict_proba
 from cnnkit.layer_outputs import DESCRIPTIONS, activations, filters
 from cnnkit.runs import HISTORY_FILE
+from cnnkit.serve.connections import BACKLOG, REQUEST_TIMEOUT, connection_limit, guarded_protocol
 
 STATIC = Path(__file__).parent / "static"
 MAX_BODY_BYTES = 5 * 2**20
+MAX_BODIES_BYTES = 32 * 2**20  # request bodies held at once, all requests together
 MAX_WAITING = 64
+MAX_IMAGES = 2  # uploads decoded at once: each may hold MAX_UPLOAD_PIXELS as RGBA, twice
+# An upload whose format is decoded whole (all but JPEG, which Pillow decodes at 1/2 to 1/8 scale) is
+# refused above this many pixels: 16 megapixels is 64 MB as RGBA, a 4,000 x 4,000 picture.
+MAX_UPLOAD_PIXELS = 16_000_000
+# "digit" and "object" crop a photo to what it shows; a larger upload is reduced to about this many
+# pixels first (1,000 x 1,000), which bounds the float64 steps of the preparation to about 64 MB.
+UPLOAD_DETAIL_PIXELS = 1_000_000
 MAX_HISTORY_BYTES = 32 * 2**20
+MAX_HISTORY_LINE = 64 * 2**10  # a longer line is not one epoch's entry: skipped
+MAX_HISTORY_POINTS = 1000  # a longer history is answered evenly thinned, with its first and last entry
 HISTORY_FIELDS = (
     "epoch",
     "train_loss",
@@ -108,7 +134,7 @@ class ServedModel:
             "dataset": record.dataset,
             "epoch": record.epoch,
             "epochs": record.config.epochs,
-            "best_epoch": record.best_epoch,
+            "best_epoch": _whole(record.best_epoch),
             "accuracy": _number(accuracy),
             "class_names": list(record.class_names),
             "input_shape": list(record.architecture.input_shape),
@@ -118,6 +144,20 @@ class ServedModel:
                 for name, shape, count in record.architecture.layers()
             ],
         }
+
+    def description(self) -> dict:
+        """`describe()`, or where the record cannot be described (a field of the wrong kind), the model's
+        id, source and checkpoint with `error`: one line saying why, so that the other models are served."""
+        try:
+            return self.describe()
+        except Exception as exc:  # whatever the record holds: this model only is refused
+            return {
+                "id": self.id,
+                "source": self.source,
+                "checkpoint": str(self.checkpoint.path),
+                "error": f"model {self.id!r} ({self.checkpoint.path}) cannot be served: its record "
+                f"cannot be read ({type(exc).__name__}: {one_line(exc)}); the other models are served",
+            }
 
 
 def load_models(sources, which: str | None = None) -> list[ServedModel]:
@@ -147,10 +187,50 @@ def load_models(sources, which: str | None = None) -> list[ServedModel]:
 def prepare(served: ServedModel, data: bytes, name: str) -> np.ndarray:
     """The uploaded image as the network's input before standardization: float32 (1, C, H, W), 0..255.
 
-    `cnnkit predict`'s preparation, with the record's preprocessing (digit, object, resize...).
+    `cnnkit predict`'s preparation (`images.prepare_for_model` with the record's preprocessing), on the
+    image decoded within a bounded memory: reduced to the input's size for "resize" (as `predict` does),
+    and to at most UPLOAD_DETAIL_PIXELS for "digit" and "object" (`predict` keeps up to 8 megapixels,
+    so the two agree on any image up to 1 megapixel). A JPEG is decoded reduced (1/2 to 1/8 scale);
+    another format, decoded whole, is refused above MAX_UPLOAD_PIXELS. Raises FileError (422) naming
+    the upload.
     """
     record = served.record
-    return load_for_model(ImageBytes(data, name), record.architecture.input_shape, record.preprocessing)[None]
+    upload = ImageBytes(data, name)
+    style, (_, height, width) = record.preprocessing, record.architecture.input_shape
+    rows, cols, _ = image_shape(upload)  # from the header: not an image, over MAX_IMAGE_PIXELS...
+    if rows * cols > MAX_UPLOAD_PIXELS and _image_format(data) != "JPEG":
+        raise FileError(
+            f"{name}: {cols}x{rows} = {rows * cols / 1e6:.0f} megapixels is over the "
+            f"{MAX_UPLOAD_PIXELS / 1e6:.0f} megapixels that cnnkit serve decodes from an upload that is "
+            "not a JPEG; send a smaller image or a JPEG"
+        )
+    if style in ("digit", "object"):
+        factor = math.ceil(math.sqrt(rows * cols / UPLOAD_DETAIL_PIXELS))
+        height, width = max(1, rows // factor), max(1, cols // factor)
+    image = read_image(upload, min_size=(height, width))
+    if style in ("digit", "object"):  # a JPEG's draft scale can leave up to 4 times as many pixels
+        image = _reduced(image, UPLOAD_DETAIL_PIXELS)
+    try:
+        return prepare_for_model(image, record.architecture.input_shape, style)[None]
+    except ValueError as exc:  # nothing shown: blank
+        raise FileError(f"{name}: {exc}") from None
+
+
+def _reduced(image: np.ndarray, most: int) -> np.ndarray:
+    """uint8 (H, W, C) reduced by the least whole factor that leaves at most `most` pixels (block means)."""
+    factor = math.ceil(math.sqrt(image.shape[0] * image.shape[1] / most))
+    if factor < 2:
+        return image
+    reduced = np.asarray(Image.fromarray(image[..., 0] if image.shape[2] == 1 else image).reduce(factor))
+    return reduced.reshape(*reduced.shape[:2], image.shape[2])
+
+
+def _image_format(data: bytes) -> str | None:
+    """The format Pillow reads `data` as ("JPEG", "PNG", ...), from its header alone."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(io.BytesIO(data)) as img:
+            return img.format
 
 
 def predict_image(served: ServedModel, data: bytes, name: str) -> dict:
@@ -190,31 +270,31 @@ def model_filters(served: ServedModel) -> dict:
 
 
 def read_history(served: ServedModel) -> dict:
-    """The run's history, one entry per epoch, from RUN/history.jsonl as `cnnkit train` writes it now
-    (the checkpoint's own record when there is no run folder)."""
+    """The run's learning curves, one entry per epoch, from RUN/history.jsonl as `cnnkit train` writes it
+    now (the checkpoint's own record when there is no run folder).
+
+    The file is read 1 MB at a time: one over MAX_HISTORY_BYTES is refused (422), and lines over
+    MAX_HISTORY_LINE characters or that are not an object with a whole "epoch" are skipped. At most
+    MAX_HISTORY_POINTS entries are answered, evenly thinned with the first and last kept (`thin`);
+    `entries` says how many there were. So the memory and the answer stay small whatever the file holds.
+    """
     record = served.record
     path = served.history_path
-    entries, updated = list(record.history), None
-    if path is not None and path.is_file():
+    if path is None or not path.is_file():
+        points, count = _history_points(record.history)
+        updated = None
+    else:
         try:
             with open(path, "rb") as f:
-                text = f.read(MAX_HISTORY_BYTES + 1)
+                if os.fstat(f.fileno()).st_size > MAX_HISTORY_BYTES:
+                    raise RequestError(
+                        422, f"{path}: over {MAX_HISTORY_BYTES // 2**20} MB, not a run's history"
+                    )
+                lines = _lines(f, MAX_HISTORY_LINE, MAX_HISTORY_BYTES)
+                points, count = _history_points(map(_json_line, lines))
             updated = path.stat().st_mtime
         except OSError as exc:
             raise RequestError(422, f"{path}: cannot read ({exc.strerror or exc})") from None
-        if len(text) > MAX_HISTORY_BYTES:
-            raise RequestError(422, f"{path}: over {MAX_HISTORY_BYTES // 2**20} MB, not a run's history")
-        entries = []
-        for line in text.decode("utf-8", "replace").splitlines():
-            try:
-                entries.append(json.loads(line))
-            except ValueError:
-                continue  # a line being written, or not cnnkit's: the page shows the others
-    history = [
-        {key: entry["epoch"] if key == "epoch" else _number(entry.get(key)) for key in HISTORY_FIELDS}
-        for entry in entries
-        if isinstance(entry, dict) and isinstance(entry.get("epoch"), int)
-    ]
     return {
         "model": served.id,
         "source": str(path) if updated is not None else str(served.checkpoint.path),
@@ -222,8 +302,68 @@ def read_history(served: ServedModel) -> dict:
         "updated": updated,
         "served_epoch": record.epoch,
         "epochs": record.config.epochs,
-        "history": history,
+        "entries": count,
+        "history": points,
     }
+
+
+def thin(items, most: int, keep=lambda item: item) -> tuple[list, int]:
+    """`keep(item)` for at most `most` (2 or more) of `items`, evenly spaced with the first and the last,
+    and how many `items` there were. Holds no more than `most` kept items at once, however many come."""
+    kept, step, count, last = [], 1, 0, None
+    for item in items:
+        if count % step == 0:
+            kept.append(keep(item))
+            if len(kept) == most:  # keep every other one: the spacing doubles
+                kept, step = kept[::2], 2 * step
+        last, count = item, count + 1
+    if count and (count - 1) % step != 0:  # the last one was not kept
+        kept.append(keep(last))
+    return kept, count
+
+
+def _history_points(entries) -> tuple[list, int]:
+    """`thin` of the entries that are objects with a whole "epoch", as {field: number or None} for
+    HISTORY_FIELDS; and how many there were."""
+    epochs = (
+        entry for entry in entries if isinstance(entry, dict) and _whole(entry.get("epoch")) is not None
+    )
+    return thin(epochs, MAX_HISTORY_POINTS, _history_point)
+
+
+def _history_point(entry: dict) -> dict:
+    return {key: entry["epoch"] if key == "epoch" else _number(entry.get(key)) for key in HISTORY_FIELDS}
+
+
+def _lines(f, longest: int, most: int):
+    """The lines of the binary UTF-8 file `f` as text, at most `most` bytes read, skipping empty lines and
+    any over `longest` characters. Read 1 MB at a time."""
+    rest, skipping, total = b"", False, 0
+    while total < most:
+        chunk = f.read(min(2**20, most - total))
+        if not chunk:
+            break
+        total += len(chunk)
+        whole, newline, rest = (rest + chunk).rpartition(b"\n")
+        if newline:
+            lines = whole.decode("utf-8", "replace").split("\n")
+            if skipping:  # the end of a long line
+                lines[0], skipping = "", False
+            yield from [line for line in lines if 0 < len(line) <= longest]
+        if len(rest) > longest:
+            rest, skipping = b"", True
+    if rest and not skipping:
+        yield rest.decode("utf-8", "replace")
+
+
+_DECODER = json.JSONDecoder()
+
+
+def _json_line(line: str):
+    try:
+        return _DECODER.raw_decode(line)[0]  # a third of json.loads's time on short lines
+    except (ValueError, RecursionError):
+        return None  # a line being written, or not cnnkit's: the page shows the others
 
 
 def _prediction(served: ServedModel, proba: np.ndarray) -> dict:
@@ -268,25 +408,63 @@ def _number(value):
     return float(f"{value:.6g}") if math.isfinite(value) else None
 
 
+def _whole(value) -> int | None:
+    """A whole number 0 <= value < 2**53 (exact in JavaScript), else None."""
+    ok = isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**53
+    return value if ok else None
+
+
+def json_bytes(value) -> bytes:
+    """`value` as compact JSON, with null for NaN and the infinities (JSON has neither)."""
+    try:
+        text = json.dumps(value, allow_nan=False, separators=(",", ":"))
+    except ValueError:  # a float that is not finite, somewhere
+        text = json.dumps(_finite(value), allow_nan=False, separators=(",", ":"))
+    return text.encode()
+
+
+def _finite(value):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value
+
+
+class JSONAnswer(JSONResponse):
+    """FastAPI's JSON response, with null for NaN and the infinities (see `json_bytes`)."""
+
+    def render(self, content) -> bytes:
+        return json_bytes(content)
+
+
 # --- the worker pool ---
 
 
 class WorkerPool:
-    """`workers` threads for inference; at most `max_waiting` calls waiting or running, the rest refused."""
+    """`workers` threads for inference; at most `max_waiting` calls waiting or running, the rest refused;
+    of those that decode an upload, at most `max_images` at once (each may briefly hold a hundred MB)."""
 
-    def __init__(self, workers: int, max_waiting: int):
+    def __init__(self, workers: int, max_waiting: int, max_images: int = MAX_IMAGES):
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cnnkit-serve")
         self.max_waiting, self.waiting = max_waiting, 0
         self.lock = threading.Lock()
+        self.images = asyncio.Semaphore(max_images)
 
-    async def run(self, function, *args) -> Response:
-        """`function(*args)` in a worker, answered as JSON (encoded in the worker too)."""
+    async def run(self, function, *args, image: bool = False) -> Response:
+        """`function(*args)` in a worker, answered as JSON (encoded in the worker too); `image`: it decodes
+        an upload, so it waits (without holding a worker) while `max_images` others do."""
         with self.lock:
             if self.waiting >= self.max_waiting:
                 raise RequestError(503, f"busy: {self.waiting} requests are queued; try again in a moment")
             self.waiting += 1
         try:
-            return await asyncio.wrap_future(self.executor.submit(_guarded, function, *args))
+            if not image:
+                return await asyncio.wrap_future(self.executor.submit(_guarded, function, *args))
+            async with self.images:
+                return await asyncio.wrap_future(self.executor.submit(_guarded, function, *args))
         finally:
             with self.lock:
                 self.waiting -= 1
@@ -298,8 +476,7 @@ class WorkerPool:
 def _guarded(function, *args) -> Response:
     """Run `function` in a worker, turning what a user's input can cause into RequestError."""
     try:
-        body = json.dumps(function(*args), allow_nan=False, separators=(",", ":"))
-        return Response(body, media_type="application/json")
+        return Response(json_bytes(function(*args)), media_type="application/json")
     except CnnkitError as exc:
         raise RequestError(422, str(exc)) from None
     except MemoryError:
@@ -310,13 +487,16 @@ def _guarded(function, *args) -> Response:
 
 
 class BodyLimit:
-    """ASGI middleware: a request body over `max_bytes` gets 413, by its Content-Length or as it streams in.
+    """ASGI middleware: a request body over `max_bytes` gets 413, by its Content-Length or as it streams in;
+    while the bodies held by all requests together would go over `max_held` bytes, 503.
 
-    The body is read here (at most `max_bytes`) and handed on to the app whole.
+    The body is read here (at most `max_bytes`) and handed on to the app whole; it counts as held until
+    the app has answered.
     """
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, max_held: int = MAX_BODIES_BYTES):
+        self.app, self.max_bytes, self.max_held = app, max_bytes, max_held
+        self.held = 0  # bytes, all requests together (one event loop: no lock needed)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
@@ -330,29 +510,85 @@ class BodyLimit:
             if int(length) > self.max_bytes:
                 await _send_error(send, 413, self._too_large())
                 return
-        body, more = bytearray(), True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-            if len(body) > self.max_bytes:
-                await _send_error(send, 413, self._too_large())
-                return
-        delivered = False
+        body, counted, more = bytearray(), 0, True
+        try:
+            while more:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                chunk = message.get("body", b"")
+                if self.held + len(chunk) > self.max_held:
+                    held = self.held / 2**20
+                    await _send_error(send, 503, f"busy: {held:.0f} MB of uploads are being read; try again")
+                    return
+                self.held += len(chunk)
+                counted += len(chunk)
+                body += chunk
+                more = message.get("more_body", False)
+                if len(body) > self.max_bytes:
+                    await _send_error(send, 413, self._too_large())
+                    return
+            data = bytes(body)
+            del body  # the buffer goes now; the copy handed on stays counted until the app has answered
+            delivered = False
 
-        async def replay():
-            nonlocal delivered
-            if delivered:
-                return await receive()
-            delivered = True
-            return {"type": "http.request", "body": bytes(body), "more_body": False}
+            async def replay():
+                nonlocal delivered
+                if delivered:
+                    return await receive()
+                delivered = True
+                return {"type": "http.request", "body": data, "more_body": False}
 
-        await self.app(scope, replay, send)
+            await self.app(scope, replay, send)
+        finally:
+            self.held -= counted
 
     def _too_large(self) -> str:
         return f"request body is over the limit of {self.max_bytes / 2**20:g} MB; send a smaller image"
+
+
+# --- the Host header ---
+
+
+class HostCheck:
+    """ASGI middleware: a request whose Host header is not an IP address nor one of the names in `allowed`
+    gets 400. A page of another site that has its own name resolve to this machine (DNS rebinding) sends
+    that name as its Host, so it is refused; a request without a Host (HTTP/1.0) passes."""
+
+    def __init__(self, app, allowed):
+        self.app, self.allowed = app, frozenset(allowed)
+
+    async def __call__(self, scope, receive, send):
+        host = dict(scope["headers"]).get(b"host") if scope["type"] == "http" else None
+        if host is not None:
+            name = host_name(host.decode("latin-1"))
+            if name not in self.allowed and not _is_address(name):
+                await _send_error(
+                    send,
+                    400,
+                    f"Host {name!r} is not a name this server answers to (it answers to IP addresses and "
+                    f"{', '.join(sorted(self.allowed))}); to use it under that name, start cnnkit serve "
+                    f"with --allow-host {name}",
+                )
+                return
+        await self.app(scope, receive, send)
+
+
+def host_name(host: str) -> str:
+    """The name or address of a Host header or --host, lowercase, without port, brackets or final dot:
+    "[::1]:8000" -> "::1", "LocalHost.:80" -> "localhost"."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    return (host.rpartition(":")[0] if host.count(":") == 1 else host).rstrip(".")
+
+
+def _is_address(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 async def _send_error(send, status: int, message: str):
@@ -370,12 +606,20 @@ def create_app(
     workers: int = 2,
     max_body_bytes: int = MAX_BODY_BYTES,
     max_waiting: int = MAX_WAITING,
+    max_images: int = MAX_IMAGES,
+    max_bodies_bytes: int = MAX_BODIES_BYTES,
+    allowed_hosts=None,
 ) -> FastAPI:
-    """The FastAPI app serving `models` (the first is the default), with `workers` inference threads."""
+    """The FastAPI app serving `models` (the first is the default), with `workers` inference threads.
+
+    `allowed_hosts`: the host names (besides IP addresses) a request's Host header may name; None lets
+    any through (an app not listening on a socket, as in tests). The other limits are the module's.
+    """
     if not models:
         raise ValueError("serve at least one model")
     by_id = {served.id: served for served in models}
-    pool = WorkerPool(workers, max_waiting)
+    descriptions = {served.id: served.description() for served in models}  # records do not change
+    pool = WorkerPool(workers, max_waiting, max_images)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -391,16 +635,20 @@ def create_app(
         docs_url=None,  # FastAPI's /docs loads Swagger UI from a CDN; ours works offline
         redoc_url=None,
         lifespan=lifespan,
+        default_response_class=JSONAnswer,
     )
     app.state.pool = pool
-    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes, max_held=max_bodies_bytes)
+    if allowed_hosts is not None:
+        app.add_middleware(HostCheck, allowed=allowed_hosts)  # added last: it runs first
 
     def pick(model_id: str | None) -> ServedModel:
-        if model_id is None:
-            return models[0]
-        if model_id not in by_id:
+        if model_id is not None and model_id not in by_id:
             raise RequestError(404, f"no model {model_id!r}; served: {', '.join(by_id)}")
-        return by_id[model_id]
+        served = by_id[model_id] if model_id is not None else models[0]
+        if "error" in descriptions[served.id]:
+            raise RequestError(500, descriptions[served.id]["error"])
+        return served
 
     async def upload(file: UploadFile) -> tuple[bytes, str]:
         data = await file.read()
@@ -422,15 +670,16 @@ def create_app(
     @app.get("/api/models", summary="The models served", tags=["models"])
     def list_models():
         """Each model: id, dataset, epoch (of `epochs` planned), class names, validation accuracy at that
-        epoch (null without validation), input shape, preprocessing and layers."""
-        return [served.describe() for served in models]
+        epoch (null without validation), input shape, preprocessing and layers. A model whose record
+        cannot be read has only `id`, `source`, `checkpoint` and `error`."""
+        return [descriptions[served.id] for served in models]
 
     @app.post("/api/predict", summary="Classify an image", tags=["predict"])
     async def predict(file: UploadFile = image_field, model: str | None = model_query):
         """`{"label", "class_name", "confidence", "probabilities": {class: p}, "model"}`, prepared
         and computed as `cnnkit predict` does."""
         served = pick(model)
-        return await pool.run(predict_image, served, *await upload(file))
+        return await pool.run(predict_image, served, *await upload(file), image=True)
 
     @app.post("/api/activations", summary="Every layer's output for an image", tags=["predict"])
     async def layer_outputs(file: UploadFile = image_field, model: str | None = model_query):
@@ -438,7 +687,7 @@ def create_app(
         name, description, shape, and for maps `min`, `max` per map and `data` (uint8 base64, value =
         min + byte / 255 * (max - min)), for vectors `values`."""
         served = pick(model)
-        return await pool.run(image_activations, served, *await upload(file))
+        return await pool.run(image_activations, served, *await upload(file), image=True)
 
     @app.get("/api/models/{model_id}/filters", summary="Convolution kernels", tags=["models"])
     async def kernels(model_id: str):
@@ -515,12 +764,32 @@ def open_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(sources, host: str = "127.0.0.1", port: int = 8000, which=None, workers=None, log=print) -> int:
+def _give_back_large_blocks():
+    """Have glibc's malloc map each block of 1 MB or more on its own and unmap it when freed. By default
+    it learns to keep freed blocks as large as a decoded image in the freeing thread's arena, so each
+    worker kept its own peak: 10 uploads of 16 megapixels took the server up by 364 MB with 4 workers
+    (2 decoding at once), 286 MB with this, and its memory returned to where it was."""
+    with suppress(OSError, AttributeError):  # not glibc: its own allocator's policy holds
+        ctypes.CDLL("libc.so.6").mallopt(-3, 2**20)  # M_MMAP_THRESHOLD, which also stops its adjustment
+
+
+def serve(
+    sources,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    which=None,
+    workers=None,
+    log=print,
+    allow_hosts=(),
+    timeout: float | None = None,
+) -> int:
     """Serve the page and the API for the models in `sources` (run folders or checkpoint files) until
     Ctrl-C or SIGTERM, which stop it gracefully (KeyboardInterrupt is raised after shutdown).
 
     `workers` inference threads (default: the CPUs this process may use, at most 4), each running
-    one request at a time on one torch thread.
+    one request at a time on one torch thread. Requests may name this server in their Host header as
+    an IP address, localhost, `host` or one of `allow_hosts`. Each connection must send a whole request
+    within `timeout` seconds (default: connections.REQUEST_TIMEOUT), and at most `connections.connection_limit()` are open at once.
     """
     import torch
     import uvicorn
@@ -531,12 +800,28 @@ def serve(sources, host: str = "127.0.0.1", port: int = 8000, which=None, worker
     sock = open_socket(host, port)
     workers = workers or min(available_cpus(), 4)
     torch.set_num_threads(1)  # requests run side by side in the pool, one thread each
-    app = create_app(models, workers=workers)
+    _give_back_large_blocks()
+    timeout = timeout or REQUEST_TIMEOUT
+    allowed = {"localhost", host_name(host), *(host_name(name) for name in allow_hosts)}
+    app = create_app(models, workers=workers, allowed_hosts=allowed)
     address, bound_port = sock.getsockname()[:2]
     shown = f"[{address}]" if ":" in address else address
     log(f"cnnkit serve: {', '.join(m.id for m in models)} at http://{shown}:{bound_port}/ (Ctrl-C stops it)")
     if not ipaddress.ip_address(address).is_loopback:
         log(f"cnnkit serve: listening on {address}: other machines that can reach this one can use it too")
-    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=3)
+    for served in models:
+        problem = served.description().get("error")
+        if problem:
+            log(f"cnnkit serve: {problem}")
+    config = uvicorn.Config(
+        app,
+        http=guarded_protocol(timeout, connection_limit()),
+        backlog=BACKLOG,
+        ws="none",  # no WebSocket route: an upgrade request is answered as plain HTTP
+        timeout_keep_alive=min(5, timeout),  # an idle keep-alive connection is closed sooner
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=3,
+    )
     uvicorn.Server(config).run(sockets=[sock])
     return 0
