@@ -229,3 +229,14 @@ def test_evaluate_leaves_the_batch_size_to_inference_unless_given():
     # None lets cnnkit.inference pick a cache-sized batch for the network and device (see default_batch_size).
     assert build_parser().parse_args(["evaluate", "run"]).batch_size is None
     assert build_parser().parse_args(["evaluate", "run", "--batch-size", "500"]).batch_size == 500
+
+
+def test_main_called_from_python_restores_the_signal_handlers(capsys):
+    import signal
+
+    from cnnkit.cli import main
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    assert main(["explain", "conv1d", "--out", "not-a-png.txt"]) == 2
+    assert "cnnkit: error: --out 'not-a-png.txt'" in capsys.readouterr().err
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before

@@ -1089,6 +1089,17 @@ def _last_line(line: str, code: int) -> int:
 
 
 def main(argv=None) -> int:
+    """Run `cnnkit ARGV` (default: sys.argv[1:]) and return its exit code; the signal handlers it sets
+    while it runs are restored on the way out, so that it can be called from Python too."""
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return _main(argv)
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+
+
+def _main(argv) -> int:
     try:
         signal.signal(signal.SIGINT, _interrupt)
         signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM ends a run as Ctrl-C does
