@@ -32,18 +32,30 @@ function chooseModel(model) {
 }
 
 async function loadModels() {
-  state.models = await listModels();
+  const listed = await listModels();
+  // A model the server could not describe comes with an `error`: listed, but it cannot be chosen.
+  state.models = listed.filter((model) => !model.error);
   const picker = $("model-picker");
   picker.replaceChildren(
-    ...state.models.map((model) => {
+    ...listed.map((model) => {
       const option = document.createElement("option");
       option.value = model.id;
+      if (model.error) {
+        option.disabled = true;
+        option.textContent = `${model.id} (cannot be used: ${model.error})`;
+        return option;
+      }
       const accuracy = model.accuracy === null ? "" : `, ${(100 * model.accuracy).toFixed(1)}%`;
       option.textContent = `${model.id} (${model.dataset ?? "arrays"}, epoch ${model.epoch}${accuracy})`;
       return option;
     }),
   );
   picker.addEventListener("change", () => chooseModel(state.models.find((m) => m.id === picker.value)));
+  if (!state.models.length) {
+    showError("none of the models served can be used: see the list above and the server's log");
+    return;
+  }
+  picker.value = state.models[0].id;
   chooseModel(state.models[0]);
 }
 
