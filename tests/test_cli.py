@@ -137,11 +137,11 @@ def test_errors_are_one_line_with_exit_code_2(capsys, tmp_path, tiny_run):
 
 def test_bad_option_values_are_refused_by_the_parser(capsys):
     for argv, fragment in [
-        (["train", "--epochs", "0"], "positive whole number"),
+        (["train", "--epochs", "0"], "--epochs: expected an int >= 1, got '0'"),
         (["train", "--lr", "-1"], "positive finite number"),
         (["train", "--lr", "inf"], "positive finite number"),
         (["train", "--lr", "nan"], "positive finite number"),
-        (["train", "--seed", "18446744073709551616"], "2**63 - 1"),
+        (["train", "--seed", "18446744073709551616"], "an int in [0, 2**63)"),
         (["train", "--valid-size", "nan"], "count"),
         (["train", "--resume", ""], "non-empty"),
         (["train", "--dataset", ""], "non-empty"),
@@ -240,3 +240,34 @@ def test_main_called_from_python_restores_the_signal_handlers(capsys):
     assert main(["explain", "conv1d", "--out", "not-a-png.txt"]) == 2
     assert "cnnkit: error: --out 'not-a-png.txt'" in capsys.readouterr().err
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+@pytest.mark.parametrize(
+    ("option", "name", "text"),
+    [
+        ("--shear", "shear", "79.5"),
+        ("--shear", "shear", "80"),
+        ("--lr", "learning_rate", "inf"),
+        ("--dropout", "dropout_rate", "0.99"),
+        ("--keep", "keep", "-1"),
+        ("--augment", "augment", "elastic"),
+    ],
+)
+def test_train_options_take_exactly_what_the_training_settings_take(option, name, text):
+    """The options come from TrainConfig's field metadata: what one refuses, the other refuses."""
+    from cnnkit.cli import build_parser
+    from cnnkit.recipes import SETTINGS, TrainConfig
+
+    try:
+        value = SETTINGS[name].type(text) if SETTINGS[name].metadata["choices"] is None else text
+        TrainConfig(**{name: value})
+        accepted = True
+    except (TypeError, ValueError):
+        accepted = False
+    try:
+        args = build_parser().parse_args(["train", option, text])
+        assert getattr(args, name) == value
+        parsed = True
+    except SystemExit:
+        parsed = False
+    assert parsed == accepted

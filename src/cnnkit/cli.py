@@ -16,7 +16,14 @@ import sys
 
 from cnnkit import __version__
 from cnnkit.errors import CnnkitError
-from cnnkit.recipes import AFFINE_RANGES, AUGMENTATIONS, CALIBRATION_IMAGES, DATASET_DEFAULTS, RECIPES
+from cnnkit.recipes import (
+    AFFINE_RANGES,
+    CALIBRATION_IMAGES,
+    DATASET_DEFAULTS,
+    RECIPES,
+    SETTINGS,
+    check_setting,
+)
 
 SOURCES_HELP = "mnist-5k (embedded), mnist, fashion-mnist, idx:DIR, npz:FILE or folder:DIR"
 CHECKPOINT_HELP = "a run folder, or a checkpoint file"
@@ -53,21 +60,12 @@ def _image_size(text: str):
 
 _positive_int = _checked(int, lambda v: v >= 1, "a positive whole number")
 _count = _checked(int, lambda v: v >= 0, "a whole number >= 0")
-_seed = _checked(int, lambda v: 0 <= v < 2**63, "a whole number from 0 to 2**63 - 1")
 _positive_float = _checked(float, lambda v: 0 < v < math.inf, "a positive finite number")
-_probability = _checked(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 _nonempty = _checked(str, bool, "a non-empty value")
 _which = _checked(
     str, lambda v: v in ("best", "newest") or (v.isdigit() and int(v) >= 1), "best, newest or an epoch number"
 )
 _size = _checked(_image_size, lambda s: all(1 <= d <= 4096 for d in s), "HxW in pixels, e.g. 28x28 or 64")
-
-
-def _degrees(limit: float):
-    return _checked(float, lambda v: 0 <= v <= limit, f"a number of degrees from 0 to {limit:g}")
-
-
-_non_negative_float = _checked(float, lambda v: 0 <= v < math.inf, "a number >= 0")
 
 
 def _scale_range(text: str):
@@ -150,6 +148,54 @@ def _add_runtime(p, precisions=("auto", "fp32", "bf16")):
     )
 
 
+# `cnnkit train`'s options for TrainConfig's settings: option, type, check, help and default from the
+# field's metadata (cnnkit.recipes.setting), so the command line takes exactly what TrainConfig does.
+TRAIN_SETTINGS = (
+    "epochs",
+    "batch_size",
+    "learning_rate",
+    "dropout_rate",
+    "augment",
+    "rotate",
+    "shift",
+    "shear",
+    "seed",
+    "build",
+    "patience",
+    "keep",
+)
+
+
+def _setting_option(name: str) -> str:
+    return SETTINGS[name].metadata["option"] or "--" + name.replace("_", "-")
+
+
+def _add_setting(p, name: str):
+    """One TrainConfig setting as an option (value None when not given: the recipe's default stands)."""
+    spec = SETTINGS[name]
+    meta = spec.metadata
+
+    def parse(text):
+        try:
+            value = spec.type(text)
+            check_setting(name, value)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"expected {meta['expected']}, got {text!r}") from None
+        return value
+
+    p.add_argument(
+        _setting_option(name),
+        dest=name,
+        type=parse if meta["choices"] is None else str,
+        choices=meta["choices"],
+        default=None,
+        metavar=meta["metavar"] or _setting_option(name).lstrip("-").replace("-", "_").upper(),
+        help=f"{meta['help']} (default: {spec.default:g})"
+        if isinstance(spec.default, float)
+        else f"{meta['help']} (default: {spec.default})",
+    )
+
+
 def _add_train(commands):
     p = commands.add_parser(
         "train",
@@ -174,31 +220,8 @@ def _add_train(commands):
         "about 240,000 training images in all (30 to 60 epochs), min(2,000, 10%%) validation images "
         "(options below override them)",
     )
-    p.add_argument("--epochs", type=_positive_int, default=None, help="epochs in all (default: 20)")
-    p.add_argument("--batch-size", type=_positive_int, default=None, help="mini-batch size (default: 64)")
-    p.add_argument("--lr", type=_positive_float, default=None, help="Adam's learning rate (default: 1e-4)")
-    p.add_argument("--dropout", type=_probability, default=None, help="dropout rate (default: 0.5)")
-    p.add_argument(
-        "--augment",
-        choices=AUGMENTATIONS,
-        default=None,
-        help="affine: transform every training image afresh each epoch with a random rotation, shear, "
-        "scale and shift within the ranges below (default: none; the accurate recipe: affine for digits)",
-    )
-    p.add_argument(
-        "--rotate",
-        type=_degrees(180),
-        default=None,
-        metavar="DEG",
-        help="affine: up to +-DEG degrees (default: 12)",
-    )
-    p.add_argument(
-        "--shift",
-        type=_non_negative_float,
-        default=None,
-        metavar="PX",
-        help="affine: up to +-PX pixels each way (default: 2.5)",
-    )
+    for name in ("epochs", "batch_size", "learning_rate", "dropout_rate", "augment", "rotate", "shift"):
+        _add_setting(p, name)
     p.add_argument(
         "--scale",
         type=_scale_range,
@@ -206,13 +229,7 @@ def _add_train(commands):
         metavar="LO,HI",
         help="affine: a size factor from LO to HI (default: 0.9,1.1)",
     )
-    p.add_argument(
-        "--shear",
-        type=_degrees(79),
-        default=None,
-        metavar="DEG",
-        help="affine: up to +-DEG degrees (default: 10)",
-    )
+    _add_setting(p, "shear")
     p.add_argument(
         "--flip",
         action=argparse.BooleanOptionalAction,
@@ -220,9 +237,7 @@ def _add_train(commands):
         help="mirror half of the training images left-right, for data where that keeps the class (clothes, "
         "photos; never digits) (default: off; the accurate recipe: on for objects and photos, without affine)",
     )
-    p.add_argument(
-        "--seed", type=_seed, default=None, help="seed for weights, batch order and dropout (default: 123)"
-    )
+    _add_setting(p, "seed")
     p.add_argument("--no-shuffle", action="store_true", help="keep the training order in every epoch")
     p.add_argument(
         "--valid-size",
@@ -239,23 +254,8 @@ def _add_train(commands):
         help="bring every image to this size (default for folder: sources: the most common size, "
         "capped at 64 pixels on its longer side)",
     )
-    p.add_argument(
-        "--build", choices=("layers", "lowlevel"), default=None, help="network build (default: layers)"
-    )
-    p.add_argument(
-        "--patience",
-        type=_count,
-        default=None,
-        metavar="N",
-        help="stop early after N epochs without a lower validation loss (default: 0, never)",
-    )
-    p.add_argument(
-        "--keep",
-        type=_count,
-        default=None,
-        metavar="N",
-        help="keep only the newest N checkpoints, and always the best (default: all; remembered on resume)",
-    )
+    for name in ("build", "patience", "keep"):
+        _add_setting(p, name)
     _add_runtime(p)
     p.add_argument(
         "--out",
@@ -641,22 +641,17 @@ def _train(args, device) -> int:
                 show_progress=show_progress,
             )
     elif args.resume:
-        fixed = {
-            "--batch-size": args.batch_size,
-            "--lr": args.lr,
-            "--dropout": args.dropout,
-            "--seed": args.seed,
+        fixed = {  # what resuming may not change: the settings that say so, and how the data was read
+            **{
+                _setting_option(n): getattr(args, n)
+                for n in TRAIN_SETTINGS
+                if not SETTINGS[n].metadata["resumable"]
+            },
             "--valid-size": args.valid_size,
             "--image-size": args.image_size,
-            "--build": args.build,
             "--precision": args.precision,
             "--recipe": args.recipe,
-            "--patience": args.patience,
-            "--augment": args.augment,
-            "--rotate": args.rotate,
-            "--shift": args.shift,
             "--scale": args.scale,
-            "--shear": args.shear,
             "--flip": args.flip,
         }
         given = [name for name, value in fixed.items() if value is not None] + [
@@ -680,21 +675,10 @@ def _train(args, device) -> int:
         )
     else:
         chosen = {
-            "epochs": args.epochs,
-            "batch_size": args.batch_size,
-            "learning_rate": args.lr,
-            "dropout_rate": args.dropout,
-            "seed": args.seed,
-            "build": args.build,
-            "patience": args.patience,
-            "keep": args.keep,
+            **{name: getattr(args, name) for name in TRAIN_SETTINGS},
             "shuffle": False if args.no_shuffle else None,
-            "augment": args.augment,
-            "rotate": args.rotate,
-            "shift": args.shift,
             "scale_low": args.scale and args.scale[0],
             "scale_high": args.scale and args.scale[1],
-            "shear": args.shear,
             "flip": args.flip,
         }
         if args.augment is None and any(chosen[name] is not None for name in AFFINE_RANGES):

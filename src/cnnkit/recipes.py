@@ -16,28 +16,38 @@ BUILDS = ("layers", "lowlevel")  # the chapter's two builds of the network (cnnk
 RECIPE_NAMES = ("chapter", "fast", "accurate")
 
 
-def setting(default, expected: str, accept=None, *, help: str, option: str | None = None, resumable=False):
+def setting(
+    default,
+    expected: str,
+    accept=None,
+    *,
+    help: str,
+    option: str | None = None,
+    metavar: str | None = None,
+    choices: tuple | None = None,
+    resumable=False,
+):
     """A TrainConfig field and everything said about it, in one place: its default, what values it takes
-    (`expected`, words finishing "NAME must be ..."; `accept`, a test of a value of the field's type),
-    its help line, its command-line option (default: --NAME with dashes) and whether resuming a run
-    may change it. TrainConfig checks itself with it; `cnnkit train`'s options and ConvNN's parameter
-    checks are made from it (see `check_setting`, `SETTINGS`)."""
-    return field(
-        default=default,
-        metadata={
-            "expected": expected,
-            "accept": accept,
-            "help": help,
-            "option": option,
-            "resumable": resumable,
-        },
-    )
+    (`expected`, words finishing "NAME must be ..."; `accept`, a test of a value of the field's type;
+    `choices`, for a field of a few names), its help line, its command-line option (default: --NAME with
+    dashes) and metavar, and whether resuming a run may change it. TrainConfig checks itself with it;
+    `cnnkit train`'s options and ConvNN's parameter checks are made from it (`check_setting`, `SETTINGS`)."""
+    if choices is not None:
+        expected, accept = f"one of {', '.join(map(repr, choices))}", lambda v: v in choices
+    metadata = {
+        "expected": expected,
+        "accept": accept,
+        "help": help,
+        "option": option,
+        "metavar": metavar,
+        "choices": choices,
+        "resumable": resumable,
+    }
+    return field(default=default, metadata=metadata)
 
 
 def _choice(default, choices, help, **kwargs):
-    return setting(
-        default, f"one of {', '.join(map(repr, choices))}", lambda v: v in choices, help=help, **kwargs
-    )
+    return setting(default, "", choices=choices, help=help, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -75,9 +85,12 @@ class TrainConfig:
     )
     shuffle: bool = setting(True, "True or False", help="shuffle the training images every epoch")
     seed: int = setting(
-        123, "an int in [0, 2**63)", lambda v: 0 <= v < 2**63, help="seed of every random draw"
+        123,
+        "an int in [0, 2**63)",
+        lambda v: 0 <= v < 2**63,
+        help="seed for weights, batch order, dropout and augmentation",
     )
-    build: str = _choice("layers", BUILDS, "the network's build (the chapter's two)")
+    build: str = _choice("layers", BUILDS, "network build: the chapter's layers, or its low-level tensors")
     precision: str = _choice(  # a run's record holds fp32 or bf16: "auto" is resolved when it starts
         "fp32", ("auto", "fp32", "bf16"), "fp32, bf16, or auto (bf16 where the CPU has native bf16)"
     )
@@ -90,27 +103,36 @@ class TrainConfig:
         0,
         "an int >= 0",
         lambda v: v >= 0,
-        help="stop after this many epochs without a lower valid_loss (0: never)",
+        help="stop early after N epochs without a lower validation loss (0: never)",
+        metavar="N",
     )
     keep: int = setting(
         0,
         "an int >= 0",
         lambda v: v >= 0,
-        help="checkpoints kept: the newest N and the best (0: all)",
+        help="keep only the newest N checkpoints, and always the best (0: all; remembered on resume)",
+        metavar="N",
         resumable=True,
     )
-    augment: str = _choice("none", AUGMENTATIONS, "random transforms of the training images")
+    augment: str = _choice(
+        "none",
+        AUGMENTATIONS,
+        "affine: transform every training image afresh each epoch with a random rotation, shear, scale and "
+        "shift within the ranges below (the accurate recipe: affine for digits)",
+    )
     rotate: float = setting(
         12.0,
         "a number of degrees from 0 to 180",
         lambda v: 0 <= v <= 180,
-        help="affine: rotate by up to +-DEG",
+        help="affine: rotate by up to +-DEG degrees",
+        metavar="DEG",
     )
     shift: float = setting(
         2.5,
         "a number of pixels >= 0",
         lambda v: 0 <= v < math.inf,
-        help="affine: shift by up to +-PX each way",
+        help="affine: shift by up to +-PX pixels each way",
+        metavar="PX",
     )
     scale_low: float = setting(
         0.9, "a positive finite number", lambda v: 0 < v < math.inf, help="affine: the smallest scale factor"
@@ -122,7 +144,8 @@ class TrainConfig:
         10.0,
         "a number of degrees from 0 to under 80",
         lambda v: 0 <= v < 80,
-        help="affine: shear by up to +-DEG",
+        help="affine: shear by up to +-DEG degrees",
+        metavar="DEG",
     )
     flip: bool = setting(False, "True or False", help="mirror half of the training images left-right")
 
