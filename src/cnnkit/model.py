@@ -21,8 +21,7 @@ from torch import nn
 from cnnkit import kernels
 from cnnkit.errors import CheckpointError
 from cnnkit.kernels.conv_pool import conv_pool_relu
-
-BUILDS = ("layers", "lowlevel")
+from cnnkit.recipes import BUILDS
 
 
 @dataclass(frozen=True)

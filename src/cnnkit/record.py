@@ -15,8 +15,8 @@ from cnnkit.data import Standardization
 from cnnkit.data.dataset import MAX_CLASSES
 from cnnkit.errors import CheckpointError, CnnkitError
 from cnnkit.images import MAX_IMAGE_SIDE, PREPROCESSING
-from cnnkit.model import BUILDS, Architecture
-from cnnkit.recipes import LR_SCHEDULES, TrainConfig
+from cnnkit.model import Architecture
+from cnnkit.recipes import SETTINGS, TrainConfig, check_setting
 
 FORMAT = "cnnkit-checkpoint"
 FORMAT_VERSION = 2
@@ -214,27 +214,23 @@ def _architecture(d: dict) -> Architecture:
 
 
 def _config(d: dict) -> TrainConfig:
-    known = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    """The record's training configuration, each field checked by its setting (cnnkit.recipes), so that a
+    bad one is named; a field this cnnkit does not know (a later one's) is ignored, as its default would be."""
     values = {}
     for name, value in d.items():
-        if name not in known:
-            continue  # a field a later cnnkit added: ignored, as its default would be
-        default = known[name].default
-        if isinstance(default, bool):
-            ok = isinstance(value, bool)
-        elif isinstance(default, int):
-            ok = _is_int(value)
-        elif isinstance(default, float):
-            ok = _is_finite(value)
-        else:
-            ok = isinstance(value, str)
-        if not ok:
+        if name not in SETTINGS:
+            continue
+        if (isinstance(value, float) and not math.isfinite(value)) or (
+            isinstance(value, int) and abs(value) > 2**63
+        ):
             raise _FieldError(f"config.{name}", f"has the wrong type: {value!r}")
+        try:
+            check_setting(name, value)
+        except TypeError:
+            raise _FieldError(f"config.{name}", f"has the wrong type: {value!r}") from None
+        except ValueError as exc:
+            raise _FieldError(f"config.{name}", str(exc).removeprefix(f"{name} ")) from None
         values[name] = value
-    if values.get("build", "layers") not in BUILDS:
-        raise _FieldError("config.build", f"must be one of {', '.join(BUILDS)}")
-    if values.get("lr_schedule", "constant") not in LR_SCHEDULES:
-        raise _FieldError("config.lr_schedule", f"must be one of {', '.join(LR_SCHEDULES)}")
     if values.get("precision", "fp32") not in ("fp32", "bf16"):
         raise _FieldError("config.precision", "must be fp32 or bf16")
     try:
