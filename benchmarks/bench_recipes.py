@@ -19,7 +19,7 @@ import tempfile
 def measure(recipe: str, source: str, seed: int, valid_size) -> dict:
     import dataclasses
 
-    from cnnkit.checkpoint import load_model
+    from cnnkit.checkpoint import load_network
     from cnnkit.inference import evaluate
     from cnnkit.recipes import DATASET_DEFAULTS, RECIPES
     from cnnkit.runs import dataset_for_model, start_run
@@ -35,7 +35,7 @@ def measure(recipe: str, source: str, seed: int, valid_size) -> dict:
             show_progress=False,
             dataset_defaults=DATASET_DEFAULTS,
         )
-        model, ckpt = load_model(result.last_checkpoint)
+        model, ckpt = load_network(result.last_checkpoint)
         record = ckpt.record
         test = dataset_for_model(record, source, ckpt.path).test
         score = evaluate(model, record.standardization.apply(test.images), test.labels)

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cnnkit.checkpoint import load_model, save_checkpoint
+from cnnkit.checkpoint import load_network, save_checkpoint
 from cnnkit.data import Standardization, load_dataset, minibatch_indices
 from cnnkit.device import describe_machine, machine_line, memory_format, resolve_precision
 from cnnkit.errors import CnnkitError
@@ -142,7 +142,7 @@ def bench_inference(dataset, standardization, args, report, peer, only):
             config=TrainConfig(),
         )
         path = save_checkpoint(Path(tmp) / "model.safetensors", trained, record)
-        model, _ = load_model(path)
+        model, _ = load_network(path)
         exported = onnx_sessions(path, Path(tmp))
     int8 = quantize_int8(model, calibration)
     fast = resolve_precision("auto", torch.device("cpu"))

@@ -6,6 +6,7 @@ import sys
 import textwrap
 import time
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -14,7 +15,7 @@ from cnnkit.checkpoint import (
     checkpoint_path,
     list_checkpoints,
     load_checkpoint,
-    load_model,
+    load_network,
     load_optimizer_state,
     optimizer_path,
     prune_checkpoints,
@@ -75,7 +76,7 @@ def test_weights_metadata_and_optimizer_round_trip(tmp_path, build):
 def test_load_model_rebuilds_the_network(tmp_path):
     model, _ = _trained_pair()
     save_checkpoint(tmp_path / "m.safetensors", model, _meta())
-    loaded, _ = load_model(tmp_path / "m.safetensors")
+    loaded, _ = load_network(tmp_path / "m.safetensors")
     assert not loaded.training
     x = torch.randn(2, *SMALL.input_shape)
     torch.testing.assert_close(loaded(x), model.eval()(x), rtol=1e-5, atol=1e-6)  # channels_last on a CPU
@@ -134,7 +135,7 @@ def test_weights_of_another_architecture_are_refused(tmp_path):
     other = Architecture(input_shape=(1, 13, 13), num_classes=5, hidden_units=8, conv_channels=(2, 3))
     path = save_checkpoint(tmp_path / "m.safetensors", model, _meta(arch=other))
     with pytest.raises(CheckpointError, match="expected F32"):
-        load_model(path)
+        load_network(path)
 
 
 def test_missing_optimizer_state(tmp_path):
@@ -186,7 +187,7 @@ def test_kill_9_while_saving_leaves_every_checkpoint_loadable(tmp_path):
         child.send_signal(signal.SIGKILL)
         child.wait()
         for path in list_checkpoints(tmp_path):
-            model, _ = load_model(path)
+            model, _ = load_network(path)
             load_optimizer_state(path, model)
     assert optimizer_path(list_checkpoints(tmp_path)[-1]).exists()
 
@@ -195,3 +196,22 @@ def test_checkpoint_files_get_ordinary_permissions(tmp_path):
     model, _ = _trained_pair()
     path = save_checkpoint(tmp_path / "m.safetensors", model, _meta())
     assert path.stat().st_mode & 0o644 == 0o644
+
+
+def test_load_model_takes_images_as_stored_and_load_network_standardized_ones(tiny_run, mnist_5k):
+    """load_model's model standardizes inside (as an export does); load_network's network does not."""
+    from cnnkit.checkpoint import load_model
+    from cnnkit.layer_outputs import activations
+
+    model, ckpt = load_model(tiny_run)
+    network, _ = load_network(tiny_run)
+    images = mnist_5k.test.images[:16]
+    standardized = ckpt.record.standardization.apply(images)
+    with torch.inference_mode():
+        raw_logits = model(torch.from_numpy(images))
+        logits = network(torch.from_numpy(standardized))
+    assert torch.allclose(raw_logits, logits, atol=1e-5)
+    assert not torch.allclose(network(torch.from_numpy(images.astype("float32"))), logits, atol=1e-2)
+    assert np.allclose(
+        activations(model, images)["logits"], activations(network, standardized)["logits"], atol=1e-5
+    )

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-from cnnkit.checkpoint import load_model
+from cnnkit.checkpoint import load_network
 from cnnkit.images import load_for_model
 from cnnkit.inference import predict_labels
 
@@ -20,7 +20,7 @@ CANVASES = {
 
 @pytest.fixture(scope="module")
 def reader(trained_run):
-    model, ckpt = load_model(trained_run)
+    model, ckpt = load_network(trained_run)
     std = ckpt.record.standardization
 
     def read(paths):

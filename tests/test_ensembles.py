@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from cnnkit.checkpoint import load_model
+from cnnkit.checkpoint import load_network
 from cnnkit.data import Standardization
 from cnnkit.evaluation import evaluation_split
 from cnnkit.images import load_for_model
@@ -93,7 +93,7 @@ def test_evaluate_an_ensemble_of_one_run_twice_scores_as_the_run(cli, tiny_run):
     tta = json.loads(tta.out)
     assert tta["tta"] is True and tta["n"] == alone["n"] and tta["checkpoint"] == alone["checkpoint"]
     # The numbers are those of the averaged views, computed here with cnnkit.inference.
-    model, ckpt = load_model(tiny_run)
+    model, ckpt = load_network(tiny_run)
     _, _, split = evaluation_split(ckpt.record, ckpt.path)
     proba = average_probabilities([(model, ckpt.record)], split.images, tta=True, precision="fp32")
     expected = evaluate_probabilities(proba, split.labels)
@@ -117,7 +117,7 @@ def test_predict_with_an_ensemble_and_tta(cli, tiny_run):
     assert tta.code == 0, tta.err
     [entry] = json.loads(tta.out)
     # The probabilities are the mean over the 5 shifted views of the prepared image (cnnkit.inference).
-    model, ckpt = load_model(tiny_run)
+    model, ckpt = load_network(tiny_run)
     record = ckpt.record
     image = load_for_model(seven, record.architecture.input_shape, record.preprocessing)[None]
     expected = predict_proba_tta(model, record.standardization.apply(image), flip=record.config.flip)[0]

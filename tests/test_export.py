@@ -15,7 +15,7 @@ import onnx
 import pytest
 from PIL import Image
 
-from cnnkit.checkpoint import load_model, save_checkpoint
+from cnnkit.checkpoint import load_network, save_checkpoint
 from cnnkit.cli import main
 from cnnkit.data import load_for_model
 from cnnkit.export import export_metadata, export_onnx
@@ -33,7 +33,7 @@ def run(capsys, *args):
 @pytest.fixture(scope="module")
 def lowlevel_checkpoint(tmp_path_factory, tiny_run):
     """The tiny run's newest weights as a checkpoint of the low-level build."""
-    model, ckpt = load_model(tiny_run)
+    model, ckpt = load_network(tiny_run)
     lowlevel = build_model(model.arch, "lowlevel")
     lowlevel.load_state_dict(convert_state(model.state_dict(), model.arch, "layers", "lowlevel"))
     record = ckpt.record.replace(config=dataclasses.replace(ckpt.record.config, build="lowlevel"))
@@ -57,7 +57,7 @@ def test_fp32_export_gives_pytorchs_logits_and_labels_for_either_build(
 ):
     source = tiny_run if build == "layers" else lowlevel_checkpoint
     result = export_onnx(source, tmp_path / "model.onnx")
-    model, ckpt = load_model(source)
+    model, ckpt = load_network(source)
     assert model.__class__.__name__ == ("LayerCNN" if build == "layers" else "LowLevelCNN")
     test = _test_split(ckpt.record)
     reference = predict_logits(model, ckpt.record.standardization.apply(test.images)).numpy()
@@ -79,7 +79,7 @@ def test_trained_model_fp32_parity_and_int8_agreement(tmp_path, trained_run, mni
     # int8 (calibrated on the first 512 training images) agreeing with fp32 on >= 99%.
     fp32 = export_onnx(trained_run, tmp_path / "fp32.onnx")
     int8 = export_onnx(trained_run, tmp_path / "int8.onnx", precision="int8")
-    model, ckpt = load_model(trained_run)
+    model, ckpt = load_network(trained_run)
     images = mnist_5k.test.images
     reference = predict_logits(model, ckpt.record.standardization.apply(images)).numpy()
     fp32_logits = load_onnx(fp32.path).predict_logits(images)
@@ -120,7 +120,7 @@ def test_int8_is_static_qdq_per_channel_calibrated_on_training_images(tiny_expor
 
 def test_metadata_is_derived_from_the_record_and_round_trips(tiny_run, tiny_exports):
     result = tiny_exports["fp32"]
-    _, ckpt = load_model(tiny_run)
+    _, ckpt = load_network(tiny_run)
     sha256 = hashlib.sha256(ckpt.path.read_bytes()).hexdigest()
     expected = export_metadata(ckpt.record, sha256)
     assert load_onnx(result.path).metadata == expected == result.metadata
@@ -134,7 +134,7 @@ def test_metadata_is_derived_from_the_record_and_round_trips(tiny_run, tiny_expo
 
 
 def test_a_fresh_onnxruntime_session_runs_the_file_without_cnnkit_or_torch(tmp_path, tiny_run, tiny_exports):
-    model, ckpt = load_model(tiny_run)
+    model, ckpt = load_network(tiny_run)
     pixels = _test_split(ckpt.record).images[:32].astype(np.float32)
     np.save(tmp_path / "pixels.npy", pixels)
     expected = predict_logits(model, ckpt.record.standardization.apply(pixels)).numpy()
@@ -398,7 +398,7 @@ def nan_checkpoint(tmp_path_factory, tiny_run):
     """The tiny run's newest checkpoint with every weight set to NaN, as a diverged run would leave it."""
     import torch
 
-    model, ckpt = load_model(tiny_run)
+    model, ckpt = load_network(tiny_run)
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.fill_(float("nan"))

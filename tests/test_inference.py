@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from cnnkit.checkpoint import load_model
+from cnnkit.checkpoint import load_network
 from cnnkit.inference import (
     CPU_FLOAT_BATCH,
     LARGE_BATCH,
@@ -21,7 +21,7 @@ from cnnkit.quantize import quantize_int8
 
 @pytest.fixture(scope="module")
 def model_and_test_set(trained_run, mnist_5k):
-    model, ckpt = load_model(trained_run)
+    model, ckpt = load_network(trained_run)
     std = ckpt.record.standardization
     return (
         model,

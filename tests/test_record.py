@@ -15,7 +15,7 @@ from PIL import Image
 from cnnkit.checkpoint import (
     checkpoint_path,
     load_checkpoint,
-    load_model,
+    load_network,
     load_optimizer_state,
     optimizer_path,
     read_record,
@@ -76,7 +76,7 @@ def test_a_record_round_trips_through_a_checkpoint(tmp_path):
     ckpt = load_checkpoint(tmp_path)
     assert ckpt.path == path and ckpt.record == tiny_record()
     assert read_record(path) == tiny_record()
-    loaded, _ = load_model(path)
+    loaded, _ = load_network(path)
     x = torch.randn(3, *TINY.input_shape)
     torch.testing.assert_close(loaded(x), model.eval()(x))
     meta = json.loads(
@@ -98,7 +98,7 @@ def test_checkpoints_of_cnnkit_0_1_still_load():
     assert run.class_names == tuple("0123456789") and run.preprocessing == "digit"
     convnn = load_checkpoint(f"{V1}/convnn.safetensors").record
     assert convnn.dataset is None and convnn.classes == ("a", "b", "c", "d") and convnn.config.seed == 3
-    model, _ = load_model(f"{V1}/epoch-002.safetensors")
+    model, _ = load_network(f"{V1}/epoch-002.safetensors")
     assert (
         load_optimizer_state(f"{V1}/epoch-002.safetensors", model)["state"][0]["step"] == 2
     )  # one step an epoch
@@ -280,7 +280,7 @@ def test_a_format_2_file_without_its_sha256_is_refused_naming_it(tmp_path, cli):
 def test_format_1_files_load_unchecked_with_a_one_line_notice_each(tmp_path, cli, caplog):
     weights = f"{V1}/epoch-002.safetensors"
     with caplog.at_level(logging.WARNING, logger="cnnkit"):
-        model, ckpt = load_model(weights)
+        model, ckpt = load_network(weights)
         load_optimizer_state(ckpt.path, model)
     notices = [record.getMessage() for record in caplog.records if record.name == "cnnkit"]
     assert notices == [

@@ -18,7 +18,7 @@ from conftest import run_cnnkit, start_cnnkit
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from cnnkit.checkpoint import load_model
+from cnnkit.checkpoint import load_network
 from cnnkit.images import ImageBytes, load_for_model
 from cnnkit.inference import predict_proba
 from cnnkit.layer_outputs import LAYERS, activations, filters
@@ -69,7 +69,7 @@ def refused(response, status, *fragments):
 def test_models_lists_each_model_with_dataset_epoch_classes_and_accuracy(client, tiny_run):
     listed = client.get("/api/models").json()
     assert [m["id"] for m in listed] == ["tiny", "tiny-2"]
-    _, ckpt = load_model(tiny_run)
+    _, ckpt = load_network(tiny_run)
     record = ckpt.record
     entry = listed[0]
     assert entry["dataset"] == record.dataset and entry["dataset"].startswith("npz:")
@@ -94,7 +94,7 @@ def test_a_model_trained_without_validation_has_no_accuracy(models):
 
 
 def expected_proba(tiny_run, path):
-    model, ckpt = load_model(tiny_run)
+    model, ckpt = load_network(tiny_run)
     record = ckpt.record
     raw = load_for_model(path, record.architecture.input_shape, record.preprocessing)[None]
     return predict_proba(model, record.standardization.apply(raw))[0], model, record, raw
@@ -414,7 +414,7 @@ def rgb_run(tmp_path_factory):
 
 
 def test_a_colour_model_gets_the_uploaded_file_resized_in_colour(rgb_run):
-    model, ckpt = load_model(rgb_run)
+    model, ckpt = load_network(rgb_run)
     assert ckpt.record.preprocessing == "resize"
     photo = png_bytes(np.random.default_rng(1).integers(0, 256, (50, 70, 3)), "RGB")
     raw = load_for_model(ImageBytes(photo, "photo.png"), (3, 32, 32), "resize")[None]

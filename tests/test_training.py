@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from conftest import TINY
 from safetensors.torch import load_file
 
-from cnnkit.checkpoint import list_checkpoints, load_checkpoint, load_model
+from cnnkit.checkpoint import list_checkpoints, load_checkpoint, load_network
 from cnnkit.data import Standardization, load_dataset
 from cnnkit.errors import CheckpointError
 from cnnkit.inference import evaluate
@@ -86,7 +86,7 @@ def test_each_epoch_checkpoints_and_reports_validation_measured_on_the_validatio
     dataset = load_dataset(small_npz).split_validation(128)
     assert len(dataset.valid) == 128 and len(dataset.train) == 512
     for epoch in (1, 2):
-        model, ckpt = load_model(tmp_path / "checkpoints" / f"epoch-{epoch:03d}.safetensors")
+        model, ckpt = load_network(tmp_path / "checkpoints" / f"epoch-{epoch:03d}.safetensors")
         std = ckpt.record.standardization
         result = evaluate(model, std.apply(dataset.valid.images), dataset.valid.labels)
         assert lines[epoch - 1]["valid_accuracy"] == pytest.approx(result.accuracy)
@@ -108,7 +108,7 @@ def test_keep_prunes_old_checkpoints(tmp_path, small_npz):
 def test_lowlevel_build_trains_and_resumes_too(tmp_path, small_npz):
     start_run(small_npz, TrainConfig(epochs=1, seed=0, build="lowlevel"), tmp_path, **tiny)
     resume_run(tmp_path, 2, **quiet)
-    model, ckpt = load_model(tmp_path)
+    model, ckpt = load_network(tmp_path)
     assert ckpt.record.build == "lowlevel" and ckpt.epoch == 2
     assert tuple(model.conv_1_weights.shape) == (5, 5, 1, 4)
 

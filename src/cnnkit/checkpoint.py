@@ -33,7 +33,7 @@ from safetensors.torch import save as save_safetensors
 from cnnkit.atomic import atomic_write
 from cnnkit.device import memory_format
 from cnnkit.errors import CheckpointError
-from cnnkit.model import build_model
+from cnnkit.model import StandardizedNetwork, build_model
 from cnnkit.record import FORMAT, FORMAT_VERSION, ModelRecord
 
 MAX_HEADER_BYTES = 16 * 2**20
@@ -145,7 +145,17 @@ def load_checkpoint(path, which: str | None = None) -> Checkpoint:
 
 
 def load_model(path, which: str | None = None, device="cpu"):
-    """Rebuild the network a checkpoint holds: returns (model in eval mode, Checkpoint)."""
+    """The model a checkpoint holds, ready for images as a dataset stores them: returns (model in eval
+    mode, Checkpoint), the model a `cnnkit.model.StandardizedNetwork` (pixels (N, C, H, W) in, logits
+    out; its standardization the record's). `which` picks a run folder's checkpoint (best, newest, N)."""
+    network, ckpt = load_network(path, which, device)
+    std = ckpt.record.standardization
+    return StandardizedNetwork(network, std.mean, std.std).to(device).eval(), ckpt
+
+
+def load_network(path, which: str | None = None, device="cpu"):
+    """Rebuild the network a checkpoint holds: returns (network in eval mode, Checkpoint). The network
+    takes standardized images (`ckpt.record.standardization.apply`); `load_model` wraps that in."""
     ckpt = load_checkpoint(path, which)
     model = build_model(ckpt.record.architecture, ckpt.record.build)
     model.load_state_dict(ckpt.model_state)

@@ -711,7 +711,7 @@ def run_evaluate(args) -> int:
     models = [args.checkpoint, *args.more]
     if len(models) == 1 and not args.tta and is_onnx_path(args.checkpoint):
         return _evaluate_onnx(args)
-    from cnnkit.checkpoint import load_model
+    from cnnkit.checkpoint import load_network
     from cnnkit.device import resolve_precision
     from cnnkit.evaluation import evaluate_ensemble, evaluate_split, evaluation_split, load_ensemble
     from cnnkit.quantize import quantize_int8
@@ -728,7 +728,7 @@ def run_evaluate(args) -> int:
         precision = resolve_precision(args.precision or "auto", device)
         scored = evaluate_ensemble(members, source, split, precision, device, args.batch_size, args.tta)
         return _print_evaluation(args, scored.evaluation, scored.numbers, first.record.class_names)
-    model, ckpt = load_model(args.checkpoint, args.which, device)
+    model, ckpt = load_network(args.checkpoint, args.which, device)
     record = ckpt.record
     source, dataset, split = evaluation_split(record, ckpt.path, args.dataset, args.split)
     precision = "int8" if int8 else resolve_precision(args.precision or "auto", device)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cnnkit.checkpoint import load_model
+from cnnkit.checkpoint import load_network
 from cnnkit.data import Dataset, Split, resolve_source, split_for_model
 from cnnkit.errors import CheckpointError
 from cnnkit.inference import average_probabilities, log_probabilities, predict_logits
@@ -77,7 +77,7 @@ def load_ensemble(paths, which=None, device="cpu") -> list:
 
     They must share their class names and input shape: a CheckpointError names the first that does not.
     """
-    members = [load_model(path, which, device) for path in paths]
+    members = [load_network(path, which, device) for path in paths]
     first = members[0][1]
     for _, ckpt in members[1:]:
         for what, value, expected in (

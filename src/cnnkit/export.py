@@ -23,11 +23,12 @@ from torch import nn
 
 from cnnkit import __version__
 from cnnkit.atomic import atomic_write
-from cnnkit.checkpoint import load_model
+from cnnkit.checkpoint import load_network
 from cnnkit.data import Standardization, load_for_model, resolve_source
 from cnnkit.data.download import file_digest
 from cnnkit.errors import ArgumentError, CheckpointError, CnnkitError, DatasetError
 from cnnkit.inference import predict_logits
+from cnnkit.model import StandardizedNetwork
 from cnnkit.onnx_model import INPUT_NAME, INSTALL_HINT, OUTPUT_NAMES, OnnxMetadata, is_onnx_path, load_onnx
 from cnnkit.recipes import CALIBRATION_IMAGES
 from cnnkit.record import ModelRecord
@@ -35,18 +36,11 @@ from cnnkit.record import ModelRecord
 PARITY_IMAGES = 64  # images on which every export is compared with PyTorch
 
 
-class Deployable(nn.Module):
-    """The graph an export holds: raw pixels (N, C, H, W) -> (logits, probabilities), each (N, K).
-
-    Standardizes as `Standardization.apply` does, in float32: (x - mean) / std per channel.
-    """
+class Deployable(StandardizedNetwork):
+    """The graph an export holds: raw pixels (N, C, H, W) -> (logits, probabilities), each (N, K)."""
 
     def __init__(self, network: nn.Module, standardization: Standardization):
-        super().__init__()
-        self.network = network
-        shape = (1, len(standardization.mean), 1, 1)
-        self.register_buffer("mean", torch.tensor(standardization.mean, dtype=torch.float32).reshape(shape))
-        self.register_buffer("std", torch.tensor(standardization.std, dtype=torch.float32).reshape(shape))
+        super().__init__(network, standardization.mean, standardization.std)
 
     def forward(self, pixels):
         logits = self.network((pixels - self.mean) / self.std)
@@ -109,7 +103,7 @@ def export_onnx(
         raise ArgumentError(f"precision must be fp32 or int8, got {precision!r}")
     if dataset is not None and precision != "int8":
         raise ArgumentError("--dataset names int8's calibration images; it applies to --precision int8 only")
-    model, ckpt = load_model(checkpoint, which)
+    model, ckpt = load_network(checkpoint, which)
     _check_finite(model, ckpt.path)
     record = ckpt.record
     graph = Deployable(model, record.standardization).eval()

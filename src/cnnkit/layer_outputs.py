@@ -10,7 +10,7 @@ was cnnkit.inspect, a name that hid the standard library's; that name still impo
 import numpy as np
 import torch
 
-from cnnkit.model import LayerCNN, LowLevelCNN, convert_state
+from cnnkit.model import LayerCNN, LowLevelCNN, StandardizedNetwork, convert_state
 
 # Layer names, from input to output, as `activations` returns them.
 LAYERS = ("input", "conv1", "relu1", "pool1", "conv2", "relu2", "pool2", "dense3", "logits", "probabilities")
@@ -32,6 +32,8 @@ DESCRIPTIONS = {
 
 def layer_weights(model) -> dict[str, torch.Tensor]:
     """The network's weights in the layer build's layout (conv (out, in, kh, kw), dense (out, in)), float32."""
+    if isinstance(model, StandardizedNetwork):
+        model = model.network
     state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
     if isinstance(model, LowLevelCNN):
         state = convert_state(state, model.arch, "lowlevel", "layers")
@@ -53,11 +55,17 @@ def filters(model) -> dict[str, np.ndarray]:
 
 
 def activations(model, images, batch_size: int = 256) -> dict[str, np.ndarray]:
-    """Every layer's output for standardized images (N, C, H, W): {layer: float32 array}, in LAYERS order.
+    """Every layer's output for standardized images (N, C, H, W): {layer: float32 array}, in LAYERS order;
+    for a StandardizedNetwork (`checkpoint.load_model`), images as the dataset stores them ("input" is
+    then the standardized image).
 
     Maps are (N, channels, H, W) up to "pool2", then (N, units). The network runs in fp32 and in
     inference mode (no dropout), so "logits" equals what `inference.predict_logits` gives in fp32.
     """
+    if isinstance(model, StandardizedNetwork):
+        with torch.inference_mode():
+            images = model.standardize(torch.as_tensor(np.asarray(images, dtype=np.float32))).cpu().numpy()
+        model = model.network
     reference = LayerCNN(model.arch)  # PyTorch's modules, unfused, with the model's weights
     reference.load_state_dict(layer_weights(model))
     reference.eval()

@@ -242,6 +242,26 @@ class LayerCNN(nn.Module):
         return self.classifier(self.features(x))
 
 
+class StandardizedNetwork(nn.Module):
+    """A network with its input standardization inside: images as a dataset stores them (pixel values,
+    (N, C, H, W)) in, logits out. Standardizes as `cnnkit.data.Standardization.apply` does, in float32:
+    (x - mean) / std per channel. `network` is the network itself, which takes standardized images."""
+
+    def __init__(self, network: nn.Module, mean, std):
+        super().__init__()
+        self.network = network
+        self.arch = network.arch
+        shape = (1, len(mean), 1, 1)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).reshape(shape))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).reshape(shape))
+
+    def standardize(self, pixels: torch.Tensor) -> torch.Tensor:
+        return (torch.as_tensor(pixels, dtype=torch.float32, device=self.mean.device) - self.mean) / self.std
+
+    def forward(self, pixels):
+        return self.network(self.standardize(pixels))
+
+
 def summary(arch: Architecture, build: str = "layers") -> str:
     """A table of the network's layers, output shapes and parameter counts, with the checkpoint size."""
     rows = arch.layers()

@@ -21,7 +21,7 @@ from PIL import Image
 
 from cnnkit import __version__
 from cnnkit.atomic import atomic_write
-from cnnkit.checkpoint import load_model, read_record, resolve_checkpoint
+from cnnkit.checkpoint import load_network, read_record, resolve_checkpoint
 from cnnkit.device import resolve_device, resolve_precision
 from cnnkit.errors import FileError
 from cnnkit.evaluation import evaluate_split, evaluation_split
@@ -65,7 +65,7 @@ def write_report(
 
     started = time.perf_counter()
     device = resolve_device(device)
-    model, ckpt = load_model(run, which, device)
+    model, ckpt = load_network(run, which, device)
     record = ckpt.record
     out = Path(out) if out is not None else default_report_folder(run)
     _make_folder(out)

@@ -1,6 +1,6 @@
 """`cnnkit serve`: a local web page that shows a trained network answer layer by layer, and a JSON API.
 
-The routes call the library as the command line does: models come from `checkpoint.load_model` and
+The routes call the library as the command line does: models come from `checkpoint.load_network` and
 their one `ModelRecord`; an image is prepared by `images.prepare_for_model` with the record's
 preprocessing and standardized with its statistics, as `cnnkit predict` does (decoded within a memory
 bound first, see `prepare`); predictions
@@ -59,7 +59,7 @@ from PIL import Image
 from starlette.exceptions import HTTPException
 
 from cnnkit import __version__
-from cnnkit.checkpoint import Checkpoint, load_model
+from cnnkit.checkpoint import Checkpoint, load_network
 from cnnkit.errors import CnnkitError, FileError, one_line
 from cnnkit.images import ImageBytes, image_shape, prepare_for_model, read_image
 from cnnkit.inference import predict_proba
@@ -168,7 +168,7 @@ def load_models(sources, which: str | None = None) -> list[ServedModel]:
     """
     served, taken = [], set()
     for source in sources:
-        model, ckpt = load_model(source, which)
+        model, ckpt = load_network(source, which)
         path = ckpt.path
         name = path.parent.parent.name if path.parent.name == "checkpoints" else path.stem
         base = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "model"
