@@ -5,7 +5,7 @@ import pytest
 
 from cnnkit.data import MAX_CLASSES, Dataset, Split, Standardization, iterate_minibatches, minibatch_indices
 from cnnkit.data.dataset import images_as_nchw, infer_preprocessing
-from cnnkit.errors import CnnkitError, DatasetError
+from cnnkit.errors import DatasetError
 
 
 def make_dataset(n_train=60, n_test=10, shape=(1, 2, 3)):
@@ -207,7 +207,7 @@ def test_empty_input_gives_no_batches():
 
 @pytest.mark.parametrize("batch_size", [0, -3, 2.5, True])
 def test_bad_batch_size_is_rejected(batch_size):
-    with pytest.raises(CnnkitError, match="batch_size must be a positive integer"):
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
         minibatch_indices(10, batch_size)
 
 
@@ -223,7 +223,7 @@ def test_iterate_minibatches_keeps_images_and_labels_together():
 
 
 def test_iterate_minibatches_rejects_mismatched_lengths():
-    with pytest.raises(CnnkitError, match="X has 3 rows but y has 2"):
+    with pytest.raises(ValueError, match="X has 3 rows but y has 2"):
         next(iterate_minibatches(np.zeros((3, 1)), np.zeros(2)))
 
 

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image, ImageDraw, ImageFont
 
 from cnnkit.checkpoint import load_network
-from cnnkit.images import load_for_model
+from cnnkit.images import read_image_for_model
 from cnnkit.inference import predict_labels
 
 CANVASES = {
@@ -24,7 +24,9 @@ def reader(trained_run):
     std = ckpt.record.standardization
 
     def read(paths):
-        images = np.stack([load_for_model(path, (1, 28, 28), ckpt.record.preprocessing) for path in paths])
+        images = np.stack(
+            [read_image_for_model(path, (1, 28, 28), ckpt.record.preprocessing) for path in paths]
+        )
         return predict_labels(model, std.apply(images))
 
     return read

@@ -7,7 +7,7 @@ import torch
 from cnnkit.checkpoint import load_network
 from cnnkit.data import Standardization
 from cnnkit.evaluation import evaluation_split
-from cnnkit.images import load_for_model
+from cnnkit.images import read_image_for_model
 from cnnkit.inference import (
     average_probabilities,
     evaluate,
@@ -119,7 +119,7 @@ def test_predict_with_an_ensemble_and_tta(cli, tiny_run):
     # The probabilities are the mean over the 5 shifted views of the prepared image (cnnkit.inference).
     model, ckpt = load_network(tiny_run)
     record = ckpt.record
-    image = load_for_model(seven, record.architecture.input_shape, record.preprocessing)[None]
+    image = read_image_for_model(seven, record.architecture.input_shape, record.preprocessing)[None]
     expected = predict_proba_tta(model, record.standardization.apply(image), flip=record.config.flip)[0]
     probabilities = np.array(list(entry["probabilities"].values()))
     assert list(entry["probabilities"]) == list(record.class_names)

@@ -17,7 +17,7 @@ from PIL import Image
 
 from cnnkit.checkpoint import load_network, save_checkpoint
 from cnnkit.cli import main
-from cnnkit.data import load_for_model
+from cnnkit.data import load_dataset_for_model
 from cnnkit.export import export_metadata, export_onnx
 from cnnkit.inference import predict_logits
 from cnnkit.model import build_model, convert_state
@@ -48,7 +48,7 @@ def tiny_exports(tmp_path_factory, tiny_run):
 
 
 def _test_split(record):
-    return load_for_model(record.dataset, record.architecture.input_shape, record.class_names).test
+    return load_dataset_for_model(record.dataset, record.architecture.input_shape, record.class_names).test
 
 
 @pytest.mark.parametrize("build", ["layers", "lowlevel"])

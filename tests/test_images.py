@@ -13,11 +13,11 @@ from cnnkit.errors import FileError
 from cnnkit.images import (
     image_shape,
     load_digit,
-    load_for_model,
     prepare_digit,
     prepare_for_model,
     prepare_object,
     read_image,
+    read_image_for_model,
     resize_image,
 )
 
@@ -306,7 +306,7 @@ def test_load_for_model_names_the_file_of_a_blank_image(tmp_path):
     path = tmp_path / "blank.png"
     Image.new("L", (40, 40), 255).save(path)
     with pytest.raises(FileError, match=r"blank\.png.*no visible digit"):
-        load_for_model(path, (1, 28, 28), "digit")
+        read_image_for_model(path, (1, 28, 28), "digit")
 
 
 # --- orientation, reduced decoding and the header ------------------------------------------------------
@@ -368,7 +368,7 @@ def test_load_for_model_reads_a_large_photo_reduced_like_the_full_one(tmp_path):
     photo = draw_digit("7", canvas=(2400, 2000), box=(700, 400, 1500, 1700), width=150)
     path = tmp_path / "large.png"
     Image.fromarray(photo[..., 0]).save(path)
-    reduced = load_for_model(path, (1, 28, 28), "digit")
+    reduced = read_image_for_model(path, (1, 28, 28), "digit")
     full = prepare_for_model(read_image(path), (1, 28, 28), "digit")
     assert np.abs(reduced - full).mean() < 8
 
@@ -393,7 +393,9 @@ def test_image_bytes_are_read_and_prepared_as_the_same_file_with_its_errors(tmp_
     assert np.array_equal(read_image(data), read_image(path))
     assert image_shape(data) == image_shape(path)
     shape = (1, 28, 28)
-    assert np.array_equal(load_for_model(data, shape, "resize"), load_for_model(path, shape, "resize"))
+    assert np.array_equal(
+        read_image_for_model(data, shape, "resize"), read_image_for_model(path, shape, "resize")
+    )
     with pytest.raises(FileError, match=r"^upload\.png: not an image file"):
         read_image(ImageBytes(b"hello", "upload.png"))
     with pytest.raises(FileError, match=r"^upload\.png: .*truncated"):

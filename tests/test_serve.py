@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from cnnkit.checkpoint import load_network
-from cnnkit.images import ImageBytes, load_for_model
+from cnnkit.images import ImageBytes, read_image_for_model
 from cnnkit.inference import predict_proba
 from cnnkit.layer_outputs import LAYERS, activations, filters
 from cnnkit.serve import app as serve_app
@@ -96,7 +96,7 @@ def test_a_model_trained_without_validation_has_no_accuracy(models):
 def expected_proba(tiny_run, path):
     model, ckpt = load_network(tiny_run)
     record = ckpt.record
-    raw = load_for_model(path, record.architecture.input_shape, record.preprocessing)[None]
+    raw = read_image_for_model(path, record.architecture.input_shape, record.preprocessing)[None]
     return predict_proba(model, record.standardization.apply(raw))[0], model, record, raw
 
 
@@ -417,7 +417,7 @@ def test_a_colour_model_gets_the_uploaded_file_resized_in_colour(rgb_run):
     model, ckpt = load_network(rgb_run)
     assert ckpt.record.preprocessing == "resize"
     photo = png_bytes(np.random.default_rng(1).integers(0, 256, (50, 70, 3)), "RGB")
-    raw = load_for_model(ImageBytes(photo, "photo.png"), (3, 32, 32), "resize")[None]
+    raw = read_image_for_model(ImageBytes(photo, "photo.png"), (3, 32, 32), "resize")[None]
     expected = predict_proba(model, ckpt.record.standardization.apply(raw))[0]
     with TestClient(create_app(load_models([rgb_run]), workers=1)) as client:
         assert client.get("/api/models").json()[0]["input_shape"] == [3, 32, 32]

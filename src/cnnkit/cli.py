@@ -15,7 +15,7 @@ import signal
 import sys
 
 from cnnkit import __version__
-from cnnkit.errors import CnnkitError
+from cnnkit.errors import ArgumentError, CnnkitError, DependencyError, no_dataset_recorded
 from cnnkit.recipes import (
     AFFINE_RANGES,
     CALIBRATION_IMAGES,
@@ -575,12 +575,14 @@ def run_train(args) -> int:
         distributed.check_batch_size(_global_batch_size(args), args.nproc_per_node)
         return distributed.launch_here(args.nproc_per_node, args.command_line)
     if args.nproc_per_node not in (None, distributed.local_world_size()):
-        raise CnnkitError(
+        raise ArgumentError(
             f"--nproc-per-node {args.nproc_per_node}: torchrun started {distributed.local_world_size()} "
             "processes here; leave the option out under torchrun"
         )
     if distributed.restart_count() == 0 and _max_restarts() and not (args.out or args.resume):
-        raise CnnkitError("torchrun --max-restarts needs --out DIR, so that a restart continues the same run")
+        raise ArgumentError(
+            "torchrun --max-restarts needs --out DIR, so that a restart continues the same run"
+        )
     with distributed.process_group(_runtime(args)) as device:
         return _train(args, device)
 
@@ -658,7 +660,7 @@ def _train(args, device) -> int:
             "--no-shuffle"
         ] * args.no_shuffle
         if given:
-            raise CnnkitError(
+            raise ArgumentError(
                 f"{', '.join(given)} cannot change when resuming: a resumed run keeps the checkpoint's recipe "
                 "(only --epochs, --out, --keep, --dataset, --device and --threads apply)"
             )
@@ -719,7 +721,7 @@ def run_evaluate(args) -> int:
     device = _runtime(args)
     int8 = args.precision == "int8"
     if int8 and device.type != "cpu":
-        raise CnnkitError("--precision int8 runs on the CPU only; add --device cpu")
+        raise ArgumentError("--precision int8 runs on the CPU only; add --device cpu")
     if len(models) > 1 or args.tta:
         _check_ensemble_options(models, int8)
         members = load_ensemble(models, args.which, device)
@@ -745,9 +747,11 @@ def _check_ensemble_options(models, int8: bool):
 
     onnx = [path for path in models if is_onnx_path(path)]
     if onnx:
-        raise CnnkitError(f"{onnx[0]}: ensembles and --tta take checkpoints or run folders, not .onnx files")
+        raise ArgumentError(
+            f"{onnx[0]}: ensembles and --tta take checkpoints or run folders, not .onnx files"
+        )
     if int8:
-        raise CnnkitError("ensembles and --tta run in fp32 or bf16; leave out --precision int8")
+        raise ArgumentError("ensembles and --tta run in fp32 or bf16; leave out --precision int8")
 
 
 def _evaluate_onnx(args) -> int:
@@ -761,9 +765,7 @@ def _evaluate_onnx(args) -> int:
     _check_onnx_options(args, meta.precision)
     source = resolve_source(args.dataset) if args.dataset else meta.dataset
     if source is None:
-        raise CnnkitError(
-            f"{args.checkpoint}: trained on arrays with ConvNN, so no dataset is recorded; name one with --dataset"
-        )
+        raise no_dataset_recorded(args.checkpoint)
     _, split = split_for_model(source, meta.input_shape, meta.class_names, meta.valid_size, args.split)
     result = evaluate_logits(classifier.predict_logits(split.images, args.batch_size), split.labels)
     report = {
@@ -781,18 +783,18 @@ def _evaluate_onnx(args) -> int:
 def _check_onnx_options(args, precision: str):
     """Refuse the options that choose among a checkpoint's ways of running: an .onnx file has one."""
     if args.which is not None:
-        raise CnnkitError(
+        raise ArgumentError(
             f"--checkpoint {args.which} picks a checkpoint of a run folder; {args.checkpoint} is one model"
         )
     if args.precision not in (None, "auto", precision):
-        raise CnnkitError(
+        raise ArgumentError(
             f"{args.checkpoint} is an {precision} model; to run it as {args.precision}, export it with "
             f"`cnnkit export --precision {args.precision}`"
             if args.precision in ("fp32", "int8")
             else f"{args.checkpoint} is an {precision} model; --precision {args.precision} applies to checkpoints"
         )
     if args.device == "cuda":
-        raise CnnkitError(
+        raise ArgumentError(
             f"{args.checkpoint}: an .onnx model runs on the CPU here (onnxruntime); leave out --device"
         )
 
@@ -848,7 +850,7 @@ def run_predict(args) -> int:
     record = members[0][1].record
     styles = {ckpt.record.preprocessing for _, ckpt in members}
     if len(styles) > 1 and args.preprocess == "auto":
-        raise CnnkitError(
+        raise ArgumentError(
             f"the models prepare images differently ({', '.join(sorted(styles))}); choose one with --preprocess"
         )
     raw = _prepared_images(args, record.architecture.input_shape, record.preprocessing)
@@ -880,10 +882,10 @@ def _prepared_images(args, input_shape, preprocessing: str):
     """The IMAGE files brought to a model's input (N, C, H, W), as its dataset's images were made (or --preprocess)."""
     import numpy as np
 
-    from cnnkit.images import load_for_model
+    from cnnkit.images import read_image_for_model
 
     style = preprocessing if args.preprocess == "auto" else args.preprocess
-    return np.stack([load_for_model(path, input_shape, style) for path in args.images])
+    return np.stack([read_image_for_model(path, input_shape, style) for path in args.images])
 
 
 def _print_predictions(args, names, proba) -> int:
@@ -911,7 +913,7 @@ def run_export(args) -> int:
     try:
         from cnnkit.export import export_onnx
     except ModuleNotFoundError as exc:  # a deployment that installed cnnkit without PyTorch
-        raise CnnkitError(
+        raise DependencyError(
             f'cnnkit export needs {exc.name}, which is not installed: pip install torch==2.13.0 "cnnkit[onnx]"'
         ) from None
 

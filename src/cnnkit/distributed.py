@@ -28,7 +28,7 @@ import traceback
 from datetime import timedelta
 from pathlib import Path
 
-from cnnkit.errors import CnnkitError, one_line
+from cnnkit.errors import ArgumentError, CnnkitError, one_line
 
 # How long a rank waits for the others (to join, or in a collective) before it gives up. Only rank 0
 # validates and writes a checkpoint between two collectives, so this must cover those.
@@ -73,7 +73,7 @@ def timeout_s() -> float:
     except ValueError:
         value = math.nan
     if not 0 < value < math.inf:
-        raise CnnkitError(f"{TIMEOUT_ENV}={text!r}: expected a positive number of seconds")
+        raise ArgumentError(f"{TIMEOUT_ENV}={text!r}: expected a positive number of seconds")
     return value
 
 
@@ -101,7 +101,7 @@ def check_batch_size(batch_size: int, world: int):
     if batch_size % world:
         lower, higher = batch_size // world * world, (batch_size // world + 1) * world
         hint = f"{lower} or {higher}" if lower else f"{higher}"
-        raise CnnkitError(
+        raise ArgumentError(
             f"--batch-size {batch_size} does not divide among {world} processes (the batch is the global "
             f"one, split equally); use a multiple of {world}, e.g. {hint}"
         )
@@ -136,7 +136,7 @@ def process_group(device):
     if device.type == "cuda":
         local, gpus = _env_count("LOCAL_RANK", 0), torch.cuda.device_count()
         if local >= gpus:
-            raise CnnkitError(
+            raise ArgumentError(
                 f"rank {os.environ['RANK']} is local rank {local}, but this machine has {gpus} GPU(s): one "
                 f"rank per GPU, so start at most {gpus} here (or train on the CPU with --device cpu)"
             )
@@ -320,7 +320,7 @@ def launch_here(nproc: int, command_line: list[str]) -> int:
     except (SignalException, KeyboardInterrupt):  # Ctrl-C or SIGTERM: torchrun stopped the ranks
         interrupted = True
     except Exception as exc:  # torchrun itself failed: a rendezvous error, no free port, ...
-        raise CnnkitError(f"torchrun could not run the {nproc} processes: {one_line(exc)}") from None
+        raise ArgumentError(f"torchrun could not run the {nproc} processes: {one_line(exc)}") from None
     finally:
         del os.environ[REPORTS_ENV]
         said = _read_reports(reports)

@@ -30,3 +30,15 @@ class CheckpointError(CnnkitError):
 
 class ArgumentError(CnnkitError, ValueError):
     """An argument has a value that cannot work (an unknown choice, a device that is not there)."""
+
+
+class DependencyError(CnnkitError):
+    """A package a command needs is not installed (onnx, onnxruntime, PyTorch in a deployment)."""
+
+
+def no_dataset_recorded(checkpoint) -> CheckpointError:
+    """The error for a checkpoint of a ConvNN trained on arrays, where a command needs its dataset."""
+    return CheckpointError(
+        f"{checkpoint}: trained on arrays with ConvNN, so no dataset is recorded; name one with --dataset "
+        "(in Python: the dataset argument), or use ConvNN.load(...)"
+    )

@@ -12,7 +12,7 @@ import torch
 
 from cnnkit.checkpoint import load_network
 from cnnkit.data import Dataset, Split, resolve_source, split_for_model
-from cnnkit.errors import CheckpointError
+from cnnkit.errors import CheckpointError, no_dataset_recorded
 from cnnkit.inference import average_probabilities, log_probabilities, predict_logits
 from cnnkit.metrics import Evaluation, evaluate_logits
 from cnnkit.record import ModelRecord
@@ -42,9 +42,7 @@ def evaluation_split(
     """
     source = resolve_source(dataset) if dataset else record.dataset
     if source is None:
-        raise CheckpointError(
-            f"{checkpoint_path}: trained on arrays with ConvNN, so no dataset is recorded; name one with --dataset"
-        )
+        raise no_dataset_recorded(checkpoint_path)
     arch = record.architecture
     data, chosen = split_for_model(source, arch.input_shape, record.class_names, record.valid_size, split)
     return source, data, chosen

@@ -24,9 +24,15 @@ from torch import nn
 from cnnkit import __version__
 from cnnkit.atomic import atomic_write
 from cnnkit.checkpoint import load_network
-from cnnkit.data import Standardization, load_for_model, resolve_source
+from cnnkit.data import Standardization, load_dataset_for_model, resolve_source
 from cnnkit.data.download import file_digest
-from cnnkit.errors import ArgumentError, CheckpointError, CnnkitError, DatasetError
+from cnnkit.errors import (
+    ArgumentError,
+    CheckpointError,
+    DatasetError,
+    DependencyError,
+    no_dataset_recorded,
+)
 from cnnkit.inference import predict_logits
 from cnnkit.model import StandardizedNetwork
 from cnnkit.onnx_model import INPUT_NAME, INSTALL_HINT, OUTPUT_NAMES, OnnxMetadata, is_onnx_path, load_onnx
@@ -110,11 +116,8 @@ def export_onnx(
     if precision == "int8":
         source = resolve_source(dataset) if dataset else record.dataset
         if source is None:
-            raise CheckpointError(
-                f"{ckpt.path}: trained on arrays with ConvNN, so no dataset is recorded; "
-                "name one with --dataset for int8's calibration images"
-            )
-        data = load_for_model(source, record.architecture.input_shape, record.class_names)
+            raise no_dataset_recorded(ckpt.path)  # int8 calibrates on its training images
+        data = load_dataset_for_model(source, record.architecture.input_shape, record.class_names)
         if data.train is None or len(data.train) == 0:
             raise DatasetError(f"dataset {source!r} has no training images to calibrate int8 on")
     sha256 = file_digest(ckpt.path)
@@ -164,7 +167,7 @@ def _require_onnx():
         import onnxruntime  # noqa: F401
         import onnxscript  # noqa: F401
     except ImportError as exc:
-        raise CnnkitError(
+        raise DependencyError(
             f"cnnkit export needs {exc.name or 'onnx'} (the onnx extra): {INSTALL_HINT}"
         ) from None
     return onnx

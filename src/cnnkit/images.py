@@ -22,7 +22,7 @@ MAX_IMAGE_PIXELS = 50_000_000
 # The largest side of a network's input that a checkpoint's record or an .onnx file may declare.
 MAX_IMAGE_SIDE = 4096
 
-# `load_digit` and `load_for_model` decode a larger photo for "digit" or "object" reduced to about this
+# `load_digit` and `read_image_for_model` decode a larger photo for "digit" or "object" reduced to about this
 # many pixels (1400 x 1400): detail enough to find, crop and fit one digit or object into a 28 to 64
 # pixel input, and a bounded cost for the float64 steps that follow.
 DETAIL_PIXELS = 2_000_000
@@ -48,7 +48,7 @@ class ImageBytes:
     """An image file held in memory (an upload), named `name` in error messages.
 
     Every function here that reads an image file (`read_image`, `image_shape`, `load_digit`,
-    `load_for_model`) takes one in place of a path, with the same checks and the same errors.
+    `read_image_for_model`) takes one in place of a path, with the same checks and the same errors.
     """
 
     data: bytes
@@ -286,7 +286,7 @@ def prepare_for_model(image: np.ndarray, input_shape, style: str = "digit") -> n
     return np.repeat(gray[None], channels, axis=0).astype(np.float32)
 
 
-def load_for_model(path, input_shape, style: str = "digit") -> np.ndarray:
+def read_image_for_model(path, input_shape, style: str = "digit") -> np.ndarray:
     """Read an image file and bring it to a network's input: `prepare_for_model(read_image(path), ...)`.
 
     A large photo is decoded reduced (see `read_image`'s `min_size`): to the input's size for "resize",
@@ -300,6 +300,9 @@ def load_for_model(path, input_shape, style: str = "digit") -> np.ndarray:
         return prepare_for_model(image, input_shape, style)
     except ValueError as exc:
         raise FileError(f"{path}: {exc}") from None
+
+
+load_for_model = read_image_for_model  # its old name, kept for code that imports it
 
 
 def _read_with_detail(path) -> np.ndarray:

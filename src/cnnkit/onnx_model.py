@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from cnnkit.data.dataset import MAX_CLASSES, shape_text
-from cnnkit.errors import CheckpointError, CnnkitError, one_line
+from cnnkit.errors import ArgumentError, CheckpointError, DependencyError, one_line
 from cnnkit.images import MAX_IMAGE_SIDE, PREPROCESSING
 
 FORMAT = "cnnkit-onnx"
@@ -141,7 +141,7 @@ class OnnxClassifier:
     def _run(self, output: str, pixels, batch_size) -> np.ndarray:
         pixels = np.asarray(pixels)
         if pixels.ndim != 4 or tuple(pixels.shape[1:]) != self.metadata.input_shape:
-            raise CnnkitError(
+            raise ArgumentError(
                 f"{self.path} takes images of shape N x {shape_text(self.metadata.input_shape)}, "
                 f"got {shape_text(pixels.shape)}"
             )
@@ -154,7 +154,9 @@ class OnnxClassifier:
                 for start in range(0, len(pixels), batch_size)
             ]
         except Exception as exc:  # onnxruntime's own exception classes: what the file asked for failed
-            raise CnnkitError(f"{self.path}: onnxruntime could not run the model ({one_line(exc)})") from None
+            raise CheckpointError(
+                f"{self.path}: onnxruntime could not run the model ({one_line(exc)})"
+            ) from None
         if not outputs:
             return np.empty((0, len(self.class_names)), np.float32)
         return np.concatenate(outputs)
@@ -220,7 +222,7 @@ def _runtime(path):
         import onnx
         import onnxruntime
     except ImportError as exc:
-        raise CnnkitError(
+        raise DependencyError(
             f"{path}: running an .onnx model needs {exc.name or 'onnx and onnxruntime'}: {INSTALL_HINT}"
         ) from None
     return onnx, onnxruntime

@@ -30,11 +30,11 @@ from cnnkit.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
 )
-from cnnkit.data import Dataset, Standardization, load_dataset, load_for_model, resolve_source
+from cnnkit.data import Dataset, Standardization, load_dataset, load_dataset_for_model, resolve_source
 from cnnkit.data.budget import MemoryBudget
 from cnnkit.data.dataset import shape_text
 from cnnkit.device import describe_path, memory_format, resolve_device, resolve_precision
-from cnnkit.errors import CheckpointError, CnnkitError, DatasetError, FileError
+from cnnkit.errors import CheckpointError, CnnkitError, DatasetError, FileError, no_dataset_recorded
 from cnnkit.kernels import extension
 from cnnkit.model import Architecture, build_model, summary
 from cnnkit.recipes import TrainConfig, default_valid_size, describe_augmentation, for_dataset
@@ -95,7 +95,7 @@ def run_folder_lock(run_dir):
             if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES):
                 raise
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            raise CnnkitError(
+            raise FileError(
                 f"{run_dir}: another cnnkit process (pid {holder}) is writing to this run folder; "
                 "wait for it, or choose another --out"
             ) from None
@@ -276,14 +276,11 @@ def resume_run(
 
 
 def dataset_for_model(record: ModelRecord, source: str | None, checkpoint_path=None) -> Dataset:
-    """Dataset `source` as the model of `record` takes it (see cnnkit.data.load_for_model): folder
+    """Dataset `source` as the model of `record` takes it (see cnnkit.data.load_dataset_for_model): folder
     images brought to its input shape, and labels re-indexed to the model's classes by class name."""
     if source is None:
-        raise CheckpointError(
-            f"{checkpoint_path}: trained on arrays with ConvNN, so no dataset is recorded; "
-            "name one with --dataset, or use ConvNN.load(...) in Python"
-        )
-    return load_for_model(source, record.architecture.input_shape, record.class_names)
+        raise no_dataset_recorded(checkpoint_path)
+    return load_dataset_for_model(source, record.architecture.input_shape, record.class_names)
 
 
 def to_tensors(split, standardization, device, budget: MemoryBudget, source: str):

@@ -4,7 +4,7 @@
 (see `cnnkit.data.sources`); `resolve_source` makes a source's path absolute. The Dataset it returns
 holds train/valid/test Splits, class names (at most MAX_CLASSES) and how `predict` prepares photos;
 `split_validation` carves the validation split, `Standardization` holds the training statistics,
-`minibatch_indices` / `iterate_minibatches` make the batches; `load_for_model` / `split_for_model`
+`minibatch_indices` / `iterate_minibatches` make the batches; `load_dataset_for_model` / `split_for_model`
 bring a dataset to a trained model's input shape and classes. Every array made from a source counts
 against one data memory budget (`data_memory_limit`, $CNNKIT_MAX_DATA_MB), reserved in a `MemoryBudget`
 before it is made (see `cnnkit.data.budget`).
@@ -21,7 +21,7 @@ from cnnkit.data.dataset import (
 )
 from cnnkit.data.idx import read_idx
 from cnnkit.data.info import info_table
-from cnnkit.data.matching import load_for_model, match_classes, split_for_model
+from cnnkit.data.matching import load_dataset_for_model, load_for_model, match_classes, split_for_model
 from cnnkit.data.sources import load_dataset, resolve_source
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "info_table",
     "iterate_minibatches",
     "load_dataset",
+    "load_dataset_for_model",
     "load_for_model",
     "match_classes",
     "minibatch_indices",

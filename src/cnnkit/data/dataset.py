@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cnnkit.data.budget import MemoryBudget, array_bytes
-from cnnkit.errors import CnnkitError, DatasetError
+from cnnkit.errors import DatasetError
 from cnnkit.images import PREPROCESSING
 
 SPLIT_NAMES = ("train", "valid", "test")
@@ -366,16 +366,16 @@ def minibatch_indices(n: int, batch_size: int = 64, shuffle: bool = True, seed=N
     run sees the same batches; `seed=None` draws fresh entropy. Without `shuffle`, indices are in order.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) or batch_size < 1:
-        raise CnnkitError(f"batch_size must be a positive integer, got {batch_size!r}")
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     if n < 0:
-        raise CnnkitError(f"cannot make mini-batches of {n} items")
+        raise ValueError(f"cannot make mini-batches of {n} items")
     if not shuffle:
         order = np.arange(n, dtype=np.int64)
     elif seed is None:
         order = np.random.default_rng().permutation(n)
     else:
         if seed < 0 or epoch < 0:
-            raise CnnkitError(f"seed and epoch must not be negative, got seed={seed}, epoch={epoch}")
+            raise ValueError(f"seed and epoch must not be negative, got seed={seed}, epoch={epoch}")
         order = np.random.default_rng([seed, epoch]).permutation(n)
     return [order[start : start + batch_size] for start in range(0, n, batch_size)]
 
@@ -386,7 +386,7 @@ def iterate_minibatches(X, y, batch_size: int = 64, shuffle: bool = True, seed=N
     The chapter's `batch_generator`, with a per-epoch order that depends only on (seed, epoch).
     """
     if len(X) != len(y):
-        raise CnnkitError(f"X has {len(X)} rows but y has {len(y)}")
+        raise ValueError(f"X has {len(X)} rows but y has {len(y)}")
     for idx in minibatch_indices(len(y), batch_size, shuffle, seed, epoch):
         yield X[idx], y[idx]
 

@@ -10,10 +10,10 @@ import numpy as np
 
 from cnnkit.data.dataset import Dataset, Split, shape_text
 from cnnkit.data.sources import load_dataset
-from cnnkit.errors import CnnkitError, DatasetError
+from cnnkit.errors import DatasetError
 
 
-def load_for_model(source: str, input_shape, class_names) -> Dataset:
+def load_dataset_for_model(source: str, input_shape, class_names) -> Dataset:
     """Dataset `source` as a model with `input_shape` (C, H, W) and `class_names` takes it: folder
     images brought to its input shape, and labels re-indexed to the model's classes by class name.
 
@@ -34,20 +34,23 @@ def load_for_model(source: str, input_shape, class_names) -> Dataset:
     return match_classes(dataset, class_names, source)
 
 
+load_for_model = load_dataset_for_model  # its old name, kept for code that imports it
+
+
 def split_for_model(
     source: str, input_shape, class_names, valid_size: int, split: str = "test"
 ) -> tuple[Dataset, Split]:
-    """`load_for_model`, and its split `split` ("test", "valid" or "train") to score the model on.
+    """`load_dataset_for_model`, and its split `split` ("test", "valid" or "train") to score the model on.
 
     "valid" and "train" are carved as training carved them (the last `valid_size` training images are
     "valid"). Raises CnnkitError when the split is missing or empty.
     """
-    data = load_for_model(source, input_shape, class_names)
+    data = load_dataset_for_model(source, input_shape, class_names)
     if split != "test" and data.train is not None:
         data = data.split_validation(valid_size)
     chosen = getattr(data, split)
     if chosen is None or len(chosen) == 0:
-        raise CnnkitError(f"dataset {source!r} has no {split} split; try --split valid or another --dataset")
+        raise DatasetError(f"dataset {source!r} has no {split} split; try --split valid or another --dataset")
     return data, chosen
 
 

@@ -60,7 +60,7 @@ from starlette.exceptions import HTTPException
 
 from cnnkit import __version__
 from cnnkit.checkpoint import Checkpoint, load_network
-from cnnkit.errors import CnnkitError, FileError, one_line
+from cnnkit.errors import ArgumentError, CnnkitError, FileError, one_line
 from cnnkit.images import ImageBytes, image_shape, prepare_for_model, read_image
 from cnnkit.inference import predict_proba
 from cnnkit.layer_outputs import DESCRIPTIONS, activations, filters
@@ -745,7 +745,7 @@ def open_socket(host: str, port: int) -> socket.socket:
         )[0]
     except (socket.gaierror, UnicodeError) as exc:
         reason = getattr(exc, "strerror", None) or exc
-        raise CnnkitError(f"--host {host}: not an address or a known host name ({reason})") from None
+        raise ArgumentError(f"--host {host}: not an address or a known host name ({reason})") from None
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart need not wait out TIME_WAIT
@@ -758,7 +758,7 @@ def open_socket(host: str, port: int) -> socket.socket:
             errno.EADDRNOTAVAIL: f"--host {host}: not an address of this machine",
             errno.EACCES: f"port {port}: permission denied (ports below 1024 need privileges); choose another --port",
         }
-        raise CnnkitError(
+        raise ArgumentError(
             reasons.get(exc.errno, f"cannot listen on {host}:{port} ({exc.strerror or exc})")
         ) from None
     return sock
