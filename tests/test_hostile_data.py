@@ -355,6 +355,7 @@ def npz_of_zeros(path, shape, labels):
     return path
 
 
+@pytest.mark.slow  # a child process over seconds
 def test_npz_that_inflates_to_1_9_gb_is_refused_by_the_default_budget_before_inflating(cli, tmp_path):
     # The file: 1.8 MB on disk, X_train 2,400,000 x 28 x 28 = 1.88 GB, under the 2 GiB per array.
     # Before the budget, `data info` peaked at 1.9 GB and `train` at 9.6 GB (the float32 copy).
@@ -381,6 +382,7 @@ def test_npz_bomb_is_a_real_archive_that_numpy_reads(tmp_path):
         np.testing.assert_array_equal(archive["y_train"], [0, 1, 2])
 
 
+@pytest.mark.slow  # a child process over seconds
 def test_training_refuses_a_float32_copy_over_the_budget_that_the_uint8_images_fit(cli, tmp_path):
     # 100,000 x 28 x 28 = 75 MiB of uint8 fit a 200 MiB budget; the 90,000 training images as float32 would
     # add 269 MB. `data info` needs no float32 copy, so it runs.

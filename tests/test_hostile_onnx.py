@@ -22,6 +22,8 @@ from cnnkit.onnx_model import OPERATORS, OnnxMetadata, load_onnx
 from cnnkit.recipes import RECIPES
 from cnnkit.record import ModelRecord
 
+pytestmark = pytest.mark.slow  # each hostile graph runs in a child process with a timeout
+
 METADATA = OnnxMetadata(
     class_names=tuple("0123456789"),
     preprocessing="digit",

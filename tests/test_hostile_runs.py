@@ -318,6 +318,7 @@ runpy.run_module("cnnkit", run_name="__main__", alter_sys=True)
 """
 
 
+@pytest.mark.slow  # a child process over seconds
 def test_too_many_threads_are_capped(tmp_path, small_npz):
     from cnnkit.threads import available_cpus
 
@@ -429,6 +430,7 @@ def test_a_malformed_record_is_one_line_naming_the_field_in_every_command(
     assert _snapshot(run_copy) == before and not (tmp_path / "report").exists()
 
 
+@pytest.mark.slow  # a child process over seconds
 def test_a_fifo_as_an_npz_dataset_is_refused_not_waited_on(cli, tmp_path, run_copy):
     fifo = tmp_path / "data.npz"
     os.mkfifo(fifo)

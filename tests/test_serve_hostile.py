@@ -29,6 +29,8 @@ from cnnkit.serve import app as serve_app
 from cnnkit.serve import create_app, load_models
 from cnnkit.serve.connections import FD_RESERVE
 
+pytestmark = pytest.mark.slow  # real servers, sockets and uploads for seconds
+
 ROOT = Path(__file__).resolve().parent.parent
 SEVEN = ROOT / "examples" / "seven.png"
 
