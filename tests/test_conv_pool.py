@@ -469,17 +469,20 @@ def test_without_the_cpp_kernels_it_is_pytorchs_composition(pure_pytorch):
     assert torch.equal(ours[0], torch.autograd.grad(expected, weight, torch.ones_like(expected))[0])
 
 
-def test_kernels_built_without_avx512_are_not_used(cpp_extension, monkeypatch):
-    """Compiled for other CPUs, the portable C++ code is slower than PyTorch's ops: not used."""
+def test_kernels_built_for_their_portable_code_are_not_used(cpp_extension, monkeypatch):
+    """Compiled without vector extensions, the C++ code is slower than PyTorch's ops: not used."""
     monkeypatch.setattr(
-        extension, "load", lambda: SimpleNamespace(conv_pool=SimpleNamespace(vectorised=False))
+        extension,
+        "load",
+        lambda: SimpleNamespace(isa="portable", conv_pool=SimpleNamespace(vectorised=False)),
     )
     assert conv_pool._kernels() is None
     cpp_kernels = cpp_extension.conv_pool
-    monkeypatch.setattr(extension, "load", lambda: SimpleNamespace(conv_pool=cpp_kernels))
-    # The kernels built for this CPU (or the level CNNKIT_MAX_ISA caps them to) are used with AVX-512.
+    monkeypatch.setattr(extension, "load", lambda: cpp_extension)
+    # The kernels built for this CPU (or the level CNNKIT_MAX_ISA caps them to): AVX-512 code at the
+    # AVX-512 levels, and used from AVX2 up.
     assert cpp_kernels.vectorised == (extension.isa() in ("avx512_bf16", "avx512"))
-    assert (conv_pool._kernels() is cpp_kernels) == cpp_kernels.vectorised
+    assert (conv_pool._kernels() is cpp_kernels) == (cpp_extension.isa in ("avx512_bf16", "avx512", "avx2"))
 
 
 def test_dtypes_that_differ_raise_as_pytorch_does(cpp_kernels):

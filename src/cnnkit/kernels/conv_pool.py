@@ -25,7 +25,7 @@ Under CPU autocast the inputs are cast as autocast casts them for conv2d (float3
 autograd brings the gradients back to float32 through the casts). Float32 and bfloat16 CPU tensors take
 the C++ path; everything else is computed by PyTorch's convolution and cnnkit.pooling's pooling, which
 gives the composition's bits: the kernels not built (see
-cnnkit.extension) or built without AVX-512 (their portable code is slower than oneDNN), images that
+cnnkit.extension) or built for their portable code (slower than oneDNN: FASTER_THAN_ONEDNN), images that
 require a gradient, more than one input channel, a non-square filter, no bias, dtypes that differ,
 other dtypes and devices, tracing, torch.compile, functorch transforms, forward-mode AD and tensor
 subclasses. Double backward is not supported.
@@ -136,8 +136,16 @@ def _autocast(*tensors):
     return tuple(t if t.dtype in (dtype, torch.float64) else t.to(dtype) for t in tensors)
 
 
+# The instruction-set levels at which the kernels beat oneDNN's convolution. Measured (benchmarks/
+# bench_conv_pool.py) for the chapter's first layer, 64 images, fp32, forward and backward, 2 cores of a
+# Sapphire Rapids Xeon: 658 us with AVX-512 against 4,367 us for oneDNN; at the avx2 level 4,374 us
+# against 6,894 us for oneDNN capped to AVX2 (ONEDNN_MAX_CPU_ISA=AVX2, emulating an AVX2 CPU); the
+# portable code (no vector extension chosen) is not faster than oneDNN on any CPU we have.
+FASTER_THAN_ONEDNN = ("avx512_bf16", "avx512", "avx2")
+
+
 def _kernels():
     """The C++ kernels (a module with `forward` and `backward`), or None where they cannot be built or
-    were built without AVX-512 (their portable code is slower than PyTorch's ops)."""
+    were built for a level where they are slower than PyTorch's ops (see FASTER_THAN_ONEDNN)."""
     compiled = extension.load()
-    return compiled.conv_pool if compiled is not None and compiled.conv_pool.vectorised else None
+    return compiled.conv_pool if compiled is not None and compiled.isa in FASTER_THAN_ONEDNN else None
