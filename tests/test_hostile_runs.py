@@ -469,8 +469,8 @@ except BaseException as exc:
     [
         ("import cnnkit.__main__; import interrupted_import", ""),  # before main takes over
         (
-            "from cnnkit import cli; cli.run_data_info = lambda args: __import__('interrupted_import'); "
-            "cli.main(['data', 'info', 'mnist-5k'])",
+            "from cnnkit.cli import learn, main; learn.run_data_info = lambda args: __import__('interrupted_import'); "
+            "main(['data', 'info', 'mnist-5k'])",
             "cnnkit: interrupted\n",
         ),
     ],
