@@ -12,7 +12,7 @@ from PIL import Image
 from cnnkit import plots
 from cnnkit.checkpoint import list_checkpoints
 from cnnkit.cli import main
-from cnnkit.report import default_report_folder, write_report
+from cnnkit.viz.report import default_report_folder, write_report
 
 FIGURE_SIZES = {
     "learning_curves.png": plots.SIZES["history"],

@@ -141,7 +141,7 @@ def add_report(commands):
 def run_report(args) -> int:
     import time
 
-    from cnnkit.report import write_report
+    from cnnkit.viz.report import write_report
 
     device = runtime(args)
     started = time.perf_counter()
