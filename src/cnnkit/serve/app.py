@@ -51,7 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from fastapi import FastAPI, File, Query, Request, UploadFile
+from fastapi import APIRouter, FastAPI, File, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -617,7 +617,6 @@ def create_app(
     """
     if not models:
         raise ValueError("serve at least one model")
-    by_id = {served.id: served for served in models}
     descriptions = {served.id: served.description() for served in models}  # records do not change
     pool = WorkerPool(workers, max_waiting, max_images)
 
@@ -642,6 +641,35 @@ def create_app(
     if allowed_hosts is not None:
         app.add_middleware(HostCheck, allowed=allowed_hosts)  # added last: it runs first
 
+    app.include_router(page_routes())
+    app.include_router(api_routes(models, descriptions, pool))
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    add_error_handlers(app)
+    return app
+
+
+def page_routes() -> APIRouter:
+    """The page and its API docs (both offline: no CDN)."""
+    router = APIRouter()
+
+    @router.get("/", include_in_schema=False)
+    def index():
+        return FileResponse(STATIC / "index.html")
+
+    @router.get("/docs", include_in_schema=False)
+    def docs():
+        return FileResponse(STATIC / "docs.html")
+
+    return router
+
+
+def api_routes(models: list[ServedModel], descriptions: dict, pool: "WorkerPool") -> APIRouter:
+    """The JSON API over `models` (the first is the default), their `descriptions` (made once: records do
+    not change) and the inference `pool`."""
+    router = APIRouter()
+    by_id = {served.id: served for served in models}
+
     def pick(model_id: str | None) -> ServedModel:
         if model_id is not None and model_id not in by_id:
             raise RequestError(404, f"no model {model_id!r}; served: {', '.join(by_id)}")
@@ -659,29 +687,21 @@ def create_app(
     model_query = Query(None, description="a model id from /api/models (default: the first)")
     image_field = File(..., description="an image file: PNG, JPEG, BMP, GIF, TIFF...")
 
-    @app.get("/", include_in_schema=False)
-    def index():
-        return FileResponse(STATIC / "index.html")
-
-    @app.get("/docs", include_in_schema=False)
-    def docs():
-        return FileResponse(STATIC / "docs.html")
-
-    @app.get("/api/models", summary="The models served", tags=["models"])
+    @router.get("/api/models", summary="The models served", tags=["models"])
     def list_models():
         """Each model: id, dataset, epoch (of `epochs` planned), class names, validation accuracy at that
         epoch (null without validation), input shape, preprocessing and layers. A model whose record
         cannot be read has only `id`, `source`, `checkpoint` and `error`."""
         return [descriptions[served.id] for served in models]
 
-    @app.post("/api/predict", summary="Classify an image", tags=["predict"])
+    @router.post("/api/predict", summary="Classify an image", tags=["predict"])
     async def predict(file: UploadFile = image_field, model: str | None = model_query):
         """`{"label", "class_name", "confidence", "probabilities": {class: p}, "model"}`, prepared
         and computed as `cnnkit predict` does."""
         served = pick(model)
         return await pool.run(predict_image, served, *await upload(file), image=True)
 
-    @app.post("/api/activations", summary="Every layer's output for an image", tags=["predict"])
+    @router.post("/api/activations", summary="Every layer's output for an image", tags=["predict"])
     async def layer_outputs(file: UploadFile = image_field, model: str | None = model_query):
         """The prediction, `input` (the prepared image, uint8 C x H x W in base64) and `layers`: each with
         name, description, shape, and for maps `min`, `max` per map and `data` (uint8 base64, value =
@@ -689,19 +709,23 @@ def create_app(
         served = pick(model)
         return await pool.run(image_activations, served, *await upload(file), image=True)
 
-    @app.get("/api/models/{model_id}/filters", summary="Convolution kernels", tags=["models"])
+    @router.get("/api/models/{model_id}/filters", summary="Convolution kernels", tags=["models"])
     async def kernels(model_id: str):
         """`{"conv1": {"shape": [F, C, k, k], "data": base64 float32}, "conv2": ...}`: map j of a
         convolution layer is made by its kernel j."""
         return await pool.run(model_filters, pick(model_id))
 
-    @app.get("/api/models/{model_id}/history", summary="Learning curves", tags=["models"])
+    @router.get("/api/models/{model_id}/history", summary="Learning curves", tags=["models"])
     async def history(model_id: str):
         """One entry per epoch (losses, validation accuracy, learning rate), read afresh from the run's
         history.jsonl on every request, so it follows a `cnnkit train` still writing to the run."""
         return await pool.run(read_history, pick(model_id))
 
-    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return router
+
+
+def add_error_handlers(app: FastAPI):
+    """Every error as a JSON body `{"error": "..."}`, with its status code."""
 
     @app.exception_handler(RequestError)
     async def refused(request: Request, exc: RequestError):
@@ -730,8 +754,6 @@ def create_app(
             {"error": f"internal error ({type(exc).__name__}); the server's log has the details"},
             status_code=500,
         )
-
-    return app
 
 
 # --- running it ---
