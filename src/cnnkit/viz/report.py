@@ -45,6 +45,66 @@ def default_report_folder(run) -> Path:
     return run.with_name(f"{run.stem}-{REPORT_FOLDER}")
 
 
+# The report's figures in the order the page shows them: file, title and caption (formatted with the
+# split's name and counts); write_report draws each.
+FIGURES = {
+    "learning_curves.png": (
+        "Learning curves",
+        "Left: the loss on the training images (mean over each epoch) and on the validation images "
+        "(after each epoch); a validation loss that rises while the training loss falls means the network "
+        "is memorizing. The training loss is measured with dropout on (and label smoothing, in the fast "
+        "recipe), so it can lie above the validation loss. Middle: validation accuracy, its best epoch "
+        "starred. Right: the learning rate the schedule used. The dashed line marks the epoch of the model "
+        "reported here.",
+    ),
+    "confusion_matrix.png": (
+        "Confusion matrix",
+        "Each row is a true class, each column the class the network answered, over the {split} split's "
+        "{images:,} images. The diagonal holds the right answers; a dark cell off it is a pair of "
+        "classes the network confuses. Left: counts; right: the share of each true class.",
+    ),
+    "per_class_accuracy.png": (
+        "Accuracy per class",
+        "The share of each class's images that the network classifies as that class (its recall). "
+        "The dashed line is the accuracy over all classes.",
+    ),
+    "mistakes.png": (
+        "The most confident mistakes",
+        "The wrong answers the network was surest of. Some are the network's fault; others are images "
+        "a person would find ambiguous, or labels that look wrong.",
+    ),
+    "filters.png": (
+        "The first layer's filters",
+        "Each small square is one filter of the first convolution: the pattern of weights it slides over "
+        "the image. A feature map (below) is bright where the image looks like its filter.",
+    ),
+    "feature_maps_1.png": (
+        "What each layer sees: {split} image {index:,}",
+        "One image on its way through the network, layer by layer. Each convolution turns every map of "
+        "the layer before into one map per filter; ReLU keeps the positive part; max-pooling halves "
+        "the size, keeping the strongest answer in each 2 x 2 block. The maps get smaller and more "
+        "abstract: by the second pooling layer they no longer look like the image.",
+    ),
+    "feature_maps_{n}.png": (
+        "What each layer sees: {split} image {index:,}",
+        "Another image, of another class, read the same way: what differs from image {first:,} "
+        "in each layer is what tells the classes apart.",
+    ),
+    "projection.png": (
+        "The last hidden layer, in 2-D",
+        "The {features:,} features that the last layer reads, for {sample:,} {split} images, projected on "
+        "the two directions in which they vary most (principal component analysis). Each dot is an image, "
+        "coloured by its true class: classes that form separate clouds are easy for the network; "
+        "overlapping clouds are the pairs the confusion matrix shows.",
+    ),
+    "network.png": (
+        "The network",
+        "The chapter's network, from the image to the class scores, with each layer's output shape and "
+        "number of weights.",
+    ),
+}
+
+
 def write_report(
     run,
     out=None,
@@ -79,7 +139,9 @@ def write_report(
     history, best_epoch = _run_history(run, ckpt)
     figures = []
 
-    def add(file, title, caption, picture):
+    def add(file, picture, entry=None, **context):
+        title, caption = FIGURES[entry or file]
+        title, caption = title.format(split=data.name, **context), caption.format(split=data.name, **context)
         path = out / file
         if isinstance(picture, Image.Image):
             plots.save_image(picture, path)
@@ -89,61 +151,20 @@ def write_report(
             width, height = written.size
         figures.append({"file": file, "title": title, "caption": caption, "width": width, "height": height})
 
-    add(
-        "learning_curves.png",
-        "Learning curves",
-        "Left: the loss on the training images (mean over each epoch) and on the validation images "
-        "(after each epoch); a validation loss that rises while the training loss falls means the network "
-        "is memorizing. The training loss is measured with dropout on (and label smoothing, in the fast "
-        "recipe), so it can lie above the validation loss. Middle: validation accuracy, its best epoch "
-        "starred. Right: the learning rate the schedule used. The dashed line marks the epoch of the model "
-        "reported here.",
-        plots.history(history, record.epoch, best_epoch),
-    )
+    add("learning_curves.png", plots.history(history, record.epoch, best_epoch))
     confusion = scored.evaluation.confusion
-    add(
-        "confusion_matrix.png",
-        "Confusion matrix",
-        f"Each row is a true class, each column the class the network answered, over the {data.name} split's "
-        f"{len(data):,} images. The diagonal holds the right answers; a dark cell off it is a pair of "
-        "classes the network confuses. Left: counts; right: the share of each true class.",
-        plots.confusion_matrix(confusion, names),
-    )
-    add(
-        "per_class_accuracy.png",
-        "Accuracy per class",
-        "The share of each class's images that the network classifies as that class (its recall). "
-        "The dashed line is the accuracy over all classes.",
-        plots.per_class_accuracy(confusion, names),
-    )
+    add("confusion_matrix.png", plots.confusion_matrix(confusion, names), images=len(data))
+    add("per_class_accuracy.png", plots.per_class_accuracy(confusion, names))
     add(
         "mistakes.png",
-        "The most confident mistakes",
-        "The wrong answers the network was surest of. Some are the network's fault; others are images "
-        "a person would find ambiguous, or labels that look wrong.",
         plots.mistakes_image(data.images, data.labels, probabilities, names, MISTAKES, data.name),
     )
-    kernels = filters(model)["conv1"]
-    add(
-        "filters.png",
-        "The first layer's filters",
-        "Each small square is one filter of the first convolution: the pattern of weights it slides over "
-        "the image. A feature map (below) is bright where the image looks like its filter.",
-        plots.filters_image(kernels),
-    )
+    add("filters.png", plots.filters_image(filters(model)["conv1"]))
     chosen = _one_per_class(data.labels, FEATURE_MAP_IMAGES)
     maps = activations(model, standardized[chosen])
     for n, index in enumerate(chosen, 1):
         add(
             f"feature_maps_{n}.png",
-            f"What each layer sees: {data.name} image {index:,}",
-            "One image on its way through the network, layer by layer. Each convolution turns every map of "
-            "the layer before into one map per filter; ReLU keeps the positive part; max-pooling halves "
-            "the size, keeping the strongest answer in each 2 x 2 block. The maps get smaller and more "
-            "abstract: by the second pooling layer they no longer look like the image."
-            if n == 1
-            else f"Another image, of another class, read the same way: what differs from image {chosen[0]:,} "
-            "in each layer is what tells the classes apart.",
             plots.feature_maps_image(
                 maps,
                 n - 1,
@@ -151,6 +172,9 @@ def write_report(
                 int(data.labels[index]),
                 f"What each layer sees: {data.name} image {index:,}",
             ),
+            entry="feature_maps_1.png" if n == 1 else "feature_maps_{n}.png",
+            index=index,
+            first=chosen[0],
         )
     sample = np.unique(np.linspace(0, len(data) - 1, min(PROJECTION_IMAGES, len(data))).round().astype(int))
     features = np.concatenate(
@@ -162,21 +186,12 @@ def write_report(
     points, explained = plots.pca_2d(np.nan_to_num(features))
     add(
         "projection.png",
-        "The last hidden layer, in 2-D",
-        f"The {features.shape[1]:,} features that the last layer reads, for {len(sample):,} {data.name} images, "
-        "projected on the two directions in which they vary most (principal component analysis). Each dot "
-        "is an image, coloured by its true class: classes that form separate clouds are easy for the "
-        "network; overlapping clouds are the pairs the confusion matrix shows.",
         plots.projection(points, data.labels[sample], names, explained, f" of the {data.name} split"),
+        features=features.shape[1],
+        sample=len(sample),
     )
     arch = record.architecture
-    add(
-        "network.png",
-        "The network",
-        "The chapter's network, from the image to the class scores, with each layer's output shape and "
-        "number of weights.",
-        plots.network(arch, record.build),
-    )
+    add("network.png", plots.network(arch, record.build))
     wrong = plots.most_confident_mistakes(data.labels, probabilities, MISTAKES)
     report = dict(scored.numbers)  # cnnkit evaluate --json's object, first and unchanged
     report.update(
