@@ -389,3 +389,22 @@ def three_class_run(tmp_path_factory):
     config = TrainConfig(epochs=2, seed=0, learning_rate=1e-3)
     start_run(f"npz:{path}", config, run_dir, architecture=TINY, valid_size=0, log=lambda line: None)
     return run_dir
+
+
+@pytest.fixture
+def held_predictions(monkeypatch):
+    """cnnkit serve's predictions wait until `release` is set (at most 30 s); `started` is set when one
+    begins: (release, started)."""
+    from cnnkit.serve import app as serve_app
+
+    release, started = threading.Event(), threading.Event()
+    real = serve_app.predict_image
+
+    def slow(*args):
+        started.set()
+        release.wait(30)
+        return real(*args)
+
+    monkeypatch.setattr(serve_app, "predict_image", slow)
+    yield release, started
+    release.set()

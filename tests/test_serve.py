@@ -274,16 +274,8 @@ def test_an_unexpected_failure_is_500_json_without_a_traceback(models, monkeypat
         assert "secret internals" not in message
 
 
-def test_a_burst_beyond_the_queue_is_503_while_the_pool_is_busy(models, monkeypatch):
-    release, started = threading.Event(), threading.Event()
-    real = serve_app.predict_image
-
-    def slow(*args):
-        started.set()
-        release.wait(30)
-        return real(*args)
-
-    monkeypatch.setattr(serve_app, "predict_image", slow)
+def test_a_burst_beyond_the_queue_is_503_while_the_pool_is_busy(models, held_predictions):
+    release, started = held_predictions
     app = create_app(models, workers=1, max_waiting=1)
     with TestClient(app) as client:
         first = {}

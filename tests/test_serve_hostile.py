@@ -221,16 +221,8 @@ def test_a_large_upload_is_prepared_from_a_reduced_image_like_a_small_one(client
     assert np.abs(small_input.astype(int) - large_input.astype(int)).mean() < 10  # nearly the same one
 
 
-def test_uploads_beyond_the_memory_held_for_bodies_wait_for_none_and_get_503(models, monkeypatch):
-    release, started = threading.Event(), threading.Event()
-    real = serve_app.predict_image
-
-    def slow(*args):
-        started.set()
-        release.wait(30)
-        return real(*args)
-
-    monkeypatch.setattr(serve_app, "predict_image", slow)
+def test_uploads_beyond_the_memory_held_for_bodies_wait_for_none_and_get_503(models, held_predictions):
+    release, started = held_predictions
     seven = SEVEN.read_bytes()
     with TestClient(create_app(models, workers=1, max_bodies_bytes=len(seven) + 1000)) as client:
         first = {}

@@ -15,7 +15,6 @@ import contextlib
 import gc
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -28,7 +27,7 @@ import traceback
 from datetime import timedelta
 from pathlib import Path
 
-from cnnkit.errors import ArgumentError, CnnkitError, one_line
+from cnnkit.errors import ArgumentError, CnnkitError, one_line, positive_number_from_env
 
 # How long a rank waits for the others (to join, or in a collective) before it gives up. Only rank 0
 # validates and writes a checkpoint between two collectives, so this must cover those.
@@ -65,16 +64,8 @@ def restart_count() -> int:
 
 def timeout_s() -> float:
     """The process-group timeout in seconds: $CNNKIT_DIST_TIMEOUT, else DEFAULT_TIMEOUT_S."""
-    text = os.environ.get(TIMEOUT_ENV, "")
-    if not text:
-        return DEFAULT_TIMEOUT_S
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0 < value < math.inf:
-        raise ArgumentError(f"{TIMEOUT_ENV}={text!r}: expected a positive number of seconds")
-    return value
+    value = positive_number_from_env(TIMEOUT_ENV, "seconds")
+    return DEFAULT_TIMEOUT_S if value is None else value
 
 
 def rank() -> int:

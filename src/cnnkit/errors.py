@@ -42,3 +42,22 @@ def no_dataset_recorded(checkpoint) -> CheckpointError:
         f"{checkpoint}: trained on arrays with ConvNN, so no dataset is recorded; name one with --dataset "
         "(in Python: the dataset argument), or use ConvNN.load(...)"
     )
+
+
+def positive_number_from_env(name: str, unit: str, error=None) -> float | None:
+    """The positive finite number environment variable `name` holds, or None when it is unset or empty;
+    anything else raises `error` (default ArgumentError) saying "NAME='...': expected a positive number
+    of UNIT"."""
+    import math
+    import os
+
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise (error or ArgumentError)(f"{name}={text!r}: expected a positive number of {unit}")
+    return value

@@ -16,12 +16,10 @@ decoded photo) are not counted.
 """
 
 import functools
-import math
-import os
 
 import numpy as np
 
-from cnnkit.errors import DatasetError
+from cnnkit.errors import DatasetError, positive_number_from_env
 
 BUDGET_ENV = "CNNKIT_MAX_DATA_MB"
 DEFAULT_MAX_BYTES = 1024**3
@@ -33,16 +31,8 @@ def data_memory_limit() -> int:
 
     Raises DatasetError when CNNKIT_MAX_DATA_MB is set to anything but a positive number.
     """
-    text = os.environ.get(BUDGET_ENV, "").strip()
-    if not text:
-        return _default_limit()
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0 < value < math.inf:
-        raise DatasetError(f"{BUDGET_ENV}={text!r}: expected a positive number of megabytes, e.g. 4096")
-    return int(value * MB)
+    value = positive_number_from_env(BUDGET_ENV, "megabytes, e.g. 4096", DatasetError)
+    return _default_limit() if value is None else int(value * MB)
 
 
 @functools.cache
