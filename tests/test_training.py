@@ -309,3 +309,21 @@ def test_fp32_products_in_onednn_learn_what_mkl_did_within_rounding(tmp_path, sm
     assert max((weights[0][name] - weights[1][name]).abs().max().item() for name in weights[0]) < 1e-5
     assert [epoch["valid_accuracy"] for epoch in before] == [epoch["valid_accuracy"] for epoch in after]
     assert after[-1]["valid_accuracy"] > 0.3  # it learned something to compare
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_warm_up_before_epoch_1_changes_nothing_of_the_run(precision):
+    """It runs a copy of the model on one batch: the weights, their gradients and the random generator
+    are as they were."""
+    from cnnkit.training import warm_up
+
+    model = build_model(Architecture(**TINY), seed=0).to(memory_format=torch.channels_last)
+    images = torch.randn(20, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+    labels = torch.arange(20) % 10
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    warm_up(model, (images, labels), TrainConfig(batch_size=8, precision=precision))
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(p.grad is None for p in model.parameters())
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name

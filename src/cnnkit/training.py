@@ -14,6 +14,7 @@ and `load_state_dict(d)`. `EarlyStopping`, `BestEpoch` and `EpochLogger` live he
 checkpointing and history files are callbacks in cnnkit.runs.
 """
 
+import copy
 import math
 import sys
 import time
@@ -328,12 +329,29 @@ def train(
     show_progress = show_progress and distributed.is_main()  # one bar: rank 0's
     network = distributed.wrap(model)  # DDP in a distributed run, else `model` itself
     extension.load()  # a first build of the C++ kernels (20-30 s) is not counted in epoch 1's time
+    warm_up(model, train_data, config)
     try:
         return _train_epochs(
             model, network, optimizer, train_data, valid_data, config, start_epoch, callbacks, show_progress
         )
     finally:
         del network  # before the process group goes (see cnnkit.distributed.process_group)
+
+
+def warm_up(model, train_data, config: TrainConfig):
+    """One forward and backward pass of a copy of `model` on a batch of the training images, in the
+    run's precision, before epoch 1's clock starts: oneDNN compiles its kernels for each new shape on
+    first use (measured on a fresh process, the chapter's network on mnist-5k, Sapphire Rapids, bf16:
+    epoch 1 at 78% of epoch 2's images/s without this). Nothing of the run changes: not the model, not
+    its optimizer, not the random generators."""
+    images, labels = train_data
+    if len(labels) == 0:
+        return
+    replica = copy.deepcopy(model).train()
+    batch = min(config.batch_size, len(labels))
+    devices = [images.device] if images.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), autocast(images.device, config.precision):
+        F.cross_entropy(replica(images[:batch]), labels[:batch]).backward()
 
 
 def _train_epochs(
