@@ -137,3 +137,20 @@ def test_a_first_build_is_announced_overlaps_loading_and_is_not_timed(monkeypatc
     assert lines[2].startswith("path: ")
     ready = next(i for i, line in enumerate(lines) if line.startswith("C++ kernels ready"))
     assert ready < next(i for i, line in enumerate(lines) if line.startswith("epoch 1/1"))
+
+
+def test_a_server_that_gives_large_blocks_back_keeps_that_policy(monkeypatch):
+    """cnnkit serve asks glibc to give large freed blocks back; inference, which would otherwise ask
+    it to keep them (for training's speed), must not undo that."""
+    from cnnkit.kernels import cpu
+
+    calls = []
+    monkeypatch.setattr(cpu, "_mallopt", lambda *settings: calls.append(settings))
+    monkeypatch.setattr(cpu, "_policy", None)
+    cpu.give_back_large_blocks()
+    cpu.keep_freed_memory()
+    assert calls == [((cpu.M_MMAP_THRESHOLD, 2**20),)]
+    monkeypatch.setattr(cpu, "_policy", None)
+    cpu.keep_freed_memory()
+    cpu.keep_freed_memory()  # once a process
+    assert calls[1:] == [((cpu.M_MMAP_THRESHOLD, 32 * 2**20), (cpu.M_TRIM_THRESHOLD, 64 * 2**20))]

@@ -1,14 +1,13 @@
-"""Where and in what precision the network runs: device, bf16 autocast, memory format."""
+"""Where and in what precision the network runs: device, bf16 autocast, memory format. (The CPU's
+memory and oneDNN settings of the fast path are in cnnkit.kernels.cpu.)"""
 
 import contextlib
-import ctypes
-import functools
 import os
-import sys
 
 import torch
 
 from cnnkit.errors import ArgumentError
+from cnnkit.kernels.cpu import keep_freed_memory, onednn_fp32_matmul  # noqa: F401 (their old home)
 
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -143,47 +142,6 @@ def cpu_has_amx() -> bool:
     return _capability("amx_bf16")
 
 
-@contextlib.contextmanager
-def onednn_fp32_matmul():
-    """fp32 matrix products through oneDNN instead of MKL, whose SGEMM takes its AVX2 path on AMD CPUs
-    (a 64 x 1024 x 1024 product on a 2-core AVX-512 EPYC: 956 us in MKL, 722 in oneDNN).
-
-    torch's switch for that is float32_matmul_precision "medium", which also lets oneDNN compute in
-    bf16 on CPUs with AMX: `autocast` uses it only on CPUs without AMX, where the products stay fp32
-    (the error against float64 of that product of N(0, 1) numbers: 9.7e-5 through oneDNN, 5.3e-5
-    through MKL, 0.6 in bf16). The setting is global to the process; it is restored on the way out.
-    """
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("medium")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(before)
-
-
 def memory_format(device: torch.device):
     """channels_last lets oneDNN's CPU convolutions skip layout reorders; CUDA is fine either way."""
     return torch.channels_last if device.type == "cpu" else torch.contiguous_format
-
-
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
-
-
-@functools.cache
-def keep_freed_memory():
-    """Let glibc keep freed blocks of up to 32 MB for reuse instead of handing them back to the kernel.
-
-    A training step frees and allocates the same large buffers again and again (the dense layer's
-    1024 x 1024 weights cast to bf16, its gradient); glibc's defaults hand such blocks back and map
-    fresh ones, whose every 4 KB page then faults when first touched. Measured for the dense layer
-    alone (bf16, batch 64, forward and backward): 240-390 page faults and 1.9 ms a step by default,
-    2 faults and 1.3 ms with this. Does nothing outside glibc.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(M_MMAP_THRESHOLD, 32 * 2**20)
-        libc.mallopt(M_TRIM_THRESHOLD, 64 * 2**20)
-    except (OSError, AttributeError):
-        pass

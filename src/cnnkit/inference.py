@@ -3,7 +3,8 @@
 import numpy as np
 import torch
 
-from cnnkit.device import autocast, keep_freed_memory
+from cnnkit.device import autocast
+from cnnkit.kernels.cpu import keep_freed_memory
 from cnnkit.metrics import Evaluation, evaluate_logits
 
 # Images per forward pass of a float network on a CPU. Larger batches are slower here: the first

@@ -27,10 +27,11 @@ import torch.nn.functional as F
 from cnnkit import distributed
 from cnnkit.augment import epoch_generator, random_affine
 from cnnkit.data import minibatch_indices
-from cnnkit.device import autocast, keep_freed_memory
+from cnnkit.device import autocast
 from cnnkit.errors import CnnkitError
 from cnnkit.inference import evaluate
 from cnnkit.kernels import extension
+from cnnkit.kernels.cpu import keep_freed_memory
 from cnnkit.kernels.master_weights import bf16_weights
 from cnnkit.recipes import RECIPES, TrainConfig, learning_rate_at
 

@@ -33,7 +33,6 @@ connections themselves (deadlines, how many are open) are limited in `connection
 
 import asyncio
 import base64
-import ctypes
 import errno
 import io
 import ipaddress
@@ -46,7 +45,7 @@ import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +62,7 @@ from cnnkit.checkpoint import Checkpoint, load_network
 from cnnkit.errors import ArgumentError, CnnkitError, FileError, one_line
 from cnnkit.images import ImageBytes, image_shape, prepare_for_model, read_image
 from cnnkit.inference import predict_proba
+from cnnkit.kernels.cpu import give_back_large_blocks
 from cnnkit.layer_outputs import DESCRIPTIONS, activations, filters
 from cnnkit.runs import HISTORY_FILE
 from cnnkit.serve.connections import BACKLOG, REQUEST_TIMEOUT, connection_limit, guarded_protocol
@@ -786,15 +786,6 @@ def open_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _give_back_large_blocks():
-    """Have glibc's malloc map each block of 1 MB or more on its own and unmap it when freed. By default
-    it learns to keep freed blocks as large as a decoded image in the freeing thread's arena, so each
-    worker kept its own peak: 10 uploads of 16 megapixels took the server up by 364 MB with 4 workers
-    (2 decoding at once), 286 MB with this, and its memory returned to where it was."""
-    with suppress(OSError, AttributeError):  # not glibc: its own allocator's policy holds
-        ctypes.CDLL("libc.so.6").mallopt(-3, 2**20)  # M_MMAP_THRESHOLD, which also stops its adjustment
-
-
 def serve(
     sources,
     host: str = "127.0.0.1",
@@ -822,7 +813,7 @@ def serve(
     sock = open_socket(host, port)
     workers = workers or min(available_cpus(), 4)
     torch.set_num_threads(1)  # requests run side by side in the pool, one thread each
-    _give_back_large_blocks()
+    give_back_large_blocks()  # see cnnkit.kernels.cpu
     timeout = timeout or REQUEST_TIMEOUT
     allowed = {"localhost", host_name(host), *(host_name(name) for name in allow_hosts)}
     app = create_app(models, workers=workers, allowed_hosts=allowed)
