@@ -283,12 +283,14 @@ def dataset_for_model(record: ModelRecord, source: str | None, checkpoint_path=N
     return load_dataset_for_model(source, record.architecture.input_shape, record.class_names)
 
 
-def to_tensors(split, standardization, device, budget: MemoryBudget, source: str):
+def to_tensors(split, standardization, device, budget: MemoryBudget | None = None, source: str = "dataset"):
     """A Split as (images, labels) tensors on `device`: images standardized float32 (N, C, H, W).
 
     The images are standardized a chunk at a time into one tensor in the device's layout, which on the
-    CPU is first reserved in `budget` (holding the dataset `source`'s arrays): no second full copy.
+    CPU is first reserved in `budget` (holding the dataset `source`'s arrays; default: a budget holding
+    this split): no second full copy.
     """
+    budget = budget or MemoryBudget(held=split.images.nbytes)
     shape = split.images.shape
     if device.type == "cpu":
         what = f"{source}: the {split.name} images standardized as float32 ({shape_text(shape)})"
