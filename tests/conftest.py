@@ -172,11 +172,11 @@ def server():
 
 @pytest.fixture
 def refused_url():
-    """A URL on a port nobody listens on: connections are refused, as with no network."""
+    """A URL on a port nobody listens on: connections are refused, as with no network. The port stays
+    bound (not listening) while the test runs, so no other process can take it meanwhile."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}/"
+        yield f"http://127.0.0.1:{s.getsockname()[1]}/"
 
 
 # --- the command line in a child process, with its exit code, output and peak memory ---
