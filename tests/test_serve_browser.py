@@ -157,6 +157,9 @@ def test_the_page_shows_what_the_api_answers_and_follows_training_live(browser, 
             f.write(json.dumps({**last, "epoch": 4, "train_loss": last["train_loss"] / 2}) + "\n")
         page.wait_for_function("document.getElementById('chart-loss').dataset.points === '4'", timeout=15_000)
         assert page.locator("#history-table tr").count() == 5  # a header and four epochs
+        for chart in ("#chart-loss", "#chart-accuracy"):  # a labelled tick at or below the lowest point
+            lowest = float(page.get_attribute(chart, "data-lowest-tick"))
+            assert lowest <= float(page.get_attribute(chart, "data-lowest-value")), chart
 
         page.click("#tab-draw")
         page.click("#clear")
@@ -182,6 +185,14 @@ def test_draw_a_seven_and_read_seven_layer_by_layer(browser, trained_run, tmp_pa
         for name in ("conv1", "relu1", "pool1", "conv2", "relu2", "pool2", "dense3"):
             assert painted(page, f'.panel[data-layer="{name}"] canvas'), name
         page.screenshot(path=tmp_path / "serve.png", full_page=True)
+        assert page.text_content("#tagline").startswith("Draw a digit")  # a model of digits
+        # Under 1000 px the page stacks its first row; the winning class's bar keeps its three columns.
+        page.set_viewport_size({"width": 900, "height": 900})
+        columns = page.evaluate(
+            "getComputedStyle(document.querySelector('#bars .bar.top')).gridTemplateColumns"
+        )
+        assert len(columns.split()) == 3, columns
+        page.set_viewport_size({"width": 1320, "height": 1000})
 
         page.locator('.panel[data-layer="relu1"] canvas').click(position={"x": 30, "y": 20})
         page.wait_for_selector("#zoom-body canvas.kernel")

@@ -22,6 +22,9 @@ function describeModel(model) {
 function chooseModel(model) {
   state.model = model;
   $("model-info").textContent = describeModel(model);
+  const digits = model.preprocessing === "digit";
+  $("tagline").textContent = `${digits ? "Draw a digit" : "Draw or drop an image"} and watch a trained convolutional network answer, layer by layer.`;
+  $("pad-what").textContent = digits ? "Draw a digit here" : "Draw here, or drop an image";
   state.generation += 1;
   state.layout = "";
   state.historyText = "";

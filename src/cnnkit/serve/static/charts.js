@@ -30,13 +30,20 @@ export function lineChart(canvas, series, { xMax, marker, percent: asPercent }) 
   if (!asPercent) lo = Math.min(0, lo);
   if (hi - lo < 1e-9) hi = lo + 1;
   const x = (v) => pad.left + ((v - 0) / Math.max(xMax, 1)) * (W - pad.left - pad.right);
+  // The lowest tick at or below the lowest value, so that the axis's bottom is labelled.
+  const ticks = niceTicks(lo, hi, 5);
+  if (ticks.length > 1 && ticks[0] > lo + 1e-12) {
+    lo = ticks[0] - (ticks[1] - ticks[0]);
+    ticks.unshift(lo);
+  }
+  canvas.dataset.lowestTick = String(ticks[0]); // for tests: the bottom of the axis is labelled
+  canvas.dataset.lowestValue = String(Math.min(...ys));
   const y = (v) => H - pad.bottom - ((v - lo) / (hi - lo)) * (H - pad.top - pad.bottom);
   context.font = "12px sans-serif";
   context.strokeStyle = "#ddd";
   context.fillStyle = "#555";
   context.textAlign = "right";
   context.textBaseline = "middle";
-  const ticks = niceTicks(lo, hi, 5);
   for (const t of ticks) {
     context.beginPath();
     context.moveTo(pad.left, y(t));
