@@ -198,9 +198,20 @@ def test_draw_a_seven_and_read_seven_layer_by_layer(browser, trained_run, tmp_pa
         page.wait_for_selector("#zoom-body canvas.kernel")
         assert page.text_content("#zoom-title") == "Convolution 1, map 1 of 32"
         assert page.locator("#zoom-body canvas.big").count() == 3
+        scales = page.eval_on_selector_all(
+            "#zoom-body canvas.big", "canvases => canvases.map((c) => c.dataset.scale)"
+        )
+        assert len(set(scales)) == 1 and float(scales[0]) > 0, scales  # one colour scale for the three maps
         page.screenshot(path=tmp_path / "serve-zoom.png")
         page.keyboard.press("Escape")
         assert page.locator("#zoom").is_hidden()
+
+        docs = browser.new_page()
+        docs.goto(server.url + "docs")
+        docs.wait_for_selector("#intro code")
+        intro = docs.text_content("#intro")
+        assert "`" not in intro and server.url.rstrip("/") in intro and "127.0.0.1:8000" not in intro, intro
+        docs.close()
 
         page.set_input_files("#upload", ROOT / "examples" / "two.png")
         page.wait_for_function("document.getElementById('answer-label').textContent === '2'")

@@ -20,7 +20,10 @@ function parameters(operation) {
 fetch("/openapi.json")
   .then((response) => response.json())
   .then((spec) => {
-    document.getElementById("intro").textContent = spec.info.description || "";
+    // The description's `code` spans as code, and its example address as this server's own.
+    const intro = document.getElementById("intro");
+    const description = (spec.info.description || "").replaceAll("http://127.0.0.1:8000", location.origin);
+    intro.replaceChildren(...description.split("`").map((text, i) => (i % 2 ? element("code", "", text) : text)));
     const root = document.getElementById("routes");
     for (const [path, methods] of Object.entries(spec.paths)) {
       for (const [method, operation] of Object.entries(methods)) {

@@ -47,12 +47,13 @@ export function mapAt(canvas, event, count) {
   return index >= 0 && index < count ? index : -1;
 }
 
-// One map (H, W) of `values` starting at `offset`, on its own canvas; scale: its own largest |value|.
-export function drawOneMap(canvas, values, offset, h, w) {
+// One map (H, W) of `values` starting at `offset`, on its own canvas; `scale` (default: its own largest
+// |value|) is the value drawn brightest, so that maps drawn with one scale compare pixel by pixel.
+export function drawOneMap(canvas, values, offset, h, w, scale = undefined) {
   canvas.width = w;
   canvas.height = h;
   const part = values.subarray(offset, offset + h * w);
-  const scale = maxAbs(part);
+  scale ??= maxAbs(part);
   const image = new ImageData(w, h);
   for (let i = 0; i < h * w; i++) colour(part[i], scale, image.data, i * 4);
   canvas.getContext("2d").putImageData(image, 0, 0);

@@ -1,7 +1,7 @@
 // The layer panels, stage by stage, and the enlarged map with the filter that made it.
 
 import { getFilters } from "./api.js";
-import { mapValues } from "./arrays.js";
+import { mapValues, maxAbs } from "./arrays.js";
 import { drawBars, drawScores } from "./bars.js";
 import { drawKernels, drawMapGrid, drawOneMap, drawStrip, mapAt } from "./maps.js";
 import { $, state } from "./state.js";
@@ -143,15 +143,26 @@ export async function openZoom(stage, index) {
     parts.push(Object.assign(document.createElement("p"), { className: "error", textContent: `could not load the filter (${error.message})` }));
   }
   const captions = ["Its map (before ReLU)", "After ReLU: negatives become 0", "After max-pooling: the largest of each 2×2 block"];
+  // One colour scale for the three maps, so that a value ReLU and pooling keep keeps its colour.
+  const present = names.map((name) => byName[name]).filter(Boolean);
+  const scale = Math.max(...present.map((layer) => {
+    const [, h, w] = layer.shape;
+    return maxAbs(mapValues(layer).subarray(index * h * w, (index + 1) * h * w));
+  }));
   names.forEach((name, k) => {
     const layer = byName[name];
     if (!layer) return;
     const [, h, w] = layer.shape;
     const canvas = document.createElement("canvas");
     canvas.className = "pixels big";
-    drawOneMap(canvas, mapValues(layer), index * h * w, h, w);
+    canvas.dataset.scale = String(scale);
+    drawOneMap(canvas, mapValues(layer), index * h * w, h, w, scale);
     parts.push(figure(`${captions[k]}, ${h}×${w}`, canvas));
   });
+  parts.push(Object.assign(document.createElement("p"), {
+    className: "small muted",
+    textContent: `The three maps share one colour scale: black is 0, the brightest orange ${scale.toFixed(2)}, the brightest blue −${scale.toFixed(2)}.`,
+  }));
   body.replaceChildren(...parts);
 }
 
