@@ -22,7 +22,7 @@ fetch("/openapi.json")
   .then((spec) => {
     // The description's `code` spans as code, and its example address as this server's own.
     const intro = document.getElementById("intro");
-    const description = (spec.info.description || "").replaceAll("http://127.0.0.1:8000", location.origin);
+    const description = (spec.info.description || "").replace(/https?:\/\/[^/\s`]+/g, location.origin);
     intro.replaceChildren(...description.split("`").map((text, i) => (i % 2 ? element("code", "", text) : text)));
     const root = document.getElementById("routes");
     for (const [path, methods] of Object.entries(spec.paths)) {
