@@ -4,6 +4,9 @@ The CLI prints a `CnnkitError` as one line (`cnnkit: error: ...`) and exits with
 names the file or argument at fault and says what was expected.
 """
 
+import math
+import os
+
 
 def one_line(exc: BaseException, limit: int = 200) -> str:
     """An exception's text on one line (whitespace collapsed, at most `limit` characters), to quote in
@@ -48,9 +51,6 @@ def positive_number_from_env(name: str, unit: str, error=None) -> float | None:
     """The positive finite number environment variable `name` holds, or None when it is unset or empty;
     anything else raises `error` (default ArgumentError) saying "NAME='...': expected a positive number
     of UNIT"."""
-    import math
-    import os
-
     text = os.environ.get(name, "").strip()
     if not text:
         return None

@@ -49,7 +49,7 @@ class Deployable(StandardizedNetwork):
         super().__init__(network, standardization.mean, standardization.std)
 
     def forward(self, pixels):
-        logits = self.network((pixels - self.mean) / self.std)
+        logits = super().forward(pixels)
         return logits, torch.softmax(logits, dim=1)
 
 

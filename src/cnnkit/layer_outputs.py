@@ -64,7 +64,8 @@ def activations(model, images, batch_size: int = 256) -> dict[str, np.ndarray]:
     """
     if isinstance(model, StandardizedNetwork):
         with torch.inference_mode():
-            images = model.standardize(torch.as_tensor(np.asarray(images, dtype=np.float32))).cpu().numpy()
+            pixels = torch.as_tensor(np.asarray(images, dtype=np.float32), device=model.mean.device)
+            images = model.standardize(pixels).cpu().numpy()
         model = model.network
     reference = LayerCNN(model.arch)  # PyTorch's modules, unfused, with the model's weights
     reference.load_state_dict(layer_weights(model))

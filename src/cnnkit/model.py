@@ -256,7 +256,7 @@ class StandardizedNetwork(nn.Module):
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).reshape(shape))
 
     def standardize(self, pixels: torch.Tensor) -> torch.Tensor:
-        return (torch.as_tensor(pixels, dtype=torch.float32, device=self.mean.device) - self.mean) / self.std
+        return (pixels - self.mean) / self.std
 
     def forward(self, pixels):
         return self.network(self.standardize(pixels))

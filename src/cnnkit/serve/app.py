@@ -64,6 +64,7 @@ from cnnkit.images import ImageBytes, image_shape, prepare_for_model, read_image
 from cnnkit.inference import predict_proba
 from cnnkit.kernels.cpu import give_back_large_blocks
 from cnnkit.layer_outputs import DESCRIPTIONS, activations, filters
+from cnnkit.metrics import strict_json
 from cnnkit.runs import HISTORY_FILE
 from cnnkit.serve.connections import BACKLOG, REQUEST_TIMEOUT, connection_limit, guarded_protocol
 
@@ -419,18 +420,8 @@ def json_bytes(value) -> bytes:
     try:
         text = json.dumps(value, allow_nan=False, separators=(",", ":"))
     except ValueError:  # a float that is not finite, somewhere
-        text = json.dumps(_finite(value), allow_nan=False, separators=(",", ":"))
+        text = json.dumps(strict_json(value), allow_nan=False, separators=(",", ":"))
     return text.encode()
-
-
-def _finite(value):
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(item) for item in value]
-    return value
 
 
 class JSONAnswer(JSONResponse):
