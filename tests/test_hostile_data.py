@@ -6,7 +6,9 @@ child process (the `cli` fixture), each must end with exit code 2, exactly one l
 """
 
 import gzip
+import io
 import math
+import os
 import struct
 import warnings
 import zipfile
@@ -16,6 +18,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from PIL import Image
 
 from cnnkit.data import MAX_CLASSES, read_idx
 from cnnkit.data.idx import write_idx
@@ -312,6 +315,70 @@ def test_read_image_never_lets_pillows_bomb_warning_or_error_escape(tmp_path):
         for name in ("a.png", "b.png"):
             with pytest.raises(FileError, match=f"{name}: .* megapixels is over cnnkit's limit of 50"):
                 read_image(tmp_path / name)
+
+
+# --- photo folders, through the worker processes that decode them (cnnkit.data.imagefolder) -------------
+
+
+def photo_folder(root, hostile_name=None, hostile=b""):
+    """root/{a,b}/*.jpg: 40 small real JPEGs, and one hostile file among b's; workers get 2-file tasks."""
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        folder = root / "ab"[i % 2]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(folder / f"{i:02}.jpg")
+    if hostile_name:
+        (root / "b" / hostile_name).write_bytes(hostile)
+    return root
+
+
+def real_jpeg() -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(
+        buffer, "JPEG"
+    )
+    return buffer.getvalue()
+
+
+PARALLEL = {"CNNKIT_DATA_WORKERS": "2"}
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "fragments"),
+    [
+        ("cut.jpg", real_jpeg()[:700], ("cut.jpg", "cannot read image")),
+        ("fake.png", b"\x89PNG\r\n\x1a\n not really a png", ("fake.png", "not an image file")),
+        ("words.jpg", b"hello, not a photo", ("words.jpg", "not an image file")),
+        ("bomb.png", png_bomb(12_000), ("bomb.png", "144 megapixels is over cnnkit's limit")),
+        ("claims.png", png(100_000, 100_000, 0), ("claims.png", "10,000 megapixels is over")),
+        ("empty.jpg", b"", ("empty.jpg", "not an image file")),
+    ],
+)
+def test_a_hostile_photo_among_good_ones_is_one_line_from_the_worker_processes(
+    cli, tmp_path, name, data, fragments
+):
+    root = photo_folder(tmp_path / "photos", name, data)
+    env = {**PARALLEL, "CNNKIT_CACHE_DIR": str(tmp_path / "cache")}
+    result = cli("data", "info", f"folder:{root}", env=env, timeout=120)  # a child process: no hang
+    result.assert_one_line_error(*fragments)
+
+
+def test_a_photo_just_under_the_pixel_limit_is_decoded_by_a_worker_in_bounded_memory(cli, tmp_path):
+    side = math.isqrt(MAX_IMAGE_PIXELS) // 100 * 100  # 7000: 49 megapixels of RGBA, 196 MB decoded
+    root = photo_folder(tmp_path / "photos", "large.png", png_bomb(side))
+    env = {**PARALLEL, "CNNKIT_CACHE_DIR": str(tmp_path / "cache")}
+    result = cli("data", "info", f"folder:{root}", env=env, timeout=120)
+    assert result.code == 0 and "12x12" in result.out and result.peak_mb < 1024, result.err[-2000:]
+
+
+def test_a_pipe_or_a_link_loop_in_a_photo_folder_is_skipped_without_waiting(cli, tmp_path):
+    root = photo_folder(tmp_path / "photos")
+    os.mkfifo(root / "a" / "pipe.jpg")  # opening it would wait for a writer
+    (root / "b" / "loop").symlink_to(root / "b")  # a link to a folder is not followed
+    result = cli(
+        "data", "info", f"folder:{root}", env={"CNNKIT_CACHE_DIR": str(tmp_path / "cache")}, timeout=120
+    )
+    assert result.code == 0 and " 40" in result.out, result.err[-2000:]
 
 
 # --- the data memory budget (cnnkit.data.budget) -------------------------------------------------------

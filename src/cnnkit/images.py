@@ -4,7 +4,9 @@ object into a network's input."""
 import contextlib
 import io
 import math
+import os
 import re
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,11 +76,19 @@ def read_image(path, min_size=None) -> np.ndarray:
     Raises FileError naming the file when it is missing, not an image, truncated, or over
     MAX_IMAGE_PIXELS (checked from the header, before decoding).
     """
+    return read_image_and_shape(path, min_size)[0]
+
+
+def read_image_and_shape(path, min_size=None) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """`read_image(path, min_size)` and `image_shape(path)` from one opening of the file: the pixels, and
+    the full-size (H, W, C) that the header declares (upright), which a reduced decode no longer shows."""
     with _opened(path) as img:
+        stored = _orientation(img, decoded=False)
+        shape = _stored_shape(img, stored)
         needed = None
         if min_size is not None:
             needed = (int(min_size[0]), int(min_size[1]))
-            if _orientation(img, decoded=False) in _SWAPS_AXES:
+            if stored in _SWAPS_AXES:
                 needed = needed[::-1]
             if img.format == "JPEG":
                 img.draft(None, (needed[1], needed[0]))
@@ -92,7 +102,7 @@ def read_image(path, min_size=None) -> np.ndarray:
         if orientation in _UPRIGHT:
             img = img.transpose(_UPRIGHT[orientation])
         array = np.asarray(img, dtype=np.uint8)
-    return array[..., None] if array.ndim == 2 else array
+    return (array[..., None] if array.ndim == 2 else array), shape
 
 
 def image_shape(path) -> tuple[int, int, int]:
@@ -102,18 +112,24 @@ def image_shape(path) -> tuple[int, int, int]:
     MAX_IMAGE_PIXELS.
     """
     with _opened(path) as img:
-        width, height = img.size
-        if _orientation(img, decoded=False) in _SWAPS_AXES:
-            height, width = width, height
-        if img.mode in _KEEP_MODES:
-            channels = _KEEP_MODES[img.mode]
-        elif img.mode in ("1", "I", "I;16", "I;16B", "I;16L"):
-            channels = 1
-        elif img.mode in ("LA", "La", "PA") or (img.mode == "P" and "transparency" in img.info):
-            channels = 4
-        else:
-            channels = 3
-        return height, width, channels
+        return _stored_shape(img, _orientation(img, decoded=False))
+
+
+def _stored_shape(img: Image.Image, orientation: int) -> tuple[int, int, int]:
+    """(H, W, C) of an opened, not yet decoded image with EXIF `orientation` as `read_image` returns it
+    at full size."""
+    width, height = img.size
+    if orientation in _SWAPS_AXES:
+        height, width = width, height
+    if img.mode in _KEEP_MODES:
+        channels = _KEEP_MODES[img.mode]
+    elif img.mode in ("1", "I", "I;16", "I;16B", "I;16L"):
+        channels = 1
+    elif img.mode in ("LA", "La", "PA") or (img.mode == "P" and "transparency" in img.info):
+        channels = 4
+    else:
+        channels = 3
+    return height, width, channels
 
 
 @contextlib.contextmanager
@@ -128,10 +144,15 @@ def _opened(path):
     if isinstance(path, ImageBytes):
         source = io.BytesIO(path.data)
     else:
-        path = source = Path(path)
-        if not path.is_file():
-            what = "is a directory, not an image file" if path.is_dir() else "does not exist"
-            raise FileError(f"{path}: {what}")
+        source = os.fspath(path)  # not a Path: a folder of photos opens thousands, and each costs
+        try:
+            mode = os.stat(source).st_mode
+        except (OSError, ValueError):
+            mode = 0
+        if not stat.S_ISREG(mode):  # a FIFO would wait for a writer
+            what = "is a directory, not an image file" if stat.S_ISDIR(mode) else "does not exist"
+            raise FileError(f"{Path(path)}: {what}")
+        path = Path(path) if not isinstance(path, str) else path
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)

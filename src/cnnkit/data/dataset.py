@@ -15,6 +15,8 @@ from cnnkit.errors import DatasetError
 from cnnkit.images import PREPROCESSING
 
 SPLIT_NAMES = ("train", "valid", "test")
+# A Split named "all" holds every image of a dataset (`cnnkit evaluate --split all`); no Dataset has one.
+ALL_SPLIT = "all"
 
 # The most classes a dataset (or a checkpoint) may have: far beyond any image dataset cnnkit trains
 # (ImageNet has 1,000), and small enough that class names and a network's last layer stay small.
@@ -68,15 +70,18 @@ def images_as_nchw(x, allow_nhwc: bool = False) -> np.ndarray:
 
 @dataclass(frozen=True, eq=False)
 class Split:
-    """One part of a dataset: `images` (N, C, H, W), `labels` (N,) int64, `name` "train", "valid" or "test"."""
+    """One part of a dataset: `images` (N, C, H, W), `labels` (N,) int64, `name` "train", "valid" or "test"
+    (or "all": every image of a dataset, scored at once)."""
 
     images: np.ndarray
     labels: np.ndarray
     name: str
 
     def __post_init__(self):
-        if self.name not in SPLIT_NAMES:
-            raise DatasetError(f"split name {self.name!r} is not one of {', '.join(SPLIT_NAMES)}")
+        if self.name not in (*SPLIT_NAMES, ALL_SPLIT):
+            raise DatasetError(
+                f"split name {self.name!r} is not one of {', '.join(SPLIT_NAMES)}, {ALL_SPLIT}"
+            )
         object.__setattr__(self, "images", np.asarray(self.images))
         if self.images.ndim != 4:
             raise DatasetError(f"{self.name} images have shape {self.images.shape}; expected (N, C, H, W)")
@@ -102,7 +107,9 @@ class Dataset:
     `preprocessing` says how `cnnkit predict` brings a user's photo to the model's input, matching
     how this dataset's images were made (see `cnnkit.images.prepare_for_model`): "digit" (MNIST),
     "object" (Fashion-MNIST) or "resize". `notes` are one-line facts about how the data was loaded
-    (e.g. the image size chosen), which the training command logs.
+    (e.g. the image size chosen), which the training command logs. `test_files` lists the files (paths
+    relative to the folder) that a `folder:DIR` without train/ and test/ held out as its test split, for
+    a trained model's record; None for every other dataset.
     """
 
     name: str
@@ -112,6 +119,7 @@ class Dataset:
     test: Split | None = None
     preprocessing: str = "resize"
     notes: tuple[str, ...] = ()
+    test_files: tuple[str, ...] | None = None
 
     def __post_init__(self):
         splits = self.splits
@@ -176,6 +184,17 @@ class Dataset:
             train=Split(images[:keep], labels[:keep], "train"),
             valid=Split(images[keep:], labels[keep:], "valid"),
         )
+
+
+def no_split_error(source: str, split: str) -> DatasetError:
+    """The error for a split that a dataset does not have: for a test or validation split, with the
+    ways to score the model another way."""
+    if split == "train":
+        return DatasetError(f"dataset {source!r} has no training images")
+    return DatasetError(
+        f"dataset {source!r} has no {split} split; try --split valid (the end of its training split), "
+        "--split all (every image), or another --dataset"
+    )
 
 
 def infer_preprocessing_with_note(images, class_names, declare: str) -> tuple[str, tuple[str, ...]]:

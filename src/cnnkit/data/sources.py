@@ -145,12 +145,24 @@ FASHION_MNIST = PublishedDataset(
 PUBLISHED = {spec.name: spec for spec in (MNIST, FASHION_MNIST)}
 
 
-def load_dataset(source: str, *, cache_dir=None, image_size=None, channels=None, progress=None) -> Dataset:
+def load_dataset(
+    source: str,
+    *,
+    cache_dir=None,
+    image_size=None,
+    channels=None,
+    progress=None,
+    splits=None,
+    test_files=None,
+) -> Dataset:
     """Load a dataset named by `source` (see this module's docstring for the forms) as a Dataset.
 
     `cache_dir` holds downloads (default: $CNNKIT_DATA, else ~/.cache/cnnkit). `image_size` (H, W)
     and `channels` (1 or 3) bring images to one shape (folder sources; uint8 sources when asked).
-    `progress`: None shows download progress bars on a terminal only, True always, False never.
+    `progress`: None shows download and decoding progress bars on a terminal only, True always, False
+    never. `splits` (of "train", "test") are the splits a folder: source decodes (default: all; other
+    sources read every split), and `test_files` says which images of a folder without train/ and test/
+    are its test split (see `cnnkit.data.imagefolder.load_image_folder`).
     Raises DatasetError (unknown source, no network, ...) or FileError (a bad file), one line each.
     """
     kind, argument = _split_source(source)
@@ -170,6 +182,9 @@ def load_dataset(source: str, *, cache_dir=None, image_size=None, channels=None,
             channels=channels,
             name=source,
             preprocessing=declared_preprocessing(path),
+            splits=splits,
+            test_files=test_files,
+            progress=progress,
         )
     else:
         hint = ""
