@@ -355,7 +355,7 @@ def rgb_folder_run(tmp_path_factory):
                 image[top : top + 10, left : left + 10] = color
                 Image.fromarray(image, "RGB").save(root / split / name / f"{i}.png")
     run_dir = tmp_path_factory.mktemp("runs") / "rgb"
-    config = TrainConfig(epochs=2, seed=0, learning_rate=1e-3)
+    config = TrainConfig(arch="chapter", epochs=2, seed=0, learning_rate=1e-3)
     start_run(f"folder:{root}", config, run_dir, architecture=TINY, valid_size=8, log=lambda line: None)
     return run_dir
 

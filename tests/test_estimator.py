@@ -92,7 +92,8 @@ def test_save_and_load_give_the_same_predictions(tmp_path, digits, fitted):
     path = fitted.save(tmp_path / "convnn.safetensors")
     loaded = ConvNN.load(path)
     np.testing.assert_array_equal(loaded.predict_proba(X_test), fitted.predict_proba(X_test))
-    assert loaded.get_params() == {**fitted.get_params(), "device": "auto"}
+    # what was "auto" is what it chose: the chapter's network for gray digits
+    assert loaded.get_params() == {**fitted.get_params(), "device": "auto", "arch": "chapter"}
     assert loaded.history_ == fitted.history_
     assert loaded.config_ == fitted.config_
 
@@ -268,7 +269,7 @@ def test_a_one_cycle_convnn_survives_save_and_load(tmp_path, digits):
     )
     model.fit(X[:512], y[:512])
     loaded = ConvNN.load(model.save(tmp_path / "one-cycle.safetensors"), device="cpu")
-    assert loaded.get_params() == {**model.get_params(), "device": "cpu"}
+    assert loaded.get_params() == {**model.get_params(), "device": "cpu", "arch": "chapter"}
     assert loaded.config_ == model.config_
     assert (loaded.config_.lr_schedule, loaded.config_.label_smoothing) == ("one-cycle", 0.1)
     refit = clone(loaded).fit(X[:512], y[:512])

@@ -42,3 +42,17 @@ def test_filters_are_the_first_layer_kernels_that_make_its_maps():
 def test_wrong_image_shape_is_refused_with_the_expected_shape():
     with pytest.raises(ValueError, match=r"\(N, 3, 20, 17\)"):
         activations(build_model(ARCH), torch.zeros(2, 1, 20, 17))
+
+
+def test_the_unfused_copy_is_kept_until_the_weights_change():
+    from cnnkit.layer_outputs import reference_network
+
+    network = build_model(Architecture(conv_channels=(2, 3), hidden_units=8), seed=0)
+    first = reference_network(network)
+    assert reference_network(network) is first  # kept: the page asks for it on every request
+    images = np.random.default_rng(0).standard_normal((2, 1, 28, 28)).astype(np.float32)
+    before = activations(network, images)["logits"]
+    with torch.no_grad():
+        network.features[0].weight.add_(0.5)  # an optimizer step writes in place
+    assert reference_network(network) is not first
+    assert not np.allclose(activations(network, images)["logits"], before)

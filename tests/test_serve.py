@@ -397,7 +397,7 @@ def rgb_run(tmp_path_factory):
     x = rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
     y = np.arange(64) % 2
     np.savez(folder / "rgb.npz", x_train=x, y_train=y, x_test=x[:8], y_test=y[:8])
-    config = TrainConfig(epochs=1, seed=0, learning_rate=1e-3)
+    config = TrainConfig(arch="chapter", epochs=1, seed=0, learning_rate=1e-3)
     architecture = {"conv_channels": (4, 8), "hidden_units": 16}
     start_run(
         f"npz:{folder / 'rgb.npz'}", config, folder / "run", architecture=architecture, log=lambda line: None

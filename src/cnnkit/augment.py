@@ -1,4 +1,6 @@
-"""Data augmentation: a fresh random affine transform of every training image, every epoch.
+"""Data augmentation: a fresh random transform of every training image, every epoch: an affine transform
+(`random_affine`), or a random crop of the image padded at its border (`random_crop`), each with an
+optional left-right mirror.
 
 Transforms are drawn batch by batch from a generator seeded by (seed, epoch) alone, so a run and its
 resume see the same images, and applied to the whole batch at once on its device (one `affine_grid`
@@ -21,6 +23,41 @@ def epoch_generator(seed: int, epoch: int, rank: int = 0, device="cpu") -> torch
     entropy = [seed, epoch, 0xA11E] + ([rank] if rank else [])
     state = np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1
     return torch.Generator(device=device).manual_seed(int(state))
+
+
+def augment(images: torch.Tensor, config, generator: torch.Generator) -> torch.Tensor:
+    """The transform `config.augment` names ("crop" or "affine"; "none": flips only, if `config.flip`)."""
+    if config.augment == "crop":
+        return random_crop(images, config, generator)
+    return random_affine(images, config, generator)
+
+
+def random_crop(images: torch.Tensor, config, generator: torch.Generator) -> torch.Tensor:
+    """A randomly cropped copy of `images` (N, C, H, W): each image padded by `config.pad` pixels on every
+    side (mirrored, so no black frame is learned) and cut back to H x W at a random offset, then mirrored
+    left-right with probability 1/2 where `config.flip`. Pixels move whole: no interpolation."""
+    n, _, height, width = images.shape
+    pad = min(config.pad, height - 1, width - 1)  # reflection needs pad < size
+    draw = torch.randint(0, 2 * pad + 1, (n, 2), generator=generator, device=generator.device).to(
+        images.device
+    )
+    mirror = torch.rand(n, generator=generator, device=generator.device).to(images.device) < 0.5
+    padded = F.pad(images, (pad, pad, pad, pad), mode="reflect") if pad > 0 else images
+    rows = draw[:, 0, None] + torch.arange(height, device=images.device)  # (N, H)
+    cols = draw[:, 1, None] + torch.arange(width, device=images.device)  # (N, W)
+    if config.flip:
+        cols = torch.where(mirror[:, None], cols.flip(1), cols)
+    batch = torch.arange(n, device=images.device)[:, None, None]
+    # (N, H, W, C) from advanced indexing on dims 0, 2, 3 -> back to (N, C, H, W)
+    return (
+        padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]
+        .permute(0, 3, 1, 2)
+        .contiguous(
+            memory_format=torch.channels_last
+            if images.is_contiguous(memory_format=torch.channels_last)
+            else torch.contiguous_format
+        )
+    )
 
 
 def random_affine(images: torch.Tensor, config, generator: torch.Generator) -> torch.Tensor:

@@ -294,10 +294,15 @@ def _record_from(path: Path, header: dict) -> ModelRecord:
 
 
 def _expected_shapes(record: ModelRecord) -> dict:
-    """name -> ("F32", shape) of the weights of the network `record` describes, allocating nothing."""
+    """name -> (dtype, shape) of the tensors of the network `record` describes, allocating nothing:
+    float32 weights, and the int64 batch counters of batch norm (the ResNet's)."""
     with torch.device("meta"):
         model = build_model(record.architecture, record.build)
-    return {name: ("F32", list(t.shape)) for name, t in model.state_dict().items()}
+    dtypes = {torch.float32: "F32", torch.int64: "I64"}
+    return {name: (dtypes[t.dtype], list(t.shape)) for name, t in model.state_dict().items()}
+
+
+_DTYPE_BYTES = {"F32": 4, "I64": 8}
 
 
 def _check_tensors(path: Path, header: dict, expected: dict):
@@ -316,7 +321,7 @@ def _check_tensors(path: Path, header: dict, expected: dict):
                 f"{path}: tensor {name} is {entry.get('dtype') if isinstance(entry, dict) else '?'} "
                 f"{entry.get('shape') if isinstance(entry, dict) else '?'}, expected {dtype} {shape}"
             )
-        size = 4 * math.prod(shape)
+        size = _DTYPE_BYTES[dtype] * math.prod(shape)
         if not (isinstance(offsets, list) and len(offsets) == 2 and offsets[1] - offsets[0] == size):
             raise CheckpointError(f"{path}: tensor {name} has corrupt data offsets")
         spans.append(tuple(offsets))

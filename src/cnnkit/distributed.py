@@ -224,13 +224,35 @@ def _cause(exc: BaseException) -> str:
 
 def wrap(model):
     """`model` in DistributedDataParallel in a distributed run (each step's gradients averaged across
-    ranks, the weights broadcast from rank 0 at the start), else `model` itself."""
+    ranks, the weights broadcast from rank 0 at the start), else `model` itself. On CUDA its batch norm
+    layers become SyncBatchNorm (statistics over the global batch); see `batch_norm_note`."""
     if world_size() == 1:
         return model
+    from torch import nn
     from torch.nn.parallel import DistributedDataParallel
 
     device = next(model.parameters()).device
+    if device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+
+def batch_norm_note(model, device) -> str | None:
+    """How batch norm works across the ranks of a distributed run (None: one process, or no batch norm).
+
+    PyTorch's SyncBatchNorm runs on GPUs only: on CPUs each rank normalizes by the statistics of its own
+    share of the global batch, and DDP gives every rank rank 0's running statistics at each step, so the
+    checkpoint holds one set."""
+    from torch import nn
+
+    if world_size() == 1 or not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return None
+    if str(device).startswith("cuda"):
+        return "batch norm: synchronized across ranks (SyncBatchNorm: statistics of the global batch)"
+    return (
+        f"batch norm: each of the {world_size()} ranks normalizes by its own share of the batch "
+        "(PyTorch's SyncBatchNorm needs GPUs); the running statistics are rank 0's"
+    )
 
 
 def sum_over_ranks(tensor):

@@ -17,8 +17,8 @@ from cnnkit.data import Standardization
 from cnnkit.data.dataset import MAX_CLASSES, images_as_nchw, infer_preprocessing
 from cnnkit.device import DEVICES, PRECISIONS, memory_format, resolve_device, resolve_precision
 from cnnkit.inference import predict_logits
-from cnnkit.model import Architecture, build_model
-from cnnkit.recipes import SETTINGS, TrainConfig, check_setting
+from cnnkit.model import ARCHITECTURES, build_model
+from cnnkit.recipes import SETTINGS, TrainConfig, check_setting, choose_network
 from cnnkit.record import ModelRecord
 from cnnkit.training import EarlyStopping, EpochLogger, make_optimizer, restore_optimizer, train
 
@@ -27,6 +27,7 @@ _DEPRECATED = "deprecated"  # random_seed's default: the old name was not given
 # through cnnkit.recipes (the others: random_state is `seed`, scale is (scale_low, scale_high), and
 # precision also takes "auto").
 CONFIG_PARAMS = (
+    "arch",
     "batch_size",
     "learning_rate",
     "dropout_rate",
@@ -40,11 +41,17 @@ CONFIG_PARAMS = (
     "shift",
     "shear",
     "flip",
+    "pad",
 )
 
 
+# The architecture's sizes that are ConvNN parameters of the same name, per network.
+_ARCH_PARAMS = {"chapter": ("conv_channels", "kernel_size", "hidden_units"), "resnet": ("widths",)}
+
+
 class ConvNN(ClassifierMixin, BaseEstimator):
-    """The chapter's CNN with fit / predict / predict_proba / score, like any scikit-learn classifier.
+    """A CNN with fit / predict / predict_proba / score, like any scikit-learn classifier: the chapter's, or
+    (arch="resnet", the default for color images) cnnkit's small ResNet (cnnkit.resnet).
 
     X holds square images in any of these forms: rows of H*W pixels (the chapter's (N, 784)),
     (N, H, W), (N, C, H, W) or (N, H, W, C), with 1 or 3 channels; NaN and inf are refused. y holds
@@ -57,11 +64,13 @@ class ConvNN(ClassifierMixin, BaseEstimator):
     that many epochs without a lower loss on `validation_data`, or on the last `validation_fraction` of
     the training images when fit gets no validation_data; 0 never stops early; patience with neither is
     a UserWarning) - the chapter's values by default, `cnnkit train`'s
-    TrainConfig fields; augment ("none" or "affine") with its ranges rotate, shift, scale (low, high)
-    and shear, and flip, as `cnnkit train --augment` (see cnnkit.augment). random_state is None (a seed drawn from NumPy's global generator), an int or
+    TrainConfig fields; augment ("none", "affine" or "crop") with its ranges rotate, shift, scale (low,
+    high) and shear, pad for "crop", and flip, as `cnnkit train --augment` (see cnnkit.augment). random_state is None (a seed drawn from NumPy's global generator), an int or
     a NumPy RandomState / Generator; the seed used is kept in `seed_`. random_seed is its deprecated
-    name. The network: conv_channels (filters of the two convolutions), kernel_size and hidden_units;
-    images must be at least (3 * kernel_size - 2) pixels a side (13x13 for the chapter's 5x5).
+    name. The network: arch ("auto": the ResNet for color images, the chapter's otherwise; "chapter";
+    "resnet"); the chapter's conv_channels (filters of the two convolutions), kernel_size and
+    hidden_units (images must be at least (3 * kernel_size - 2) pixels a side, 13x13 for the chapter's
+    5x5); the ResNet's widths (channels of its prep layer and three stages).
     `warm_start=True` makes a second `fit` continue training the fitted network for `epochs` more
     epochs, with Adam's state (the chapter's `train(initialize=False)`). build ("layers" or
     "lowlevel"), precision ("auto", "fp32", "bf16") and device ("auto", "cpu", "cuda") choose how it
@@ -97,9 +106,12 @@ class ConvNN(ClassifierMixin, BaseEstimator):
         scale=(0.9, 1.1),
         shear=10.0,
         flip=False,
+        pad=4,
+        arch="auto",
         conv_channels=(32, 64),
         kernel_size=5,
         hidden_units=1024,
+        widths=(16, 32, 64, 128),
         random_seed=_DEPRECATED,
     ):
         self.batch_size = batch_size
@@ -123,9 +135,12 @@ class ConvNN(ClassifierMixin, BaseEstimator):
         self.scale = scale
         self.shear = shear
         self.flip = flip
+        self.pad = pad
+        self.arch = arch
         self.conv_channels = conv_channels
         self.kernel_size = kernel_size
         self.hidden_units = hidden_units
+        self.widths = widths
         self.random_seed = random_seed
 
     @property
@@ -167,7 +182,8 @@ class ConvNN(ClassifierMixin, BaseEstimator):
         # recipe and keep have no parameter here: they stay as the checkpoint `load` read had them.
         self.config_ = config = dataclasses.replace(
             getattr(self, "config_", TrainConfig()),
-            **{name: SETTINGS[name].type(getattr(self, name)) for name in CONFIG_PARAMS},
+            **{name: SETTINGS[name].type(getattr(self, name)) for name in CONFIG_PARAMS if name != "arch"},
+            arch=self.model_.arch.network,  # "auto" resolved
             epochs=done + int(self.epochs),
             seed=self.seed_,
             precision=self.precision_,
@@ -241,9 +257,7 @@ class ConvNN(ClassifierMixin, BaseEstimator):
             precision=config.precision,
             device=device,
             scale=(config.scale_low, config.scale_high),
-            conv_channels=arch.conv_channels,
-            kernel_size=arch.kernel_size,
-            hidden_units=arch.hidden_units,
+            **{name: getattr(arch, name) for name in _ARCH_PARAMS[arch.network]},
         )
         dev = resolve_device(device)
         est.model_ = build_model(arch, record.build).to(dev, memory_format=memory_format(dev))
@@ -300,6 +314,15 @@ class ConvNN(ClassifierMixin, BaseEstimator):
             raise ValueError(f"conv_channels must be a pair of ints >= 1, got {channels!r}")
         _integer(self, "kernel_size", 1)
         _integer(self, "hidden_units", 1)
+        widths = self.widths
+        if not (
+            isinstance(widths, tuple | list)
+            and len(widths) == 4
+            and all(isinstance(c, numbers.Integral) and not isinstance(c, bool) for c in widths)
+        ):
+            raise TypeError(f"widths must be four ints (the ResNet's prep and stage widths), got {widths!r}")
+        if min(widths) < 1:
+            raise ValueError(f"widths must be four ints >= 1, got {widths!r}")
         if not (isinstance(self.random_seed, str) and self.random_seed == _DEPRECATED):
             _seed(self, "random_seed")
 
@@ -329,14 +352,18 @@ class ConvNN(ClassifierMixin, BaseEstimator):
 
     def _initialize(self, images, y, random_state):
         self.classes_ = np.unique(y)
+        network = choose_network(TrainConfig(arch=self.arch), images.shape[1])
+        sizes = {
+            "chapter": {
+                "conv_channels": tuple(int(c) for c in self.conv_channels),
+                "kernel_size": int(self.kernel_size),
+                "hidden_units": int(self.hidden_units),
+            },
+            "resnet": {"widths": tuple(int(c) for c in self.widths)},
+        }[network]
         try:
-            arch = Architecture(
-                tuple(images.shape[1:]),
-                len(self.classes_),
-                conv_channels=tuple(int(c) for c in self.conv_channels),
-                kernel_size=int(self.kernel_size),
-                hidden_units=int(self.hidden_units),
-                dropout_rate=float(self.dropout_rate),
+            arch = ARCHITECTURES[network](
+                tuple(images.shape[1:]), len(self.classes_), dropout_rate=float(self.dropout_rate), **sizes
             )
         except ValueError as exc:
             raise ValueError(f"X: {exc} (kernel_size sets the minimum)") from None

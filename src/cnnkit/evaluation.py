@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from cnnkit.checkpoint import load_network
-from cnnkit.data import Dataset, Split, resolve_source, split_for_model
+from cnnkit.data import Dataset, Split, resolve_source, scoring_test_files, split_for_model
 from cnnkit.errors import CheckpointError, no_dataset_recorded
 from cnnkit.inference import average_probabilities, log_probabilities, predict_logits
 from cnnkit.metrics import Evaluation, evaluate_logits
@@ -32,19 +32,36 @@ class SplitEvaluation:
 
 
 def evaluation_split(
-    record: ModelRecord, checkpoint_path, dataset: str | None = None, split: str = "test"
+    record: ModelRecord,
+    checkpoint_path,
+    dataset: str | None = None,
+    split: str = "test",
+    with_train: bool = False,
 ) -> tuple[str, Dataset, Split]:
-    """The source, the dataset as the model takes it, and its split `split` ("test", "valid" or "train").
+    """The source, the dataset as the model takes it, and its split `split` ("test", "valid", "train",
+    or "all": every image the source has).
 
     `dataset` is a source string (default: the one the model was trained on). "valid" and "train" are
-    carved as training carved them (the last `record.valid_size` training images are "valid").
-    Raises CnnkitError when the split is missing or empty.
+    carved as training carved them (the last `record.valid_size` training images are "valid"). Of a
+    folder, only the split asked for is decoded (`with_train`: the training split too). A folder
+    without train/ and test/ is split as `cnnkit.data.scoring_test_files` says: the model's own by the
+    test files its record lists, another as test images only. Raises CnnkitError when the split is
+    missing or empty.
     """
     source = resolve_source(dataset) if dataset else record.dataset
     if source is None:
         raise no_dataset_recorded(checkpoint_path)
     arch = record.architecture
-    data, chosen = split_for_model(source, arch.input_shape, record.class_names, record.valid_size, split)
+    test_files = scoring_test_files(source, record.dataset, record.test_files, split)
+    data, chosen = split_for_model(
+        source,
+        arch.input_shape,
+        record.class_names,
+        record.valid_size,
+        split,
+        test_files=test_files,
+        with_train=with_train,
+    )
     return source, data, chosen
 
 

@@ -34,6 +34,7 @@ from cnnkit.errors import (
     no_dataset_recorded,
 )
 from cnnkit.inference import predict_logits
+from cnnkit.layer_outputs import reference_network
 from cnnkit.model import StandardizedNetwork
 from cnnkit.onnx_model import INPUT_NAME, INSTALL_HINT, OUTPUT_NAMES, OnnxMetadata, is_onnx_path, load_onnx
 from cnnkit.recipes import CALIBRATION_IMAGES
@@ -112,7 +113,7 @@ def export_onnx(
     model, ckpt = load_network(checkpoint, which)
     _check_finite(model, ckpt.path)
     record = ckpt.record
-    graph = Deployable(model, record.standardization).eval()
+    graph = Deployable(reference_network(model), record.standardization).eval()
     if precision == "int8":
         source = resolve_source(dataset) if dataset else record.dataset
         if source is None:

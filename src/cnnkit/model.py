@@ -19,14 +19,38 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnnkit import kernels
+from cnnkit.dropout import Dropout, dropout
 from cnnkit.errors import CheckpointError
 from cnnkit.kernels.conv_pool import conv_pool_relu
-from cnnkit.recipes import BUILDS
+from cnnkit.recipes import BUILDS, NETWORKS
+from cnnkit.resnet import ResNet, ResNetArchitecture, init_weights
+
+__all__ = [  # dropout lives in cnnkit.dropout (the ResNet uses it too); importable from here as before
+    "Architecture",
+    "Dropout",
+    "LayerCNN",
+    "LowLevelCNN",
+    "ResNet",
+    "ResNetArchitecture",
+    "StandardizedNetwork",
+    "architecture_from_dict",
+    "build_model",
+    "convert_state",
+    "dropout",
+    "network_class",
+    "summary",
+]
 
 
 @dataclass(frozen=True)
 class Architecture:
-    """The shapes that define the network: everything needed to rebuild it from a checkpoint."""
+    """The shapes that define the chapter's network: everything needed to rebuild it from a checkpoint.
+
+    `network` names it among cnnkit's networks (see `architecture_from_dict`); `builds` are its builds.
+    """
+
+    network: ClassVar[str] = "chapter"
+    builds: ClassVar[tuple[str, ...]] = BUILDS
 
     input_shape: tuple[int, int, int] = (1, 28, 28)  # (C, H, W)
     num_classes: int = 10
@@ -100,51 +124,29 @@ class Architecture:
         return rows
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {"network": self.network, **asdict(self)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Architecture":
-        return cls(**d)
+        return cls(**{k: v for k, v in d.items() if k != "network"})
+
+
+ARCHITECTURES = {"chapter": Architecture, "resnet": ResNetArchitecture}
+assert tuple(ARCHITECTURES) == NETWORKS
+
+
+def architecture_from_dict(d: dict):
+    """The architecture a record's dict describes: its "network" key names which (absent: the chapter's,
+    as in checkpoints written before there were two)."""
+    name = d.get("network", "chapter")
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown network {name!r}; cnnkit knows {', '.join(NETWORKS)}")
+    return ARCHITECTURES[name].from_dict(d)
 
 
 def _min_input_size(k: int) -> int:
     # smallest n with ceil((n - k + 1) / 2) - k + 1 >= 1
     return 3 * k - 2
-
-
-# --- dropout, shared by both builds ---
-
-_INT64 = torch.iinfo(torch.int64)
-
-
-def dropout(x, p: float, training: bool = True):
-    """Zero each element with probability p and scale the rest by 1 / (1 - p), as nn.Dropout.
-
-    The mask comes from 64-bit random words, 16 bits an element (p is resolved to 1/65536), drawn
-    from torch's generator: on a CPU that is about 4x faster than torch's bernoulli_ (0.7 against
-    3.3 ms for a 256 x 1024 batch here), which was 9% of a training step.
-    """
-    if not training or p == 0:
-        return x
-    n = x.numel()
-    words = torch.randint(_INT64.min, _INT64.max, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
-    uniform16 = words.view(torch.int16)[:n].view(x.shape).to(torch.int32) + 32768  # 0 .. 65535
-    keep = uniform16 >= round(p * 65536)
-    return x * keep * (1.0 / (1.0 - p))
-
-
-class Dropout(nn.Module):
-    """`dropout` as a layer (the layer build's counterpart of nn.Dropout)."""
-
-    def __init__(self, p: float = 0.5):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x):
-        return dropout(x, self.p, self.training)
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
 
 
 # --- the low-level build: explicit tensors and the chapter's conv_layer / fc_layer ---
@@ -203,10 +205,11 @@ class LayerCNN(nn.Module):
 
     The layers are the chapter's, in its order; `build_model` swaps the fused C++ layers in
     (cnnkit.kernels.fuse), which keeps the parameters and their names. `ACTIVATIONS` names the layers
-    whose outputs cnnkit.activations reports.
+    whose outputs cnnkit.layer_outputs reports, `FILTERS` the convolutions whose kernels it shows,
+    `DESCRIPTIONS` what each reported layer is, and `STAGES` how a page groups them (the ResNet has the same).
     """
 
-    ACTIVATIONS: ClassVar[dict[str, str]] = {
+    ACTIVATIONS: ClassVar[dict[str, str]] = {  # module -> the name of its output
         "features.0": "conv1",
         "features.1": "relu1",
         "features.2": "pool1",
@@ -216,6 +219,24 @@ class LayerCNN(nn.Module):
         "classifier.2": "dense3",
         "classifier.4": "logits",
     }
+    FILTERS: ClassVar[dict[str, str]] = {"features.0": "conv1", "features.3": "conv2"}
+    DESCRIPTIONS: ClassVar[dict[str, str]] = {
+        "input": "the image as the network receives it (standardized)",
+        "conv1": "convolution 1: one map per filter, before ReLU",
+        "relu1": "ReLU of convolution 1: negative values set to 0",
+        "pool1": "max-pooling 1 (2x2, stride 2): the strongest answer in each 2x2 block",
+        "conv2": "convolution 2: each filter looks at all of pooling 1's maps",
+        "relu2": "ReLU of convolution 2",
+        "pool2": "max-pooling 2 (2x2, stride 2)",
+        "dense3": "dense layer 3 with ReLU: the features the classifier reads",
+        "logits": "dense layer 4: one score per class",
+        "probabilities": "softmax of the scores",
+    }
+    STAGES: ClassVar[tuple[tuple[str, tuple[str, ...]], ...]] = (
+        ("Convolution 1", ("conv1", "relu1", "pool1")),
+        ("Convolution 2", ("conv2", "relu2", "pool2")),
+        ("Dense layer 3", ("dense3",)),
+    )
 
     def __init__(self, arch: Architecture = Architecture()):
         super().__init__()
@@ -262,7 +283,13 @@ class StandardizedNetwork(nn.Module):
         return self.network(self.standardize(pixels))
 
 
-def summary(arch: Architecture, build: str = "layers") -> str:
+def network_class(arch) -> type[nn.Module]:
+    """The torch.nn class of the network `arch` describes (LayerCNN or ResNet): its ACTIVATIONS, FILTERS,
+    DESCRIPTIONS and STAGES say what cnnkit shows of it."""
+    return ResNet if isinstance(arch, ResNetArchitecture) else LayerCNN
+
+
+def summary(arch, build: str = "layers") -> str:
     """A table of the network's layers, output shapes and parameter counts, with the checkpoint size."""
     rows = arch.layers()
     width = max(len(name) for name, _, _ in rows)
@@ -274,24 +301,34 @@ def summary(arch: Architecture, build: str = "layers") -> str:
         )
     weights_mb = 4 * arch.num_parameters / 2**20
     lines.append(
-        f"{arch.num_parameters:,} parameters ({build} build): {weights_mb:,.1f} MB of weights per checkpoint, "
+        f"{arch.num_parameters:,} parameters ({_network_build(arch, build)}): {weights_mb:,.1f} MB of weights per "
+        "checkpoint, "
         f"{3 * weights_mb:,.1f} MB with Adam's state for resuming"
     )
     return "\n".join(lines)
 
 
+def _network_build(arch, build: str) -> str:
+    return f"{build} build" if arch.network == "chapter" else f"the {arch.network} network"
+
+
 def build_model(
     arch: Architecture = Architecture(), build: str = "layers", seed: int | None = None, fused: bool = True
 ) -> nn.Module:
-    """A freshly initialized network: Glorot-uniform weights and zero biases, as TensorFlow's defaults.
+    """A freshly initialized network of the kind `arch` describes (an Architecture: the chapter's; a
+    ResNetArchitecture: the ResNet, see cnnkit.resnet.init_weights).
 
-    The same `seed` gives the same initial weights in both builds. `fused`: the layer build with the
-    fused C++ layers swapped in (cnnkit.kernels.fuse); the low-level build calls the fused functions
-    itself.
+    The chapter's: Glorot-uniform weights and zero biases, as TensorFlow's defaults; the same `seed`
+    gives the same initial weights in both builds. `fused`: the layer build with the fused C++ layers
+    swapped in (cnnkit.kernels.fuse); the low-level build calls the fused functions itself.
     """
-    if build not in BUILDS:
-        raise ValueError(f"build must be one of {BUILDS}, got {build!r}")
+    if build not in arch.builds:
+        raise ValueError(f"build must be one of {arch.builds} for the {arch.network} network, got {build!r}")
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    if isinstance(arch, ResNetArchitecture):
+        network = ResNet(arch)
+        init_weights(network, generator)
+        return network
     layers = LayerCNN(arch)
     for module in layers.modules():
         if isinstance(module, nn.Conv2d | nn.Linear):

@@ -41,14 +41,18 @@ OPERATORS = frozenset(
     {
         *("Sub", "Div"),  # the standardization
         *("Conv", "Relu", "MaxPool", "Transpose", "Reshape", "Gemm", "Softmax"),  # the network, either build
+        *(
+            "Add",
+            "ReduceMean",
+        ),  # the ResNet's residual sums and global average (batch norm is folded into Conv)
         *("QuantizeLinear", "DequantizeLinear"),  # int8
     }
 )
 MAX_ELEMENTS = 2**29  # a tensor that does not grow with the images: 2 GiB of float32, a file's limit
 MAX_ELEMENTS_PER_IMAGE = 2**26  # a tensor computed from the images: 256 MiB of float32 for each
 _SMALL_TENSOR = 64  # initializers (shapes for Reshape) whose values shape inference reads
-# Images per onnxruntime call: as for PyTorch on a CPU, batches of a few hundred beat 1,000 (see the
-# README's Export section).
+# Images per onnxruntime call: as for PyTorch on a CPU, batches of a few hundred beat 1,000 (see
+# docs/onnx.md).
 DEFAULT_BATCH = 256
 
 

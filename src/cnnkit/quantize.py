@@ -2,22 +2,22 @@
 
 Weights are quantized per output channel, activations per tensor with ranges observed on calibration
 images; convolutions and matrix products then run on int8 (VNNI) kernels, about 3x the speed of bf16
-here (see the README's performance table). Predictions agree with fp32 on >= 99% of a test set (a test).
+here (see docs/performance.md). Predictions agree with fp32 on >= 99% of a test set (a test).
 It uses torch.ao.quantization's FX mode, which PyTorch marks deprecated but still ships (2.13).
 """
 
+import copy
 import warnings
 
 import torch
 
 from cnnkit.errors import ArgumentError
-from cnnkit.layer_outputs import layer_weights
-from cnnkit.model import LayerCNN
+from cnnkit.layer_outputs import reference_network
 from cnnkit.recipes import CALIBRATION_IMAGES
 
 
 def quantize_int8(model, calibration_images) -> torch.nn.Module:
-    """An int8 copy of `model` (either build) for CPU inference; `model` itself is left as it is.
+    """An int8 copy of `model` (either network, either build) for CPU inference; `model` itself is left as it is.
 
     calibration_images: standardized images (N, C, H, W) like those it will see, e.g. a few hundred
     training images; activation ranges are observed on them. Returns a module mapping images to
@@ -30,9 +30,7 @@ def quantize_int8(model, calibration_images) -> torch.nn.Module:
         raise ArgumentError(
             "--precision int8 needs torch.ao.quantization, which this PyTorch does not ship; use bf16 or fp32"
         ) from None
-    layers = LayerCNN(model.arch)  # PyTorch's modules, which FX quantization knows
-    layers.load_state_dict(layer_weights(model))
-    layers.eval()
+    layers = copy.deepcopy(reference_network(model))  # PyTorch's modules, which FX quantization knows
     images = torch.as_tensor(calibration_images, dtype=torch.float32)[:CALIBRATION_IMAGES].contiguous()
     if len(images) == 0:
         raise ArgumentError("int8 quantization needs calibration images; got none")

@@ -9,11 +9,12 @@ import numbers
 from dataclasses import asdict, dataclass, field, fields
 
 LR_SCHEDULES = ("constant", "one-cycle")
-AUGMENTATIONS = ("none", "affine")
+AUGMENTATIONS = ("none", "affine", "crop")
 
 
 BUILDS = ("layers", "lowlevel")  # the chapter's two builds of the network (cnnkit.model)
-RECIPE_NAMES = ("chapter", "fast", "accurate")
+NETWORKS = ("chapter", "resnet")  # cnnkit.model's network and cnnkit.resnet's
+RECIPE_NAMES = ("chapter", "fast", "accurate", "photos")
 
 
 def setting(
@@ -59,9 +60,13 @@ class TrainConfig:
 
     augment "affine" transforms every training image afresh each epoch (see `cnnkit.augment`): rotated
     by up to +-rotate degrees, sheared by up to +-shear degrees, scaled by a factor in [scale_low,
-    scale_high], shifted by up to +-shift pixels each way; `flip` mirrors half of the images left-right
-    (for datasets where a mirrored image keeps its class; never digits). The ranges apply only to
-    "affine"; `flip` works with either.
+    scale_high], shifted by up to +-shift pixels each way; "crop" pads each image by `pad` pixels
+    (mirrored at the border) and crops it back at a random place; `flip` mirrors half of the images
+    left-right (for datasets where a mirrored image keeps its class; never digits). The ranges apply only
+    to "affine", `pad` only to "crop"; `flip` works with any.
+
+    arch names the network (cnnkit.model: "chapter", cnnkit.resnet: "resnet"); "auto" is resolved when a
+    run starts (see `for_dataset`): the ResNet for color images, the chapter's network otherwise.
 
     Each field's values, help and option are in its metadata (`setting`): a value outside them raises
     ValueError (TypeError for a wrong type) naming the field.
@@ -89,6 +94,12 @@ class TrainConfig:
         "an int in [0, 2**63)",
         lambda v: 0 <= v < 2**63,
         help="seed for weights, batch order, dropout and augmentation",
+    )
+    arch: str = _choice(
+        "auto",
+        ("auto", *NETWORKS),
+        "the network: chapter (the chapter's CNN), resnet (a small residual network with batch norm, for "
+        "photos), or auto: resnet for color images, chapter otherwise",
     )
     build: str = _choice("layers", BUILDS, "network build: the chapter's layers, or its low-level tensors")
     precision: str = _choice(  # a run's record holds fp32 or bf16: "auto" is resolved when it starts
@@ -148,6 +159,13 @@ class TrainConfig:
         metavar="DEG",
     )
     flip: bool = setting(False, "True or False", help="mirror half of the training images left-right")
+    pad: int = setting(
+        4,
+        "an int from 1 to 64",
+        lambda v: 1 <= v <= 64,
+        help="crop: pad each side by PX pixels (mirrored) before cropping back to the image size",
+        metavar="PX",
+    )
 
     def __post_init__(self):
         for name in SETTINGS:
@@ -192,7 +210,7 @@ def check_setting(name: str, value):
 
 
 # --recipe: "chapter" is the chapter's schedule exactly; "fast" buys accuracy per second on a CPU
-# (measured on Fashion-MNIST: see the README's performance section for how it was chosen).
+# (measured on Fashion-MNIST: see docs/training.md, "The fast recipe", for how it was chosen).
 RECIPES = {
     "chapter": TrainConfig(),
     "fast": TrainConfig(
@@ -214,12 +232,31 @@ RECIPES = {
         augment="affine",
         recipe="accurate",
     ),
+    # For photos, with the ResNet: the usual CIFAR-10 augmentation (random crops of the image padded by
+    # 4 px, left-right flips), a one-cycle schedule, label smoothing; no dropout (batch norm regularizes).
+    # Its epochs are chosen by the dataset (PHOTOS_IMAGES). See benchmarks/bench_recipes.py.
+    "photos": TrainConfig(
+        arch="resnet",
+        epochs=30,
+        batch_size=128,
+        learning_rate=2e-3,
+        dropout_rate=0.0,
+        lr_schedule="one-cycle",
+        label_smoothing=0.1,
+        augment="crop",
+        flip=True,
+        recipe="photos",
+    ),
 }
 
 AFFINE_RANGES = ("rotate", "shift", "scale_low", "scale_high", "shear")
 
 # Settings a recipe may choose by the dataset (`for_dataset`), unless the user set them.
 DATASET_DEFAULTS = ("epochs", "augment", "flip")
+
+# The photos recipe trains for about this many images in all, within PHOTOS_EPOCHS.
+PHOTOS_IMAGES = 1_200_000
+PHOTOS_EPOCHS = (24, 120)
 
 # The accurate recipe trains for about this many images in all (epochs x training images), within
 # ACCURATE_EPOCHS: 59 epochs of mnist-5k's 4,050 (after validation), 30 of Fashion-MNIST's 58,000
@@ -231,6 +268,8 @@ ACCURATE_EPOCHS = (30, 60)
 def describe_augmentation(config: TrainConfig) -> str:
     """The augmentation in words, e.g. "affine (rotate +-12 deg, shift +-2.5 px, scale 0.9-1.1, shear +-10 deg)"."""
     parts = []
+    if config.augment == "crop":
+        parts.append(f"random crops (padded by {config.pad} px)")
     if config.augment == "affine":
         parts.append(
             f"affine (rotate +-{config.rotate:g} deg, shift +-{config.shift:g} px, "
@@ -241,6 +280,26 @@ def describe_augmentation(config: TrainConfig) -> str:
     return " and ".join(parts) or "none"
 
 
+def choose_network(config: TrainConfig, channels: int) -> str:
+    """The network `config.arch` names, "auto" resolved for images of `channels` channels: the ResNet for
+    color images (photos: the chapter's network stops near 70-79% on them, see benchmarks/bench_recipes.py),
+    the chapter's network for grayscale ones (the chapter's datasets)."""
+    if config.arch != "auto":
+        return config.arch
+    return "resnet" if channels == 3 else "chapter"
+
+
+def with_network(config: TrainConfig, channels: int, choose=()) -> TrainConfig:
+    """`config` with its network chosen (`choose_network`); when "recipe" is in `choose` (none was asked
+    for) and the network is the ResNet, the photos recipe gives every setting in `choose`."""
+    config = dataclasses.replace(config, arch=choose_network(config, channels))
+    if "recipe" in choose and config.arch == "resnet" and config.recipe == "chapter":
+        photos = RECIPES["photos"]
+        names = [name for name in choose if name in SETTINGS and name != "precision"]
+        config = dataclasses.replace(config, **{name: getattr(photos, name) for name in names})
+    return config
+
+
 def for_dataset(
     config: TrainConfig, preprocessing: str, n_train: int, choose=DATASET_DEFAULTS
 ) -> TrainConfig:
@@ -248,12 +307,20 @@ def for_dataset(
 
     The accurate recipe gives digits and drawings ("digit", "resize-dark") random affine transforms,
     and objects and photos ("object", "resize") left-right mirrors instead (not digits: a mirrored 2 is
-    no 2; affine transforms lowered Fashion-MNIST's validation accuracy, see the README), and trains
-    longer on fewer images (ACCURATE_IMAGES). Other recipes are the same for every dataset.
+    no 2; affine transforms lowered Fashion-MNIST's validation accuracy, see docs/training.md), and trains
+    longer on fewer images (ACCURATE_IMAGES). The photos recipe also mirrors only objects and photos,
+    and sets its epochs by the dataset's size (PHOTOS_IMAGES). Other recipes are the same for every
+    dataset.
     """
+    objects = preprocessing in ("object", "resize")
+    if config.recipe == "photos":
+        changes = {"flip": objects} if "flip" in choose else {}
+        if "epochs" in choose:
+            low, high = PHOTOS_EPOCHS
+            changes["epochs"] = min(high, max(low, round(PHOTOS_IMAGES / max(n_train, 1))))
+        return dataclasses.replace(config, **changes)
     if config.recipe != "accurate":
         return config
-    objects = preprocessing in ("object", "resize")
     changes = {}
     if "augment" in choose:
         changes["augment"] = "none" if objects else "affine"
@@ -272,7 +339,7 @@ def default_valid_size(recipe: str, n_train: int) -> int:
     keep only 2,000 or a tenth of the training split, whichever is smaller (validation costs time every
     epoch, and every image trained on counts).
     """
-    if recipe in ("fast", "accurate"):
+    if recipe in ("fast", "accurate", "photos"):
         return min(2000, n_train // 10)
     return min(10_000, n_train // 6)
 

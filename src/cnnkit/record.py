@@ -15,7 +15,7 @@ from cnnkit.data import Standardization
 from cnnkit.data.dataset import MAX_CLASSES
 from cnnkit.errors import CheckpointError, CnnkitError
 from cnnkit.images import MAX_IMAGE_SIDE, PREPROCESSING
-from cnnkit.model import Architecture
+from cnnkit.model import ARCHITECTURES, Architecture, ResNetArchitecture, architecture_from_dict
 from cnnkit.recipes import SETTINGS, TrainConfig, check_setting
 
 FORMAT = "cnnkit-checkpoint"
@@ -27,6 +27,7 @@ MAX_HIDDEN_UNITS = 65_536
 MAX_KERNEL_SIZE = 31
 MAX_PARAMETERS = 2_000_000_000
 MAX_HISTORY = 100_000  # epochs
+MAX_TEST_FILES = 1_000_000  # held-out test images of a folder (cnnkit holds out at most 10,000)
 
 
 @dataclass(frozen=True)
@@ -43,9 +44,11 @@ class ModelRecord:
     valid_size    images held out for validation from the end of the training split
     epoch         epochs trained; history holds one dict per epoch
     trainer_state the callbacks' state (best epoch, early-stopping counter), for exact resume
+    test_files    the images a folder:DIR without train/ and test/ held out as its test split (paths
+                  relative to DIR; stored grouped by folder, {"cat": ["1.png", ...]}), else None
     """
 
-    architecture: Architecture
+    architecture: Architecture | ResNetArchitecture
     class_names: tuple[str, ...]
     standardization: Standardization
     preprocessing: str
@@ -56,7 +59,14 @@ class ModelRecord:
     epoch: int = 0
     history: tuple[dict, ...] = ()
     trainer_state: dict = field(default_factory=dict)
+    test_files: tuple[str, ...] | None = None
     cnnkit_version: str = __version__
+
+    def __post_init__(self):
+        if self.config.arch == "auto":  # the record says which network it is
+            object.__setattr__(
+                self, "config", dataclasses.replace(self.config, arch=self.architecture.network)
+            )
 
     @property
     def build(self) -> str:
@@ -83,6 +93,7 @@ class ModelRecord:
             "epoch": self.epoch,
             "history": list(self.history),
             "trainer_state": self.trainer_state,
+            "test_files": _grouped(self.test_files),
         }
 
     @classmethod
@@ -145,6 +156,8 @@ def _parse_v2(meta: dict) -> ModelRecord:
             "preprocessing", f"must be one of {', '.join(PREPROCESSING)}, got {preprocessing!r}"
         )
     config = _config(_get(meta, "config", dict))
+    if config.arch not in ("auto", arch.network):  # "auto": a record from before there were two networks
+        raise _FieldError("config.arch", f"says {config.arch!r} but the architecture is {arch.network!r}")
     dataset = meta.get("dataset")
     if dataset is not None and (not isinstance(dataset, str) or not dataset):
         raise _FieldError("dataset", "must be a dataset source string or null")
@@ -154,6 +167,7 @@ def _parse_v2(meta: dict) -> ModelRecord:
         raise _FieldError("valid_size" if valid_size < 0 else "epoch", "must not be negative")
     history = _history(_get(meta, "history", list), epoch)
     trainer_state = _trainer_state(meta.get("trainer_state"), epoch)
+    test_files = _test_files(meta.get("test_files"))
     version = meta.get("cnnkit_version", "unknown")
     return ModelRecord(
         architecture=arch,
@@ -167,12 +181,19 @@ def _parse_v2(meta: dict) -> ModelRecord:
         epoch=epoch,
         history=tuple(history),
         trainer_state=trainer_state,
+        test_files=test_files,
         cnnkit_version=version if isinstance(version, str) else "unknown",
     )
 
 
-def _architecture(d: dict) -> Architecture:
-    known = {f.name for f in dataclasses.fields(Architecture)}
+def _architecture(d: dict):
+    network = d.get("network", "chapter")
+    if network not in ARCHITECTURES:
+        raise _FieldError(
+            "architecture.network", f"must be one of {', '.join(ARCHITECTURES)}, got {network!r}"
+        )
+    kind = ARCHITECTURES[network]
+    known = {f.name for f in dataclasses.fields(kind)} | {"network"}
     if set(d) - known:
         raise _FieldError("architecture", f"has unknown keys {sorted(set(d) - known)}")
     shape = d.get("input_shape", (1, 28, 28))
@@ -186,6 +207,37 @@ def _architecture(d: dict) -> Architecture:
     classes = d.get("num_classes", 10)
     if not _is_int(classes) or not 2 <= classes <= MAX_CLASSES:
         raise _FieldError("architecture.num_classes", f"must be 2..{MAX_CLASSES:,}, got {classes!r}")
+    if kind is ResNetArchitecture:
+        _resnet_sizes(d)
+    else:
+        _chapter_sizes(d)
+    try:
+        arch = architecture_from_dict(d)
+    except (TypeError, ValueError) as exc:
+        raise _FieldError("architecture", f"does not describe a network ({exc})") from None
+    if arch.num_parameters > MAX_PARAMETERS:
+        raise _FieldError("architecture", f"describes more than {MAX_PARAMETERS:,} parameters")
+    return arch
+
+
+def _resnet_sizes(d: dict):
+    widths = d.get("widths", (16, 32, 64, 128))
+    if not (
+        isinstance(widths, list | tuple)
+        and len(widths) == 4
+        and all(_is_int(c) and 1 <= c <= MAX_CHANNELS for c in widths)
+    ):
+        raise _FieldError("architecture.widths", f"must be four counts 1..{MAX_CHANNELS}, got {widths!r}")
+    _dropout_rate(d)
+
+
+def _dropout_rate(d: dict):
+    rate = d.get("dropout_rate", 0.5)
+    if not _is_number(rate) or not 0 <= rate < 1:
+        raise _FieldError("architecture.dropout_rate", f"must be in [0, 1), got {rate!r}")
+
+
+def _chapter_sizes(d: dict):
     channels = d.get("conv_channels", (32, 64))
     if not (
         isinstance(channels, list | tuple)
@@ -201,16 +253,7 @@ def _architecture(d: dict) -> Architecture:
     hidden = d.get("hidden_units", 1024)
     if not _is_int(hidden) or not 1 <= hidden <= MAX_HIDDEN_UNITS:
         raise _FieldError("architecture.hidden_units", f"must be 1..{MAX_HIDDEN_UNITS}, got {hidden!r}")
-    rate = d.get("dropout_rate", 0.5)
-    if not _is_number(rate) or not 0 <= rate < 1:
-        raise _FieldError("architecture.dropout_rate", f"must be in [0, 1), got {rate!r}")
-    try:
-        arch = Architecture.from_dict(d)
-    except (TypeError, ValueError) as exc:
-        raise _FieldError("architecture", f"does not describe a network ({exc})") from None
-    if arch.num_parameters > MAX_PARAMETERS:
-        raise _FieldError("architecture", f"describes more than {MAX_PARAMETERS:,} parameters")
-    return arch
+    _dropout_rate(d)
 
 
 def _config(d: dict) -> TrainConfig:
@@ -309,6 +352,48 @@ def _known_values(d, where: str, kinds: dict, last_epoch: int, required=()) -> d
                 )
             values[key] = value
     return values
+
+
+def _grouped(paths) -> dict | None:
+    """Relative paths as {folder: [names]}, each folder's names sorted: the record's compact form."""
+    if paths is None:
+        return None
+    groups = {}
+    for path in sorted(paths):
+        folder, _, name = path.rpartition("/")
+        groups.setdefault(folder, []).append(name)
+    return groups
+
+
+def _test_files(groups) -> tuple[str, ...] | None:
+    """The held-out test files from their grouped form, each a path inside the dataset's folder: no
+    absolute path, no "..", no empty part, at most MAX_TEST_FILES."""
+    if groups is None:
+        return None
+    if not isinstance(groups, dict):
+        raise _FieldError(
+            "test_files",
+            f"must be an object of folder: [file names] or null, got a JSON {_json_type(groups)}",
+        )
+    paths = []
+    for folder, names in groups.items():
+        parts = folder.split("/")
+        if not folder or "\0" in folder or any(part in ("", ".", "..") for part in parts):
+            raise _FieldError(
+                "test_files",
+                f"names the folder {_quoted(folder)}; expected a path inside the dataset's folder",
+            )
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise _FieldError(f"test_files[{_quoted(folder)}]", "must be a list of file names")
+        for name in names:
+            if name in ("", ".", "..") or "/" in name or "\0" in name:
+                raise _FieldError(
+                    f"test_files[{_quoted(folder)}]", f"holds {_quoted(name)}; expected a file name"
+                )
+            paths.append(f"{folder}/{name}")
+        if len(paths) > MAX_TEST_FILES:
+            raise _FieldError("test_files", f"lists more than {MAX_TEST_FILES:,} files")
+    return tuple(sorted(paths))
 
 
 def _json_type(value) -> str:

@@ -34,10 +34,17 @@ from cnnkit.data import Dataset, Standardization, load_dataset, load_dataset_for
 from cnnkit.data.budget import MemoryBudget
 from cnnkit.data.dataset import shape_text
 from cnnkit.device import describe_path, memory_format, resolve_device, resolve_precision
-from cnnkit.errors import CheckpointError, CnnkitError, DatasetError, FileError, no_dataset_recorded
+from cnnkit.errors import (
+    ArgumentError,
+    CheckpointError,
+    CnnkitError,
+    DatasetError,
+    FileError,
+    no_dataset_recorded,
+)
 from cnnkit.kernels import extension
-from cnnkit.model import Architecture, build_model, summary
-from cnnkit.recipes import TrainConfig, default_valid_size, describe_augmentation, for_dataset
+from cnnkit.model import ARCHITECTURES, build_model, summary
+from cnnkit.recipes import TrainConfig, default_valid_size, describe_augmentation, for_dataset, with_network
 from cnnkit.record import ModelRecord
 from cnnkit.training import (
     BestEpoch,
@@ -160,9 +167,11 @@ def start_run(
                 "or pass --overwrite to start it afresh"
             )
         extension.start_loading(log)  # a first build of the C++ kernels overlaps loading the data
-        dataset = load_dataset(source, image_size=image_size)
+        dataset = load_dataset(source, image_size=image_size, splits=("train",), progress=show_progress)
         if dataset.train is None or len(dataset.train) == 0:
             raise DatasetError(f"dataset {source!r} has no training images")
+        asked = config
+        config = with_network(config, dataset.image_shape[0], dataset_defaults)
         if valid_size is None:
             valid_size = default_valid_size(config.recipe, len(dataset.train))
         dataset = dataset.split_validation(valid_size)
@@ -179,11 +188,12 @@ def start_run(
             config=config,
             dataset=source,
             valid_size=len(dataset.valid) if dataset.valid is not None else 0,
+            test_files=dataset.test_files,
         )
         log(
             f"training on {source}: {len(dataset.train):,} train / {record.valid_size:,} valid images "
-            f"{shape_text(arch.input_shape)}, {arch.num_classes} classes; {config.build} build, {config.precision} "
-            f"on {device}; run folder {run_dir}"
+            f"{shape_text(arch.input_shape)}, {arch.num_classes} classes; {_network_words(asked, config)}, "
+            f"{config.precision} on {device}; run folder {run_dir}"
         )
         log(f"path: {describe_path(requested, config.precision, device)}")
         log(
@@ -198,6 +208,9 @@ def start_run(
         model = build_model(arch, config.build, seed=config.seed).to(
             device, memory_format=memory_format(device)
         )
+        note = distributed.batch_norm_note(model, device)
+        if note:
+            log(note)
         optimizer = make_optimizer(model, config.learning_rate)
         return _run(model, optimizer, record, run_dir, dataset, log, show_progress)
 
@@ -261,13 +274,19 @@ def resume_run(
         )
         source = resolve_source(dataset) if dataset else record.dataset
         extension.start_loading(log)
-        data = dataset_for_model(record, source, ckpt.path).split_validation(record.valid_size)
+        same = source == record.dataset  # its own folder keeps its test images out of training
+        test_files = (record.test_files or ()) if same else None
+        data = dataset_for_model(
+            record, source, ckpt.path, splits=("train",), test_files=test_files, progress=show_progress
+        ).split_validation(record.valid_size)
         model = build_model(record.architecture, record.build)
         model.load_state_dict(ckpt.model_state)
         model = model.to(device, memory_format=memory_format(device))
         optimizer = make_optimizer(model, config.learning_rate)
         restore_optimizer(optimizer, load_optimizer_state(ckpt.path, model))
-        record = record.replace(config=config, dataset=source)
+        record = record.replace(
+            config=config, dataset=source, test_files=record.test_files if same else data.test_files
+        )
         log(f"resuming {ckpt.path} at epoch {ckpt.epoch + 1} of {epochs}; run folder {run_dir}")
         log(f"path: {describe_path(config.precision, config.precision, device)}")
         if not own_folder and newest and distributed.is_main():
@@ -275,12 +294,13 @@ def resume_run(
         return _run(model, optimizer, record, run_dir, data, log, show_progress)
 
 
-def dataset_for_model(record: ModelRecord, source: str | None, checkpoint_path=None) -> Dataset:
+def dataset_for_model(record: ModelRecord, source: str | None, checkpoint_path=None, **options) -> Dataset:
     """Dataset `source` as the model of `record` takes it (see cnnkit.data.load_dataset_for_model): folder
-    images brought to its input shape, and labels re-indexed to the model's classes by class name."""
+    images brought to its input shape, and labels re-indexed to the model's classes by class name.
+    `options` (splits, test_files, progress) are load_dataset_for_model's."""
     if source is None:
         raise no_dataset_recorded(checkpoint_path)
-    return load_dataset_for_model(source, record.architecture.input_shape, record.class_names)
+    return load_dataset_for_model(source, record.architecture.input_shape, record.class_names, **options)
 
 
 def to_tensors(split, standardization, device, budget: MemoryBudget | None = None, source: str = "dataset"):
@@ -434,13 +454,19 @@ def _on_disk(last: Path | None, record: ModelRecord, main: bool = True) -> str:
     return "No epoch finished, so no checkpoint was written"
 
 
-def _architecture_for(dataset: Dataset, config: TrainConfig, overrides: dict) -> Architecture:
+def _architecture_for(dataset: Dataset, config: TrainConfig, overrides: dict):
+    """The architecture of `config.arch` (resolved) for the dataset's images and classes."""
     if len(dataset.class_names) < 2:
         raise DatasetError(
             f"dataset {dataset.name!r} has {len(dataset.class_names)} class; training needs at least 2"
         )
+    kind = ARCHITECTURES[config.arch]
+    if config.build not in kind.builds:
+        raise ArgumentError(
+            f"--build {config.build}: the {config.arch} network has only the {' and '.join(kind.builds)} build"
+        )
     try:
-        return Architecture(
+        return kind(
             input_shape=dataset.image_shape,
             num_classes=len(dataset.class_names),
             dropout_rate=config.dropout_rate,
@@ -450,11 +476,26 @@ def _architecture_for(dataset: Dataset, config: TrainConfig, overrides: dict) ->
         raise DatasetError(f"dataset {dataset.name!r}: {exc}") from None
 
 
+def _network_words(asked: TrainConfig, config: TrainConfig) -> str:
+    """The network and, when cnnkit chose it, why: "network resnet (chosen for color images; --arch
+    chapter for the chapter's CNN) with the photos recipe"."""
+    words = f"network {config.arch}" + (f" ({config.build} build)" if config.arch == "chapter" else "")
+    if asked.arch == "auto":
+        other = (
+            "--arch chapter for the chapter's CNN" if config.arch == "resnet" else "--arch resnet for photos"
+        )
+        kind = "color" if config.arch == "resnet" else "grayscale"
+        words += f" (chosen for {kind} images; {other})"
+    if config.recipe != asked.recipe:
+        words += f" with the {config.recipe} recipe"
+    return words
+
+
 def _silent(line: str):
     """The log of ranks other than 0: one rank speaks for a distributed run."""
 
 
-def _log_summary(arch: Architecture, build: str, log):
+def _log_summary(arch, build: str, log):
     for line in summary(arch, build).splitlines():
         log(line)
     weights = 4 * arch.num_parameters

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from cnnkit import distributed
-from cnnkit.augment import epoch_generator, random_affine
+from cnnkit.augment import augment, epoch_generator
 from cnnkit.data import minibatch_indices
 from cnnkit.device import autocast
 from cnnkit.errors import CnnkitError
@@ -416,7 +416,7 @@ def _augmentation(config: TrainConfig, epoch: int, device, rank: int = 0):
     if not config.augments:
         return None
     generator = epoch_generator(config.seed, epoch, rank)
-    return lambda images: random_affine(images, config, generator)
+    return lambda images: augment(images, config, generator)
 
 
 def _progress_bar(total: int, desc: str):

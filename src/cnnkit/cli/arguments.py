@@ -15,6 +15,14 @@ SOURCES_HELP = "mnist-5k (embedded), mnist, fashion-mnist, idx:DIR, npz:FILE or 
 
 CHECKPOINT_HELP = "a run folder, or a checkpoint file"
 
+# The splits `evaluate` and `report` score (cnnkit.evaluation.evaluation_split).
+SPLITS = ("test", "valid", "train", "all")
+SPLIT_HELP = (
+    "test (default), valid (the end of the training split, as training held it out), train, or all "
+    "(every image of the dataset). A folder without train/ and test/ is split as training split it "
+    "(the test images the run's record lists); any other such folder is all test images"
+)
+
 TTA_HELP = (
     "test-time augmentation: average the probabilities of each image and its 1-pixel shifts up, down, "
     "left and right (and their mirrors, for a model trained with --flip)"
@@ -119,6 +127,7 @@ def add_runtime(p, precisions=("auto", "fp32", "bf16")):
 # `cnnkit train`'s options for TrainConfig's settings: option, type, check, help and default from the
 # field's metadata (cnnkit.recipes.setting), so the command line takes exactly what TrainConfig does.
 TRAIN_SETTINGS = (
+    "arch",
     "epochs",
     "batch_size",
     "learning_rate",
@@ -127,6 +136,7 @@ TRAIN_SETTINGS = (
     "rotate",
     "shift",
     "shear",
+    "pad",
     "seed",
     "build",
     "patience",

@@ -6,6 +6,8 @@ import json
 from cnnkit.cli.arguments import (
     CHECKPOINT_OR_ONNX_HELP,
     SOURCES_HELP,
+    SPLIT_HELP,
+    SPLITS,
     TTA_HELP,
     add_runtime,
     add_which,
@@ -34,7 +36,7 @@ def add_evaluate(commands):
     p.add_argument(
         "--dataset", type=nonempty, default=None, help=f"{SOURCES_HELP} (default: the one it was trained on)"
     )
-    p.add_argument("--split", choices=("test", "valid", "train"), default="test", help="default: test")
+    p.add_argument("--split", choices=SPLITS, default="test", help=SPLIT_HELP)
     p.add_argument("--tta", action="store_true", help=TTA_HELP)
     p.add_argument(
         "--batch-size",
@@ -103,7 +105,7 @@ def run_evaluate(args) -> int:
         return _print_evaluation(args, scored.evaluation, scored.numbers, first.record.class_names)
     model, ckpt = load_network(args.checkpoint, args.which, device)
     record = ckpt.record
-    source, dataset, split = evaluation_split(record, ckpt.path, args.dataset, args.split)
+    source, dataset, split = evaluation_split(record, ckpt.path, args.dataset, args.split, with_train=int8)
     precision = "int8" if int8 else resolve_precision(args.precision or "auto", device)
     if int8:
         calibration = dataset.train or dataset.valid or split
@@ -127,7 +129,7 @@ def _check_ensemble_options(models, int8: bool):
 
 def _evaluate_onnx(args) -> int:
     """`cnnkit evaluate FILE.onnx`: an exported model in onnxruntime; loads neither torch nor training code."""
-    from cnnkit.data import resolve_source, split_for_model
+    from cnnkit.data import resolve_source, scoring_test_files, split_for_model
     from cnnkit.metrics import evaluate_logits
     from cnnkit.onnx_model import load_onnx
 
@@ -137,7 +139,10 @@ def _evaluate_onnx(args) -> int:
     source = resolve_source(args.dataset) if args.dataset else meta.dataset
     if source is None:
         raise no_dataset_recorded(args.checkpoint)
-    _, split = split_for_model(source, meta.input_shape, meta.class_names, meta.valid_size, args.split)
+    test_files = scoring_test_files(source, meta.dataset, None, args.split)  # an .onnx file lists none
+    _, split = split_for_model(
+        source, meta.input_shape, meta.class_names, meta.valid_size, args.split, test_files=test_files
+    )
     result = evaluate_logits(classifier.predict_logits(split.images, args.batch_size), split.labels)
     report = {
         "checkpoint": str(classifier.path),

@@ -14,7 +14,7 @@ the weights after any number of steps are bit for bit those of autocast + `train
 check it), and a run may resume on either path. Measured on a 2-core AVX-512 EPYC, the chapter's
 network at batch 64: 3-5% more images a second.
 
-The copies are used only where they apply: bf16 on the CPU in one process (DDP reduces gradients in
+The copies are used only where they apply: bf16 on the CPU in one process, a network without batch norm (DDP reduces gradients in
 the precision of the parameters), a fused Adam (as `training.make_optimizer` makes) without weight
 decay, AMSGrad or maximize, and the C++ kernels built (see cnnkit.kernels.extension); elsewhere the context
 gives back `optimizer.step`.
@@ -72,6 +72,8 @@ def _kernels_for(model, optimizer, precision):
         or torch.is_tensor(group["lr"])
     ):
         return None
+    if any(isinstance(module, nn.modules.batchnorm._BatchNorm) for module in model.modules()):
+        return None  # batch norm's float32 running statistics need float32 scale and shift under autocast
     masters = group["params"]
     in_model = {id(param) for param in model.parameters()}
     if not all(
