@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cnnkit import ops, plots
+from cnnkit import plots
 from cnnkit.data.sources import FASHION_MNIST
 from cnnkit.layer_outputs import activations, filters
 from cnnkit.model import Architecture, build_model
+from cnnkit.viz import grids, style
 
 FASHION = list(FASHION_MNIST.class_names)
 
@@ -147,23 +148,25 @@ def test_image_grids_render_for_gray_rgb_and_large_images(shape):
     labels = np.array([0, 1, 2, 0, 1, 2])
     grid = plots.mistakes_image(images, labels, acts["probabilities"], names)
     n_wrong = int((acts["probabilities"].argmax(axis=1) != labels).sum())
-    assert grid.width == plots.GRID_WIDTH and grid.height == 64 + 154 * (1 if n_wrong <= 8 else 2) + 10
+    rows = 1 if n_wrong <= 8 else 2  # each row: the picture and at least three lines of text
+    assert grid.width == plots.GRID_WIDTH and grid.height >= 64 + rows * (80 + 3 * 17)
     kernels = filters(model)["conv1"]
     assert plots.filters_image(kernels).size == (plots.GRID_WIDTH, 70 + plots.GRID_WIDTH // 16 + 10)
     maps = plots.feature_maps_image(acts, 2, names, label=2)
-    assert maps.width == plots.GRID_WIDTH and 400 < maps.height < 1600
+    assert maps.width == plots.GRID_WIDTH and 400 < maps.height < 2600
     for fig in (plots.mistakes(images, labels, acts["probabilities"], names), plots.feature_maps(acts, 0)):
-        assert png_size(fig) in {(plots.GRID_WIDTH, h) for h in range(100, 1600)}
+        assert png_size(fig) in {(plots.GRID_WIDTH, h) for h in range(100, 2600)}
 
 
 def test_mistakes_image_with_no_mistakes_says_so():
     probabilities = np.eye(3)[[0, 1, 2]]
     grid = plots.mistakes_image(np.zeros((3, 1, 16, 16), np.uint8), [0, 1, 2], probabilities, ["a", "b", "c"])
-    assert grid.size == (plots.GRID_WIDTH, 64 + 154 + 10)
+    assert grid.width == plots.GRID_WIDTH and 150 < grid.height < 300
 
 
-def test_feature_maps_scale_conv_maps_to_their_sign_and_relu_maps_from_black():
-    # one filter that copies the image and one that negates it: red where the image is bright, and blue
+def test_feature_maps_draw_positive_values_in_magma_and_negative_ones_in_blue():
+    # one filter that copies the image and one that negates it: magma's top where the image is bright, and
+    # the blue ramp's top in the negated map; after ReLU that map is black (0)
     arch = Architecture(
         input_shape=(1, 16, 16), num_classes=2, conv_channels=(2, 2), hidden_units=4, kernel_size=1
     )
@@ -174,85 +177,169 @@ def test_feature_maps_scale_conv_maps_to_their_sign_and_relu_maps_from_black():
         state["features.0.weight"][0, 0, 0, 0], state["features.0.weight"][1, 0, 0, 0] = 1.0, -1.0
     image = np.zeros((1, 1, 16, 16), np.float32)
     image[0, 0, 4:8, 4:8] = 3.0
-    picture = np.asarray(plots.feature_maps_image(activations(model, image), 0))
-    reds = (picture[..., 0] > 150) & (picture[..., 2] < 80)
-    blues = (picture[..., 2] > 140) & (picture[..., 0] < 80)
-    assert reds.sum() > 100 and blues.sum() > 100
+    picture = np.asarray(plots.feature_maps_image(activations(model, image), 0)).astype(int)
+
+    def pixels_of(colour):
+        return (np.abs(picture - np.asarray(colour)).sum(axis=-1) <= 6).sum()
+
+    assert pixels_of(style.POSITIVE_LUT[255]) > 100 and pixels_of(style.NEGATIVE_LUT[255]) > 100
 
 
-# --- the chapter's primitives, step by step ---
+def test_colours_js_mirrors_the_palette_of_style_py():
+    """The page (serve/static/colours.js) and the report (viz/style.py) draw with the same colours."""
+    import json
+    import re
+    from pathlib import Path
 
-NOTEBOOK_OUT2 = [[10, 24, 33, 14], [23, 24, 37, 14], [17, 36, 30, 19], [11, 21, 18, 10]]
+    import cnnkit
+
+    script = (Path(cnnkit.__file__).parent / "serve" / "static" / "colours.js").read_text()
+    assert "src/cnnkit/viz/style.py" in script  # it names its source
+    constants = {
+        name: json.loads(value)
+        for name, value in re.findall(r"^export const ([A-Z_]+) = (\[.*\]|\"[^\"]*\");$", script, re.M)
+    }
+    expected = {name: json.loads(json.dumps(value)) for name, value in style.SHARED_WITH_PAGE.items()}
+    assert constants == expected
+    # colours.js builds its tables with ramp(): the same arithmetic as style.ramp
+    body = script[script.index("export function ramp") :]
+    assert "(i / 255) * (stops.length - 1)" in body and "Math.round(t * 255)" in body
 
 
-def test_default_drawings_are_the_chapters_examples_with_their_numbers():
-    fig = plots.explain_conv1d()
-    drawn = texts(fig)
-    assert (
-        "y[0] = 0·2 + 0·1 + 1·3 + 3·0 + 2·1 = 5" in drawn
-        and "y[7] = 6·2 + 1·1 + 3·3 + 0·0 + 0·1 = 22" in drawn
+def test_colours_js_computes_the_same_colours_as_style_py():
+    """Where Node.js is installed: the page's colour tables, computed by colours.js itself."""
+    import json
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    import cnnkit
+
+    node = shutil.which("node") or shutil.which("nodejs")
+    if node is None:
+        pytest.skip("no Node.js to run colours.js")
+    url = (Path(cnnkit.__file__).parent / "serve" / "static" / "colours.js").as_uri()
+    script = (
+        f"import({json.dumps(url)}).then((m) => {{ const out = new Uint8ClampedArray(4 * 9);"
+        "[-4, -3, -1, -0.01, 0, 0.01, 1, 3, 4].forEach((v, i) => m.colour(v, 4, out, 4 * i));"
+        "console.log(JSON.stringify([Array.from(m.WARM), Array.from(m.COLD), Array.from(out)])); })"
     )
-    assert np.array_equal(plots.conv2d_steps(plots.CHAPTER_X2, plots.CHAPTER_W2, 1).output, NOTEBOOK_OUT2)
-    drawn = texts(plots.explain_conv2d())
-    assert "= 0·1 + 0·1 + 0·0 + 0·1 + 1·2 + 2·1 + 0·3 + 5·0 + 6·1 = 10" in drawn
-    assert all(f"y[{i}, {j}] = {NOTEBOOK_OUT2[i][j]}" in drawn for i in range(4) for j in range(4))
-    drawn = texts(plots.explain_pool())
-    assert "max 6, mean 3\n(4 real cells)" in drawn and "max 24, mean 24\n(1 real cell)" in drawn
-    assert "padding 0 rows above, 1 below, 0 columns left, 1 right" in drawn
+    done = subprocess.run(
+        [node, "--input-type=module", "-e", script], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    warm, cold, colours = json.loads(done.stdout)
+    assert warm == style.POSITIVE_LUT.ravel().tolist() and cold == style.NEGATIVE_LUT.ravel().tolist()
+    values = np.array([-4, -3, -1, -0.01, 0, 0.01, 1, 3, 4])
+    expected = np.concatenate([style.value_colours(values, 4.0), np.full((9, 1), 255)], axis=1)
+    assert colours == expected.ravel().tolist()
 
 
-@pytest.mark.parametrize(
-    "draw",
-    [
-        lambda: plots.explain_conv1d(range(40), [1, -1, 2], padding=3, stride=2),
-        lambda: plots.explain_conv2d(
-            np.arange(144).reshape(12, 12) % 7, np.ones((5, 5), int), padding=(2, 0)
-        ),
-        lambda: plots.explain_conv2d([[0.5, 1.25], [2, 3]], [[1]], padding=0, stride=(1, 2)),
-        lambda: plots.explain_pool(np.arange(49).reshape(7, 7), size=3, stride=1, padding="same"),
-        lambda: plots.explain_pool(np.arange(20).reshape(4, 5), size=(2, 3), padding="valid"),
-    ],
-    ids=["long 1-D", "12x12", "floats", "overlapping windows", "valid"],
-)
-def test_other_examples_render_and_say_how_many_outputs_are_not_drawn(draw):
-    fig = draw()
-    width, height = png_size(fig)
-    assert 600 < width < 4000 and 300 < height < 4000
-    assert "outputs" in texts(fig)
+def test_value_colours_put_black_at_zero_magma_above_and_blue_below_on_one_scale():
+    values = np.array([-4.0, -2.0, 0.0, 1.0, 2.0, 4.0, 8.0])
+    colours = style.value_colours(values, 4.0)
+    assert colours[2].tolist() == list(style.POSITIVE_STOPS[0])  # 0 is black
+    assert (
+        colours[5].tolist() == list(style.POSITIVE_STOPS[-1]) == colours[6].tolist()
+    )  # the scale, and above
+    assert colours[0].tolist() == list(style.NEGATIVE_STOPS[-1])
+    assert colours[4].tolist() == style.POSITIVE_LUT[128].tolist()  # half the scale: Math.round(127.5)
+    assert colours[1].tolist() == style.NEGATIVE_LUT[128].tolist()
+    lightness = style.POSITIVE_LUT.sum(axis=1)
+    assert (np.diff(lightness.astype(int)) >= -1).all()  # sequential: brighter with the value
+    assert style.layer_scale(np.array([[-3.0, 2.0]])) == 3.0 and style.layer_scale(np.zeros(4)) == 1.0
 
 
-@pytest.mark.parametrize("seed", range(25))
-def test_every_drawn_window_gives_the_output_cnnkit_ops_computed(seed):
+def fake_activations(n=2, seed=0):
+    """Activations of a made-up network with names cnnkit does not know: maps, features, scores."""
     rng = np.random.default_rng(seed)
-    w = rng.integers(-3, 4, tuple(rng.integers(1, 4, 2)))
-    padding, stride = tuple(rng.integers(0, 3, 2)), tuple(rng.integers(1, 4, 2))
-    # x at least as large as the kernel once padded (else no window fits), so every seed draws windows.
-    x_shape = tuple(rng.integers(max(1, k - 2 * p), 8) for k, p in zip(w.shape, padding, strict=True))
-    x = rng.integers(-5, 6, x_shape)
-    steps = plots.conv2d_steps(x, w, padding, stride)
-    assert np.array_equal(steps.output, ops.conv2d(x, w, padding=padding, stride=stride))
-    assert len(steps.windows) == steps.output.size
-    for (i, j), (top, left) in steps.windows.items():
-        window = steps.padded[top : top + w.shape[0], left : left + w.shape[1]]
-        assert (window * steps.kernel).sum() == steps.output[i, j]
-    row = x[0]  # its padded length fits w's row, as x's padded width fits w's
-    steps = plots.conv1d_steps(row, w[0], padding[1], stride[1])
-    assert np.array_equal(steps.output[0], ops.conv1d(row, w[0], padding=padding[1], stride=stride[1]))
-    assert len(steps.windows) == steps.output.size
-    for (_, j), (_, left) in steps.windows.items():
-        assert (steps.padded[0, left : left + w.shape[1]] * steps.kernel[0]).sum() == steps.output[0, j]
-    size, pool_stride = tuple(rng.integers(1, 4, 2)), tuple(rng.integers(1, 4, 2))
-    # "valid" takes only windows inside x: there the window is cut to x where it is larger.
-    sizes = {"same": size, "valid": tuple(min(s, n) for s, n in zip(size, x.shape, strict=True))}
-    for padding, size in sizes.items():
-        maximum = plots.pool_steps(x, size, pool_stride, padding, "max")
-        mean = plots.pool_steps(x, size, pool_stride, padding, "mean")
-        assert len(maximum.windows) == maximum.output.size > 0
-        for (i, j), (top, left) in maximum.windows.items():
-            cells = maximum.padded[top : top + size[0], left : left + size[1]]
-            real = maximum.real[top : top + size[0], left : left + size[1]]
-            assert cells[real].max() == maximum.output[i, j]
-            assert cells[real].mean() == pytest.approx(mean.output[i, j])
+    logits = rng.normal(size=(n, 3))
+    return {
+        "input": rng.normal(size=(n, 1, 12, 12)),
+        "stem": rng.normal(size=(n, 5, 12, 12)),
+        "stem_relu": np.maximum(rng.normal(size=(n, 5, 12, 12)), 0),
+        "block": np.maximum(rng.normal(size=(n, 7, 6, 6)), 0),
+        "features": np.maximum(rng.normal(size=(n, 100)), 0),
+        "logits": logits,
+        "probabilities": np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True),
+    }
+
+
+def test_feature_maps_draw_whatever_layers_they_are_given():
+    acts = fake_activations()
+    picture = plots.feature_maps_image(
+        acts, 0, ["a", "b", "c"], descriptions={"stem": "the first convolution"}
+    )
+    fewer = dict(acts)
+    del fewer["block"], fewer["features"]
+    assert picture.width == plots.GRID_WIDTH
+    assert plots.feature_maps_image(fewer, 0, ["a", "b", "c"]).height < picture.height  # every layer drawn
+
+
+def test_feature_maps_have_one_scale_per_layer_over_all_the_images():
+    acts = fake_activations(n=2)
+    acts["stem"][1] *= 10  # image 1 is ten times stronger: image 0 is drawn darker than on its own
+    alone = {name: values[:1] for name, values in acts.items()}
+    together = np.asarray(plots.feature_maps_image(acts, 0))
+    assert not np.array_equal(together, np.asarray(plots.feature_maps_image(alone, 0)))
+    scales = {name: style.layer_scale(values) for name, values in acts.items()}
+    given = np.asarray(plots.feature_maps_image(alone, 0, scales=scales))
+    assert np.array_equal(together[:-70], given[:-70])  # all but the note, which says over how many images
+
+
+def test_confusion_matrix_colours_the_errors_on_their_own_scale():
+    confusion = np.array([[500, 3, 0], [7, 480, 1], [0, 2, 490]])
+    fig = plots.confusion_matrix(confusion, ["a", "b", "c"])
+    counts, shares = fig.axes[0].images[0], fig.axes[1].images[0]
+    assert counts.norm.vmax == 7 and shares.norm.vmax == pytest.approx(
+        100 * 7 / 488
+    )  # not the diagonal's 500
+    assert counts.get_array().mask.tolist() == np.eye(3, dtype=bool).tolist()  # the diagonal drawn apart
+    drawn = texts(fig)
+    assert "0 to 7" in drawn and "green: right answers" in drawn
+
+
+def test_mistakes_give_the_true_class_probability_and_the_runner_up():
+    probabilities = np.array([[0.1, 0.85, 0.05], [0.3, 0.2, 0.5]])
+    assert plots.runner_up(probabilities).tolist() == [0, 0]
+    assert grids.probability_text(0.9996) == ">99.9%" and grids.probability_text(0.0004) == "<0.1%"
+    assert grids.probability_text(0.05) == "5.0%" and grids.probability_text(0.85) == "85%"
+    from PIL import ImageDraw
+
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    name = "true: " + FASHION[0] + " and a class name long enough to need three lines"
+    lines = grids.wrap_pixels(draw, name, 13, 138)
+    assert len(lines) >= 3 and " ".join(lines) == name  # whole, not cut
+    assert all(draw.textlength(line, font=style.load_font(13)) <= 138 for line in lines)
+    assert "".join(grids.wrap_pixels(draw, "x" * 80, 13, 138)) == "x" * 80
+
+
+def test_network_draws_each_layer_to_scale():
+    from matplotlib.patches import Polygon
+
+    arch = Architecture()
+    fig = plots.network(arch)
+    faces = []  # the front faces: upright rectangles, one per layer, in order
+    for patch in fig.axes[0].patches:
+        if isinstance(patch, Polygon):
+            xy = patch.get_xy()[:4]
+            if xy[0][1] == xy[1][1] and xy[1][0] == xy[2][0]:
+                faces.append((xy[1][0] - xy[0][0], xy[2][1] - xy[1][1]))
+    rows = arch.layers()
+    assert len(faces) == len(rows)
+    heights = {name.split()[0]: abs(h) for (name, _, _), (_, h) in zip(rows, faces, strict=True)}
+    assert heights["input"] / heights["max-pool2"] == pytest.approx(28 / 4)  # the maps shrink, to scale
+    assert heights["dense3"] > heights["dense4"]
+    assert "Drawn to scale" in texts(fig)
+
+
+def test_history_draws_each_quantity_in_the_palettes_colour():
+    from matplotlib.colors import to_hex
+
+    fig = plots.history([epoch(n) for n in range(1, 4)], epoch=3, best_epoch=3)
+    loss_lines = [to_hex(line.get_color()) for line in fig.axes[0].lines[:2]]
+    assert loss_lines == [style.TRAINING, style.VALIDATION]
+    assert to_hex(fig.axes[1].lines[0].get_color()) == style.ACCURACY
 
 
 def test_save_figure_writes_a_png_without_a_software_url(tmp_path):

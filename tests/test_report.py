@@ -75,6 +75,9 @@ def test_report_json_holds_the_numbers_behind_the_figures(report):
     confidences = [m["confidence"] for m in numbers["mistakes"]]
     assert confidences == sorted(confidences, reverse=True) and len(confidences) <= 16
     assert all(m["true"] != m["predicted"] for m in numbers["mistakes"])
+    for m in numbers["mistakes"]:  # what the mistakes grid writes under each image
+        assert m["runner_up"] != m["predicted"] and m["runner_up"] in numbers["class_names"]
+        assert m["true_probability"] <= m["runner_up_probability"] <= m["confidence"]
     wrong = numbers["n"] - sum(confusion[i][i] for i in range(k))
     assert len(numbers["mistakes"]) == min(16, wrong)
     projection = numbers["projection"]
@@ -96,6 +99,23 @@ def test_page_opens_from_disk_with_no_network(report):
     assert set(linked) == {f["file"] for f in numbers["figures"]} | {"report.json"}
     assert all((folder / name).is_file() for name in linked)
     assert f"{100 * numbers['accuracy']:.2f}%" in page and "<table>" in page
+
+
+def test_page_links_every_figure_full_size_and_states_its_wall_time(report):
+    _, folder, numbers = report
+    page = (folder / "index.html").read_text()
+    for figure in numbers["figures"]:  # the picture itself and the caption open the PNG alone
+        assert page.count(f'href="{figure["file"]}"') == 2
+    assert "flex-wrap: wrap" in page and '<div class="table"><table>' in page  # nothing wider than a phone
+    assert 0 < numbers["seconds"] < 600 and re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", numbers["made"])
+    assert f"in {numbers['seconds']:.1f} s (wall time, from the start of the command to this page)" in page
+
+
+def test_the_footer_time_counts_from_the_given_start(tiny_run, tmp_path):
+    import time
+
+    folder = write_report(tiny_run, tmp_path / "r", precision="fp32", started=time.time() - 100)
+    assert 100 <= json.loads((folder / "report.json").read_text())["seconds"] < 700
 
 
 @pytest.mark.slow
@@ -219,3 +239,47 @@ def test_explain_writes_the_chapters_example_by_default_and_others_on_request(ca
     argv = ["explain", "conv2d", "--x", "1,2,3;4,5,6;7,8,9", "--w", "1,0;0,-1", "--stride", "2", "--out", out]
     assert main([str(a) for a in argv]) == 0
     assert Image.open(out).size != default.size
+
+
+# --- the page in a real browser, on a desktop and on a phone ---
+
+
+@pytest.mark.slow
+def test_the_page_fits_a_phone_and_shows_figures_at_a_readable_size(report):
+    """At 390 px nothing is wider than the screen (the numbers and the table wrap); each figure is shown at
+    its own pixel size, its text as drawn, in a box that scrolls sideways. At 1280 px figures fit the page."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    playwright_api = pytest.importorskip("playwright.sync_api")
+    chromium = os.environ.get("CNNKIT_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+    if not Path(chromium).is_file():
+        pytest.skip(f"no chromium at {chromium}")
+    _, folder, numbers = report
+    measure = """() => ({
+        page: document.documentElement.scrollWidth,
+        numbers: document.querySelector('.numbers').getBoundingClientRect().right,
+        table: document.querySelector('.table').scrollWidth,
+        images: [...document.querySelectorAll('figure img')].map((i) => i.getBoundingClientRect().width),
+        boxes: [...document.querySelectorAll('.picture')].map((b) => b.getBoundingClientRect().right),
+        scrolling: [...document.querySelectorAll('.picture')].filter((b) => b.scrollWidth > b.clientWidth).length})"""
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=chromium, args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
+        )
+        try:
+            seen = {}
+            for width in (390, 1280):
+                page = browser.new_page(viewport={"width": width, "height": 844})
+                page.goto((folder / "index.html").as_uri())
+                page.wait_for_load_state("load")
+                seen[width] = page.evaluate(measure)
+                page.close()
+        finally:
+            browser.close()
+    widths = [figure["width"] for figure in numbers["figures"]]
+    phone, desktop = seen[390], seen[1280]
+    assert phone["page"] <= 390 and phone["numbers"] <= 390 and phone["table"] <= 390
+    assert max(phone["boxes"]) <= 390 and phone["images"] == pytest.approx(widths, abs=3)
+    assert desktop["page"] <= 1280 and max(desktop["images"]) <= 1260 and desktop["scrolling"] == 0

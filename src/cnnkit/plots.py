@@ -15,6 +15,10 @@ Of the chapter's primitives, drawn step by step from what `cnnkit.ops` computes:
 
     explain_conv1d(x, w, padding, stride), explain_conv2d(x, w, padding, stride), explain_pool(x, size, stride, padding)
 
+Every figure draws with one palette, cnnkit.viz.style's (the web page's colours.js mirrors it; see
+docs/pictures.md): black 0, magma for values >= 0, a blue ramp of the same lightness below 0, one scale
+per layer; the same line colour for the same quantity.
+
 The functions live in cnnkit.viz (figures, grids, explain, style, and the report); this module is
 their one public name. matplotlib is imported inside the functions that draw (Figure objects, Agg, no pyplot), so importing
 this module costs nothing. Grids of small images (mistakes, filters, feature maps) are drawn with Pillow,
@@ -53,6 +57,7 @@ from cnnkit.viz.grids import (
     filters_image,
     mistakes_image,
     most_confident_mistakes,
+    runner_up,
 )
 from cnnkit.viz.style import (
     DPI,
@@ -94,6 +99,7 @@ __all__ = [
     "per_class_accuracy",
     "pool_steps",
     "projection",
+    "runner_up",
     "save_figure",
     "save_image",
 ]

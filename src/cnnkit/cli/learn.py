@@ -28,6 +28,15 @@ def add_explain(commands):
     two.add_argument("--w", type=matrix, default=None, help="the kernel (default: '1,0,3;1,2,1;0,1,1')")
     two.add_argument("--padding", type=pair_of(0, 10), default=(1, 1), help="P or P1,P2 (default: 1)")
     two.add_argument("--stride", type=pair_of(1, 10), default=(1, 1), help="S or S1,S2 (default: 1)")
+    two.add_argument(
+        "--at",
+        type=pair_of(0, 10_000),
+        action="append",
+        default=None,
+        metavar="I,J",
+        help="an output y[I, J] whose sum is written out in full; repeat for more "
+        "(default: the first, the middle and the last)",
+    )
     pool = kinds.add_parser(
         "pool", help="max and mean pooling (default: a 5x5 image, 2x2 windows, SAME padding)"
     )
@@ -61,7 +70,7 @@ def run_explain(args) -> int:
             figure = plots.explain_conv1d(x, w, args.padding, args.stride)
         elif kind == "conv2d":
             x, w = args.x or plots.CHAPTER_X2, args.w or plots.CHAPTER_W2
-            figure = plots.explain_conv2d(x, w, args.padding, args.stride)
+            figure = plots.explain_conv2d(x, w, args.padding, args.stride, show=args.at)
         else:
             figure = plots.explain_pool(args.x or plots.POOL_EXAMPLE, args.size, args.stride, args.padding)
     except ValueError as exc:  # cnnkit.ops names the argument and what it expected

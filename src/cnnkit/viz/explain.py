@@ -103,9 +103,11 @@ def explain_conv1d(x=CHAPTER_X1, w=CHAPTER_W1, padding: int = 2, stride: int = 1
     )
     label_w, cells = 3.2, len(xs)
     width = max(label_w + cells + 0.8 + max(_units(t, 10) for t in lines) + 0.5, _units(title[1], 11) + 1, 14)
-    height = 2.2 + 1.4 + 1.2 + shown + (0.9 if shown < len(out) else 0) + 0.5 + 1.5
+    note = _wrap_units(CROSS_CORRELATION_1D, width - 1.5, _NOTE_SIZE)
+    height = 2.2 + 1.4 + 1.2 + shown + (0.9 if shown < len(out) else 0) + 0.5 + 1.5 + 0.6 * len(note) + 0.4
     fig, ax = _sheet(width, height)
     _title(ax, width, title)
+    _note(ax, 0.75, height - 0.6 * len(note) - 0.2, note)
     y = 2.2
     ax.text(label_w - 0.3, y + 0.5, "x, padded", ha="right", va="center", fontsize=11)
     _board(ax, label_w, y, xs[None], steps.real)
@@ -137,25 +139,43 @@ def explain_conv1d(x=CHAPTER_X1, w=CHAPTER_W1, padding: int = 2, stride: int = 1
     return fig
 
 
-def explain_conv2d(x=CHAPTER_X2, w=CHAPTER_W2, padding=1, stride=1, max_steps: int = 16):
+def explain_conv2d(x=CHAPTER_X2, w=CHAPTER_W2, padding=1, stride=1, max_steps: int = 16, show=None):
     """2-D convolution drawn step by step: the padded input, the kernel and its flipped copy, the output,
-    and for each output (up to `max_steps`) the window of the input it sums. Defaults are the chapter's
-    example, which equals scipy.signal.convolve2d(x, w, mode="same"). Every number comes from `ops.conv2d`."""
+    the arithmetic of the outputs in `show` ((i, j) positions; default: the first, the middle and the last
+    output), and for each output (up to `max_steps`) the window of the input it sums. Defaults are the
+    chapter's example, which equals scipy.signal.convolve2d(x, w, mode="same"). Every number comes from
+    `ops.conv2d`. A note says that a CNN's layers compute cross-correlation (no flip). A ValueError names a
+    position outside the output."""
     steps = conv2d_steps(x, w, padding, stride)
     out, flipped = steps.output, steps.kernel
     (p1, _), (p2, _) = steps.padding
     s1, s2 = steps.stride
     kh, kw = flipped.shape
-    first = steps.windows[(0, 0)]
-    window = steps.padded[first[0] : first[0] + kh, first[1] : first[1] + kw]
-    terms = " + ".join(f"{a:g}·{b:g}" for a, b in zip(window.ravel(), flipped.ravel(), strict=True))
-    equation = f"y[0, 0] = sum of the orange window times the flipped kernel = {terms} = {out[0, 0]:g}"
+    h, w_out = out.shape
+    if show is None:
+        show = [(0, 0), (h // 2, w_out // 2), (h - 1, w_out - 1)]
+    show = list(dict.fromkeys((int(i), int(j)) for i, j in show))
+    for i, j in show:
+        if not (0 <= i < h and 0 <= j < w_out):
+            raise ValueError(f"output position ({i}, {j}) is outside y, which is {h} x {w_out}")
+    equations = []
+    for i, j in show:
+        top, left = steps.windows[(i, j)]
+        window = steps.padded[top : top + kh, left : left + kw]
+        terms = " + ".join(f"{a:g}·{b:g}" for a, b in zip(window.ravel(), flipped.ravel(), strict=True))
+        equations.append(f"y[{i}, {j}] = {terms} = {out[i, j]:g}")
     title = (
         f"2-D convolution: y = conv2d(x, w, padding=({p1}, {p2}), stride=({s1}, {s2})): {out.shape[0]} x {out.shape[1]} outputs",
         f"grey cells are the zero padding; each output sums a {kh} x {kw} window of x times the flipped kernel; "
         f"the window moves {s2} column{'s' * (s2 > 1)} right, then {s1} row{'s' * (s1 > 1)} down",
     )
-    return _explain_windows(steps, title, equation, max_steps, w=np.asarray(w))
+    heading = (
+        f"Each output is the sum of its window times the flipped kernel, cell by cell (row by row); "
+        f"{'this one' if len(show) == 1 else f'these {len(show)}'} outlined in y:"
+    )
+    return _explain_windows(
+        steps, title, [heading, *equations], max_steps, w=np.asarray(w), shown=show, note=CROSS_CORRELATION_2D
+    )
 
 
 def explain_pool(x=POOL_EXAMPLE, size=2, stride=None, padding="same", max_steps: int = 16):
@@ -181,17 +201,18 @@ def explain_pool(x=POOL_EXAMPLE, size=2, stride=None, padding="same", max_steps:
         f"{out.shape[0]} x {out.shape[1]} outputs",
         how,
     )
-    return _explain_windows(maximum, title, None, max_steps, mean=mean)
+    return _explain_windows(maximum, title, [], max_steps, mean=mean)
 
 
-def _explain_windows(steps, title, equation, max_steps, w=None, mean=None):
-    """The layout of explain_conv2d and explain_pool: the inputs and results on top, then one small copy of
-    the padded input per output with its window in orange."""
+def _explain_windows(steps, title, equations, max_steps, w=None, mean=None, shown=(), note=""):
+    """The layout of explain_conv2d and explain_pool: the inputs and results on top (the outputs `shown`
+    outlined), `equations` (lines of text), then one small copy of the padded input per output with its
+    window in orange, and `note` at the foot."""
     padded, real, out = steps.padded, steps.real, steps.output
     hp, wp = padded.shape
     kh, kw = steps.window_shape
     cells = list(steps.windows)[:max_steps]
-    gap, small = 1.5, 0.62
+    gap, small = 1.5, _SMALL
     if mean is None:  # convolution: x, w, w flipped, y
         panels = [
             ("input", padded, "x, padded", _BACKGROUND_CELL),
@@ -206,13 +227,25 @@ def _explain_windows(steps, title, equation, max_steps, w=None, mean=None):
             ("output", mean.output, "mean pooling: mean of the real cells", _MEAN),
         ]
     panel_width = sum(max(v.shape[1], _units(t, 11)) for _, v, t, _ in panels) + gap * (len(panels) - 1)
-    width = max(panel_width, _units(title[0], 13), _units(title[1], 11), _units(equation or "", 10), 12) + 1.5
+    width = (
+        max(
+            panel_width, _units(title[0], 13), _units(title[1], 11), *(_units(e, 10.5) for e in equations), 12
+        )
+        + 1.5
+    )
+    note = _wrap_units(note, width - 1.5, _NOTE_SIZE) if note else []
     per_row = max(1, min(len(cells), int((width - 1 + gap) // (wp * small + gap))))
     if out.shape[1] <= per_row:  # one row of drawings per row of outputs
         per_row = out.shape[1]
+    caption_h = 1.3 if mean is None else 1.9
+    rows_fit = max(1, int(60 // (hp * small + caption_h)))  # large inputs: fewer copies, not a huge figure
+    cells = cells[: rows_fit * per_row]
     step_rows = math.ceil(len(cells) / per_row)
     top_height = max(v.shape[0] for _, v, *_ in panels)
-    height = 2.8 + top_height + 0.6 + (1.2 if equation else 0.4) + step_rows * (hp * small + 1.3) + 0.6
+    height = (
+        2.8 + top_height + 0.6 + (0.7 * len(equations) + 0.5 if equations else 0.4)
+        + step_rows * (hp * small + caption_h) + 0.6 + (0.6 * len(note) + 0.3 if note else 0)
+    )  # fmt: skip
     fig, ax = _sheet(width, height)
     _title(ax, width, title)
     left, y = 0.75, 2.8
@@ -221,10 +254,11 @@ def _explain_windows(steps, title, equation, max_steps, w=None, mean=None):
         x0 = left + (block - values.shape[1]) / 2
         ax.text(x0 + values.shape[1] / 2, y - 0.25, text, ha="center", va="bottom", fontsize=11)
         is_real = real if role == "input" else np.ones(values.shape, bool)
-        if mean is None:  # convolution: the first output's window and cell
-            window = (steps.windows[cells[0]], (kh, kw)) if role == "input" else None
-            mark = cells[0] if role == "output" else None
-            _board(ax, x0, y, values, is_real, fill=fill, window=window, mark=mark)
+        if mean is None:  # convolution: the first shown output's window, and the shown outputs
+            first = steps.windows[shown[0]] if shown else steps.windows[cells[0]]
+            window = (first, (kh, kw)) if role == "input" else None
+            marks = shown if role == "output" else ()
+            _board(ax, x0, y, values, is_real, fill=fill, window=window, marks=marks)
         else:  # pooling: every window outlined, where they do not overlap
             _board(ax, x0, y, values, is_real, fill=fill, pad_text="pad")
             apart = steps.stride[0] >= kh and steps.stride[1] >= kw
@@ -233,14 +267,17 @@ def _explain_windows(steps, title, equation, max_steps, w=None, mean=None):
                     ax.add_patch(_rectangle((x0 + col, y + row), kw, kh, edge="#b35806", width=1.6))
         left += block + gap
     y += top_height + 0.6
-    if equation:
-        ax.text(0.75, y + 0.2, equation, va="center", fontsize=10)
-        y += 1.2
+    if equations:
+        for n, line in enumerate(equations):
+            ax.text(
+                0.75, y + 0.3 + 0.7 * n, line, va="center", fontsize=10.5, color="0.25" if n == 0 else "black"
+            )
+        y += 0.7 * len(equations) + 0.5
     else:
         y += 0.4
     for n, (i, j) in enumerate(cells):
         x0 = 0.75 + (n % per_row) * (wp * small + gap)
-        y0 = y + (n // per_row) * (hp * small + 1.3) + 0.8
+        y0 = y + (n // per_row) * (hp * small + caption_h) + caption_h - 0.5
         row, col = steps.windows[(i, j)]
         if mean is None:
             caption = f"y[{i}, {j}] = {out[i, j]:g}"
@@ -250,15 +287,50 @@ def _explain_windows(steps, title, equation, max_steps, w=None, mean=None):
                 f"max {out[i, j]:g}, mean {mean.output[i, j]:.3g}\n({count} real cell{'s' * (count != 1)})"
             )
         ax.text(x0 + wp * small / 2, y0 - 0.15, caption, ha="center", va="bottom", fontsize=9)
-        _board(ax, x0, y0, np.where(real, padded, 0), real, scale=small, window=((row, col), (kh, kw)), fontsize=7,
-               pad_text="" if mean is not None else None)  # fmt: skip
+        _board(ax, x0, y0, np.where(real, padded, 0), real, scale=small, window=((row, col), (kh, kw)),
+               fontsize=_SMALL_SIZE, pad_text="" if mean is not None else None)  # fmt: skip
+    if note:
+        _note(ax, 0.75, height - 0.6 * len(note) - 0.2, note)
     if len(cells) < len(steps.windows):
-        ax.text(width / 2, height - 0.35, f"(the first {len(cells)} of {len(steps.windows)} outputs)", ha="center",
-                va="center", fontsize=10, color="0.3")  # fmt: skip
+        ax.text(width / 2, height - 0.6 * len(note) - 0.65, f"(the first {len(cells)} of {len(steps.windows)} outputs)",
+                ha="center", va="center", fontsize=10, color="0.3")  # fmt: skip
     return fig
 
 
+def _cross_correlation(function: str, reference: str, layer: str) -> str:
+    return (
+        f"Convolution or cross-correlation? {function} here (cnnkit.ops) is the convolution of mathematics, as "
+        f"{reference}: it flips the kernel. A CNN's convolution layers ({layer}, the layers of cnnkit's "
+        "networks) compute cross-correlation: the same sums with w as it is, not flipped. A CNN learns its "
+        "kernels, so the two differ only in which way round a learned kernel is stored."
+    )
+
+
+CROSS_CORRELATION_1D = _cross_correlation("conv1d", "np.convolve", "torch.nn.Conv1d")
+CROSS_CORRELATION_2D = _cross_correlation("conv2d", "scipy.signal.convolve2d", "torch.nn.Conv2d")
+
+
+_NOTE_SIZE = 10.5
+
+
+def _note(ax, left, top, lines):
+    for n, line in enumerate(lines):
+        ax.text(left, top + 0.6 * n + 0.3, line, va="center", fontsize=_NOTE_SIZE, color="#8a4200")
+
+
+def _wrap_units(text: str, width: float, fontsize: float) -> list[str]:
+    """`text` in lines that fit `width` cells at `fontsize` (as `_units` measures them)."""
+    import textwrap
+
+    chars = max(20, int(width * _UNIT * 72 / (0.55 * fontsize)))
+    return textwrap.wrap(text, chars)
+
+
 _UNIT = 0.42  # inches per cell in the step-by-step drawings
+
+# The small copies of the input: cells of 0.85 units (36 pixels at DPI 100) and digits of 8.5 points
+# (12 pixels), so that no number in the drawings is smaller than 11 pixels.
+_SMALL, _SMALL_SIZE = 0.85, 8.5
 
 
 _BACKGROUND_CELL, _KERNEL, _OUTPUT, _MEAN, _WINDOW, _PAD = (
@@ -297,17 +369,17 @@ def _rectangle(xy, w, h, face="none", edge="0.55", width=0.6):
     return Rectangle(xy, w, h, facecolor=face, edgecolor=edge, linewidth=width)
 
 
-def _board(ax, left, top, values, real, scale=1.0, fill=_BACKGROUND_CELL, window=None, mark=None, fontsize=None,
+def _board(ax, left, top, values, real, scale=1.0, fill=_BACKGROUND_CELL, window=None, marks=(), fontsize=None,
            pad_text=None):  # fmt: skip
     """A 2-D array as numbered cells at (left, top): padding grey, `window` ((top, left), (h, w)) orange and
-    outlined, cell `mark` (i, j) outlined. `pad_text` replaces the numbers of padding cells."""
+    outlined, the cells `marks` [(i, j), ...] outlined. `pad_text` replaces the numbers of padding cells."""
     values = np.asarray(values)
     h, w = values.shape
     inside = set()
     if window is not None:
         (top_row, left_col), (kh, kw) = window
         inside = {(r, c) for r in range(top_row, top_row + kh) for c in range(left_col, left_col + kw)}
-    size = fontsize or (11 if scale == 1 else 7)
+    size = fontsize or (11 if scale == 1 else _SMALL_SIZE)
     for r in range(h):
         for c in range(w):
             is_real = bool(real[r, c])
@@ -321,9 +393,5 @@ def _board(ax, left, top, values, real, scale=1.0, fill=_BACKGROUND_CELL, window
     if window is not None:
         corner = (left + left_col * scale, top + top_row * scale)
         ax.add_patch(_rectangle(corner, kw * scale, kh * scale, edge="#b35806", width=2))
-    if mark is not None:
-        ax.add_patch(
-            _rectangle(
-                (left + mark[1] * scale, top + mark[0] * scale), scale, scale, edge="#b35806", width=2.2
-            )
-        )
+    for i, j in marks:
+        ax.add_patch(_rectangle((left + j * scale, top + i * scale), scale, scale, edge="#b35806", width=2.2))

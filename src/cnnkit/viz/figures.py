@@ -8,6 +8,13 @@ import numpy as np
 
 from cnnkit.viz.grids import feature_maps_image, filters_image, mistakes_image
 from cnnkit.viz.style import (
+    ACCURACY,
+    LEARNING_RATE,
+    RIGHT_HEX,
+    SIZES,
+    TRAINING,
+    VALIDATION,
+    WRONG_HEX,
     add_note,
     drawn_names,
     image_figure,
@@ -36,24 +43,26 @@ def history(history, epoch: int | None = None, best_epoch: int | None = None):
     marker = "o" if len(epochs) <= 30 else None
     loss_ax, acc_ax, lr_ax = axes
 
-    loss_ax.plot(epochs, train_loss, marker=marker, label="training (mean over the epoch)")
+    loss_ax.plot(epochs, train_loss, marker=marker, color=TRAINING, label="training (mean over the epoch)")
     if np.isfinite(valid_loss).any():
-        loss_ax.plot(epochs, valid_loss, marker=marker, label="validation (at the epoch's end)")
+        loss_ax.plot(
+            epochs, valid_loss, marker=marker, color=VALIDATION, label="validation (at the epoch's end)"
+        )
     loss_ax.set(title="Loss (cross-entropy)", xlabel="epoch", ylabel="loss")
     if np.isfinite(valid_acc).any():
-        acc_ax.plot(epochs, valid_acc, marker=marker, color="tab:green")
+        acc_ax.plot(epochs, valid_acc, marker=marker, color=ACCURACY)
         acc_ax.set(ylabel="accuracy (%)")
         if best_epoch in epochs:
             i = epochs.index(best_epoch)
-            acc_ax.plot([best_epoch], [valid_acc[i]], marker="*", markersize=16, color="tab:orange", zorder=3,
-                        linestyle="", label=f"best: {valid_acc[i]:.2f}% (epoch {best_epoch})")  # fmt: skip
+            acc_ax.plot([best_epoch], [valid_acc[i]], marker="*", markersize=18, color=ACCURACY, zorder=3,
+                        markeredgecolor="0.1", linestyle="", label=f"best: {valid_acc[i]:.2f}% (epoch {best_epoch})")  # fmt: skip
             acc_ax.legend(loc="lower right", fontsize=9)
     else:
         add_note(acc_ax, "no validation split:\nthis run trained without one")
         acc_ax.set_yticks([])
     acc_ax.set(title="Validation accuracy", xlabel="epoch")
     if np.isfinite(lr).any():
-        lr_ax.plot(epochs, lr, marker=marker, color="tab:purple")
+        lr_ax.plot(epochs, lr, marker=marker, color=LEARNING_RATE)
         finite = lr[np.isfinite(lr) & (lr > 0)]
         if len(finite) and finite.max() / finite.min() > 20:
             lr_ax.set_yscale("log")
@@ -84,8 +93,14 @@ def confusion_matrix(confusion, class_names):
     """The confusion matrix (K, K) as two heatmaps: counts, and each true class's shares (rows sum to 100%).
 
     confusion[i, j] counts images of true class i predicted as class j (`Evaluation.confusion`, or
-    report.json's "confusion_matrix"). Returns a Figure of SIZES["confusion_matrix"] pixels.
+    report.json's "confusion_matrix"). In both panels the errors (off the diagonal) have their own colour
+    scale, white for none to red at the panel's largest error, so that the pairs the network confuses
+    stand out; the diagonal (the right answers) is green, with its number. Returns a Figure of
+    SIZES["confusion_matrix"] pixels.
     """
+    from matplotlib.colors import LinearSegmentedColormap
+    from matplotlib.patches import Rectangle
+
     confusion = np.asarray(confusion, dtype=np.int64)
     k = len(class_names)
     if confusion.shape != (k, k):
@@ -95,37 +110,47 @@ def confusion_matrix(confusion, class_names):
     fig = sized_figure(
         "confusion_matrix",
         left=names_width(class_names) + 45,
-        right=60,
+        right=75,
         top=75,
         bottom=names_width(class_names) * 0.7 + 45,
     )
-    count_ax, share_ax = fig.subplots(1, 2, gridspec_kw={"wspace": 0.3 + names_width(class_names) / 600})
+    count_ax, share_ax = fig.subplots(1, 2, gridspec_kw={"wspace": 0.35 + names_width(class_names) / 600})
+    errors_map = LinearSegmentedColormap.from_list("errors", ["#ffffff", WRONG_HEX])
+    off = ~np.eye(k, dtype=bool)
     panels = (
-        (count_ax, confusion, "Counts", "Blues", lambda v: f"{v:,}", "images"),
+        (count_ax, confusion, "Counts", lambda v: f"{v:,}", "images", lambda v: f"{int(v):,}"),
         (
             share_ax,
             shares,
             "Share of each true class (each row sums to 100%)",
-            "Greens",
             percent_text,
-            "% of the row",
+            "% of the true class",
+            lambda v: f"{v:.3g}%",
         ),
     )
-    for ax, values, title, cmap, text, unit in panels:
-        image = ax.imshow(values, cmap=cmap, vmin=0, interpolation="nearest")
-        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02, label=unit)
-        ax.set_title(title, fontsize=12)
+    for ax, values, title, text, unit, end in panels:
+        top = float(values[off].max()) if k > 1 else 0.0
+        image = ax.imshow(np.ma.masked_where(~off, values), cmap=errors_map, vmin=0, vmax=top or 1,
+                          interpolation="nearest")  # fmt: skip
+        for i in range(k):
+            ax.add_patch(Rectangle((i - 0.5, i - 0.5), 1, 1, facecolor=_DIAGONAL, edgecolor="none"))
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02).set_label(
+            f"errors (off the diagonal), {unit}: 0 to {end(top)}", fontsize=9
+        )
+        ax.set_title(title + "; green: right answers", fontsize=12)
         ax.set_xlabel("predicted class")
         ax.set_ylabel("true class")
         _class_ticks(ax, class_names, "x")
         _class_ticks(ax, class_names, "y")
         if k <= 15:
-            high = values.max() * 0.6
             for i in range(k):
                 for j in range(k):
-                    if values[i, j]:
+                    if i == j:
                         ax.text(j, i, text(values[i, j]), ha="center", va="center", fontsize=8 if k > 10 else 9,
-                                color="white" if values[i, j] > high else "black")  # fmt: skip
+                                color=RIGHT_HEX, weight="bold")  # fmt: skip
+                    elif values[i, j]:
+                        ax.text(j, i, text(values[i, j]), ha="center", va="center", fontsize=8 if k > 10 else 9,
+                                color="white" if values[i, j] > 0.6 * top else "black")  # fmt: skip
     n = int(confusion.sum())
     right = int(np.trace(confusion))
     fig.suptitle(
@@ -134,6 +159,9 @@ def confusion_matrix(confusion, class_names):
         fontsize=13,
     )
     return fig
+
+
+_DIAGONAL = "#dcefe0"  # a pale RIGHT: the right answers' cells
 
 
 def per_class_accuracy(confusion, class_names):
@@ -151,7 +179,7 @@ def per_class_accuracy(confusion, class_names):
     ax = fig.subplots()
     k = len(class_names)
     rows = np.arange(k)
-    colors = ["tab:red" if a < overall - 5 else "tab:blue" for a in np.nan_to_num(accuracy, nan=100)]
+    colors = [WRONG_HEX if a < overall - 5 else ACCURACY for a in np.nan_to_num(accuracy, nan=100)]
     ax.barh(rows, np.nan_to_num(accuracy), color=colors, height=0.7)
     ax.axvline(overall, color="0.2", linestyle="--", linewidth=1.2)
     ax.invert_yaxis()
@@ -253,40 +281,83 @@ def pca_2d(features) -> tuple[np.ndarray, np.ndarray]:
 
 
 def network(architecture, build: str = "layers"):
-    """The network's layers as boxes from input to output, with each one's output shape and parameters.
+    """The network's layers from input to output, each drawn to scale, with its output shape and parameters.
 
-    Returns a Figure of SIZES["network"] pixels.
+    A layer of maps (C, H, W) is a block whose face is H x W (to scale: the maps shrink) and whose depth is
+    its channels (square-root scale: they grow); a vector of units is a bar as tall as its length
+    (square-root scale). Layers come from `architecture.layers()` (any network). Returns a Figure of
+    SIZES["network"] pixels.
     """
-    from matplotlib.patches import FancyBboxPatch
+    from matplotlib.patches import Polygon
 
     rows = architecture.layers()
+    width, height = SIZES["network"]
     fig = sized_figure("network")
-    ax = fig.add_axes((0, 0, 1, 0.88))
-    ax.set_xlim(0, len(rows))
-    ax.set_ylim(0, 1)
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.set_xlim(0, width)
+    ax.set_ylim(height, 0)  # pixels, y down
     ax.set_axis_off()
-    kinds = {"input": "#e8e8e8", "conv": "#cfe2f3", "max-": "#d9ead3", "dens": "#fce5cd", "drop": "#f4cccc"}
+    column = (width - 20) / len(rows)
+    base, tallest = 300, 215  # the drawings stand on y = base
+    maps = [shape for _, shape, _ in rows if len(shape) == 3]
+    side = max((max(shape[1:]) for shape in maps), default=1)
+    channels = max((shape[0] for shape in maps), default=1)
+    units = max((shape[0] for _, shape, _ in rows if len(shape) == 1), default=1)
+    face_max, depth_max = min(150.0, column * 0.55), column * 0.3
+    text_size = 11 if column >= 150 else 9.5 if column >= 110 else 8
+    previous = None
     for i, (name, shape, count) in enumerate(rows):
-        color = next((c for prefix, c in kinds.items() if name.startswith(prefix)), "#eeeeee")
-        ax.add_patch(FancyBboxPatch((i + 0.06, 0.14), 0.88, 0.78, boxstyle="round,pad=0.01,rounding_size=0.05",
-                                    facecolor=color, edgecolor="0.35"))  # fmt: skip
+        centre = 10 + (i + 0.5) * column
+        color = next((c for prefix, c in _KINDS.items() if name.startswith(prefix)), None)
+        if len(shape) == 3:
+            c, h, w = shape
+            face_w, face_h = max(3.0, face_max * w / side), max(3.0, face_max * h / side)
+            depth = max(3.0, depth_max * math.sqrt(c / channels))
+            color = color or _KINDS["conv"]
+        else:
+            face_w, face_h = 12.0, max(3.0, tallest * math.sqrt(shape[0] / units))
+            depth = 0.0
+            color = color or _KINDS["dens"]
+        dx, dy = depth * 0.75, depth * 0.5
+        left, top = centre - (face_w + dx) / 2, base - face_h
+        if depth:
+            back = [(left, top), (left + dx, top - dy), (left + dx + face_w, top - dy), (left + face_w, top)]
+            side_face = [(left + face_w, top), (left + face_w + dx, top - dy), (left + face_w + dx, base - dy),
+                         (left + face_w, base)]  # fmt: skip
+            ax.add_patch(Polygon(back, facecolor=_shade(color, 0.9), edgecolor="0.35", linewidth=0.8))
+            ax.add_patch(Polygon(side_face, facecolor=_shade(color, 0.75), edgecolor="0.35", linewidth=0.8))
+        ax.add_patch(Polygon([(left, top), (left + face_w, top), (left + face_w, base), (left, base)],
+                             facecolor=color, edgecolor="0.35", linewidth=0.8))  # fmt: skip
+        if previous is not None:  # at half the lower of the two, so that it meets both
+            y = base - min(previous[1], face_h) / 2
+            ax.annotate("", (left - 4, y), (previous[0], y),
+                        arrowprops={"arrowstyle": "->", "color": "0.45", "shrinkA": 0, "shrinkB": 0})  # fmt: skip
+        previous = (left + face_w + dx + 4, face_h)
         title, _, detail = name.partition(" ")
-        ax.text(i + 0.5, 0.83, title, ha="center", va="center", fontsize=12, weight="bold")
-        ax.text(i + 0.5, 0.67, wrap_text(detail, 18), ha="center", va="center", fontsize=8.5)
-        ax.text(i + 0.5, 0.46, " x ".join(map(str, shape)), ha="center", va="center", fontsize=11)
-        ax.text(i + 0.5, 0.26, f"{count:,} parameters" if count else "no parameters", ha="center",
-                va="center", fontsize=8.5, color="0.3")  # fmt: skip
-        if i:
-            ax.annotate(
-                "", (i + 0.06, 0.53), (i - 0.06, 0.53), arrowprops={"arrowstyle": "->", "color": "0.3"}
-            )
-    ax.text(0.06, 0.02, "output shape: channels x height x width, or units", fontsize=9, color="0.3")
-    fig.suptitle(
-        f"The network: {architecture.num_parameters:,} parameters ({build} build); softmax turns the "
-        f"{architecture.num_classes} logits into probabilities",
-        fontsize=13,
-    )
+        chars = max(8, int(column / (text_size * 0.62)))
+        ax.text(centre, base + 22, title, ha="center", va="center", fontsize=text_size + 1, weight="bold")
+        ax.text(centre, base + 40, wrap_text(detail, chars), ha="center", va="top", fontsize=text_size - 1.5,
+                color="0.25", linespacing=1.2)  # fmt: skip
+        ax.text(
+            centre, base + 110, " x ".join(map(str, shape)), ha="center", va="center", fontsize=text_size + 1
+        )
+        ax.text(centre, base + 132, f"{count:,} parameters" if count else "no parameters", ha="center",
+                va="center", fontsize=text_size - 1.5, color="0.3")  # fmt: skip
+    ax.text(14, height - 16, "Drawn to scale: a block's face is its maps' height x width, its depth its channels "
+            "(square root); a bar is a vector, as tall as its length (square root). Output shape: channels x height x width, "
+            "or units.", fontsize=9.5, color="0.3", va="center")  # fmt: skip
+    ax.text(width / 2, 30, f"The network: {architecture.num_parameters:,} parameters ({build} build); softmax turns "
+            f"the {architecture.num_classes} logits into probabilities", ha="center", va="center", fontsize=13)  # fmt: skip
     return fig
+
+
+_KINDS = {"input": "#e8e8e8", "conv": "#cfe2f3", "max-": "#d9ead3", "dens": "#fce5cd", "drop": "#f4cccc"}
+
+
+def _shade(color: str, factor: float) -> tuple:
+    from matplotlib.colors import to_rgb
+
+    return tuple(v * factor for v in to_rgb(color))
 
 
 def mistakes(images, labels, probabilities, class_names, count: int = 16, split: str = "test"):

@@ -25,7 +25,7 @@ from cnnkit.checkpoint import load_network, read_record, resolve_checkpoint
 from cnnkit.device import resolve_device, resolve_precision
 from cnnkit.errors import FileError
 from cnnkit.evaluation import evaluate_split, evaluation_split
-from cnnkit.layer_outputs import activations, filters
+from cnnkit.layer_outputs import activations, filters, layers_of
 from cnnkit.metrics import strict_json
 
 REPORT_FOLDER = "report"
@@ -60,8 +60,10 @@ FIGURES = {
     "confusion_matrix.png": (
         "Confusion matrix",
         "Each row is a true class, each column the class the network answered, over the {split} split's "
-        "{images:,} images. The diagonal holds the right answers; a dark cell off it is a pair of "
-        "classes the network confuses. Left: counts; right: the share of each true class.",
+        "{images:,} images. The diagonal (green) holds the right answers. Off it, the errors have a colour "
+        "scale of their own, from white (none) to red at the largest error, so that the pairs of classes "
+        "the network confuses stand out however many images it gets right. Left: counts; right: the share "
+        "of each true class.",
     ),
     "per_class_accuracy.png": (
         "Accuracy per class",
@@ -70,20 +72,26 @@ FIGURES = {
     ),
     "mistakes.png": (
         "The most confident mistakes",
-        "The wrong answers the network was surest of. Some are the network's fault; others are images "
-        "a person would find ambiguous, or labels that look wrong.",
+        "The wrong answers the network was surest of, each with the probability it gave the true class "
+        "and its second choice (2nd). Some are the network's fault; others are images a person would "
+        "find ambiguous, or labels that look wrong.",
     ),
     "filters.png": (
         "The first layer's filters",
         "Each small square is one filter of the first convolution: the pattern of weights it slides over "
-        "the image. A feature map (below) is bright where the image looks like its filter.",
+        "the image, on one colour scale for all filters (its bar: orange to yellow positive, blue "
+        "negative, black 0). The filters are numbered as the maps they make: map 5 of {layer} (below) "
+        "is bright where the image looks like filter 5.",
     ),
     "feature_maps_1.png": (
         "What each layer sees: {split} image {index:,}",
         "One image on its way through the network, layer by layer. Each convolution turns every map of "
         "the layer before into one map per filter; ReLU keeps the positive part; max-pooling halves "
         "the size, keeping the strongest answer in each 2 x 2 block. The maps get smaller and more "
-        "abstract: by the second pooling layer they no longer look like the image.",
+        "abstract: by the last pooling layer they no longer look like the image. Colours: black is 0, "
+        "positive values run from purple through orange to pale yellow, negative ones (before ReLU) from "
+        "dark to pale blue. Each layer has one scale, the same for all its maps and for the {images} "
+        "images drawn here, stated on its bar, so that the figures compare layer by layer.",
     ),
     "feature_maps_{n}.png": (
         "What each layer sees: {split} image {index:,}",
@@ -99,8 +107,9 @@ FIGURES = {
     ),
     "network.png": (
         "The network",
-        "The chapter's network, from the image to the class scores, with each layer's output shape and "
-        "number of weights.",
+        "The network, from the image to the class scores, drawn to scale: each block's face is its maps' "
+        "height x width, its depth its channels, so the maps shrink while the channels grow; a bar is a "
+        "vector of units. Under each: the layer's output shape and number of weights.",
     ),
 }
 
@@ -114,16 +123,19 @@ def write_report(
     precision: str = "auto",
     device="cpu",
     batch_size: int | None = None,
+    started: float | None = None,
 ) -> Path:
     """Write the report of a run folder or checkpoint file `run` into `out` (default: RUN/report).
 
     `which`, `dataset`, `split`, `precision`, `device` and `batch_size` mean what they mean for
-    `cnnkit evaluate`. Returns the folder; raises CnnkitError for a bad run, dataset or
-    folder (FileError naming `out` when it cannot be written).
+    `cnnkit evaluate`. `started` is the time.time() at which the work began (default: now; `cnnkit
+    report` gives its process's start), so that report.json's "seconds" and the page's footer are the
+    wall time it took. Returns the folder; raises CnnkitError for a bad run, dataset or folder (FileError
+    naming `out` when it cannot be written).
     """
     from cnnkit import plots
 
-    started = time.perf_counter()
+    started = time.time() if started is None else started
     device = resolve_device(device)
     model, ckpt = load_network(run, which, device)
     record = ckpt.record
@@ -135,6 +147,7 @@ def write_report(
     names = list(record.class_names)
     probabilities = scored.probabilities
     predicted = probabilities.argmax(axis=1)
+    second = plots.runner_up(probabilities) if len(names) > 1 else predicted
     standardized = record.standardization.apply(data.images)
     history, best_epoch = _run_history(run, ckpt)
     figures = []
@@ -159,9 +172,11 @@ def write_report(
         "mistakes.png",
         plots.mistakes_image(data.images, data.labels, probabilities, names, MISTAKES, data.name),
     )
-    add("filters.png", plots.filters_image(filters(model)["conv1"]))
+    first_layer, kernels = next(iter(filters(model).items()))
+    add("filters.png", plots.filters_image(kernels), layer=first_layer)
     chosen = _one_per_class(data.labels, FEATURE_MAP_IMAGES)
     maps = activations(model, standardized[chosen])
+    descriptions = layers_of(model)
     for n, index in enumerate(chosen, 1):
         add(
             f"feature_maps_{n}.png",
@@ -171,15 +186,18 @@ def write_report(
                 names,
                 int(data.labels[index]),
                 f"What each layer sees: {data.name} image {index:,}",
+                descriptions,
             ),
             entry="feature_maps_1.png" if n == 1 else "feature_maps_{n}.png",
             index=index,
             first=chosen[0],
+            images=len(chosen),
         )
+    hidden = _last_hidden_layer(maps)
     sample = np.unique(np.linspace(0, len(data) - 1, min(PROJECTION_IMAGES, len(data))).round().astype(int))
     features = np.concatenate(
         [
-            activations(model, standardized[sample[i : i + _CHUNK]])["dense3"]
+            activations(model, standardized[sample[i : i + _CHUNK]])[hidden]
             for i in range(0, len(sample), _CHUNK)
         ]
     )
@@ -205,6 +223,9 @@ def write_report(
                     "true": names[data.labels[i]],
                     "predicted": names[predicted[i]],
                     "confidence": round(float(probabilities[i, predicted[i]]), 6),
+                    "true_probability": round(float(probabilities[i, data.labels[i]]), 6),
+                    "runner_up": names[second[i]],
+                    "runner_up_probability": round(float(probabilities[i, second[i]]), 6),
                 }
                 for i in wrong
             ],
@@ -213,7 +234,7 @@ def write_report(
                 for i in chosen
             ],
             "projection": {
-                "layer": "dense3",
+                "layer": hidden,
                 "method": "PCA",
                 "explained_variance": [round(float(v), 6) for v in explained],
                 "indices": sample.tolist(),
@@ -226,7 +247,8 @@ def write_report(
             "parameters": arch.num_parameters,
             "figures": figures,
             "cnnkit_version": __version__,
-            "seconds": round(time.perf_counter() - started, 2),
+            "made": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime()),
+            "seconds": round(time.time() - started, 2),
         }
     )
     with atomic_write(out / "report.json", "w") as f:
@@ -235,6 +257,16 @@ def write_report(
     with atomic_write(out / "index.html", "w") as f:
         f.write(_page(run, report, data.name))
     return out
+
+
+def _last_hidden_layer(maps: dict) -> str:
+    """The name of the last layer of features before the scores: the last (N, units) layer before "logits"."""
+    vectors = [
+        name
+        for name, values in maps.items()
+        if np.ndim(values) == 2 and name not in ("logits", "probabilities")
+    ]
+    return vectors[-1] if vectors else "logits"
 
 
 def _make_folder(out: Path):
@@ -270,13 +302,26 @@ def _one_per_class(labels, count: int) -> list[int]:
 
 _STYLE = """
 body { font: 16px/1.5 system-ui, sans-serif; color: #222; max-width: 1260px; margin: 0 auto; padding: 1em 1.5em 3em; }
-h1 { margin-bottom: 0.2em; } h2 { margin-top: 2em; border-bottom: 1px solid #ddd; }
-.meta { color: #555; } .numbers { display: flex; gap: 2.5em; margin: 1em 0; }
+h1 { margin-bottom: 0.2em; overflow-wrap: anywhere; } h2 { margin-top: 2em; border-bottom: 1px solid #ddd; }
+.meta { color: #555; overflow-wrap: anywhere; }
+.numbers { display: flex; flex-wrap: wrap; gap: 0.5em 2.5em; margin: 1em 0; }
 .numbers div { font-size: 0.9em; color: #555; } .numbers b { display: block; font-size: 1.8em; color: #222; }
-figure { margin: 1.5em 0; } figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
-figcaption { color: #444; max-width: 60em; } table { border-collapse: collapse; }
-td, th { padding: 0.2em 0.9em; text-align: left; border-bottom: 1px solid #eee; } td.n { text-align: right; }
-code { background: #f4f4f4; padding: 0 0.2em; }
+figure { margin: 1.5em 0; } .picture { display: block; overflow-x: auto; }
+.picture img { display: block; box-sizing: border-box; max-width: 100%; height: auto; border: 1px solid #eee; }
+figcaption { color: #444; max-width: 60em; } .phone { display: none; }
+.table { overflow-x: auto; } table { border-collapse: collapse; }
+td, th { padding: 0.2em 0.9em; text-align: left; border-bottom: 1px solid #eee; vertical-align: top; }
+td.n, th.n { text-align: right; white-space: nowrap; }
+code { background: #f4f4f4; padding: 0 0.2em; overflow-wrap: anywhere; }
+@media (max-width: 720px) {
+  body { padding: 0.5em 0.8em 2em; }
+  h1 { font-size: 1.5em; } .numbers { gap: 0.5em 1.5em; } .numbers b { font-size: 1.4em; }
+  /* a phone shows each figure at its own size, its text as drawn (11 px and up), in a box that scrolls
+     sideways; tapping it opens the picture alone */
+  .picture img { max-width: none; }
+  .phone { display: inline; }
+  td, th { padding: 0.2em 0.4em; }
+}
 """
 
 _SECTIONS = (
@@ -313,16 +358,21 @@ def _page(run, report: dict, split: str) -> str:
             for figure in figures:
                 if figure["file"].startswith(prefix):
                     parts.append(
-                        f'<figure><img src="{e(figure["file"])}" width="{figure["width"]}" '
-                        f'height="{figure["height"]}" alt="{e(figure["title"])}">'
-                        f"<figcaption><b>{e(figure['title'])}.</b> {e(figure['caption'])}</figcaption></figure>"
+                        f'<figure><a class="picture" href="{e(figure["file"])}" title="open the picture alone, '
+                        f'at full size"><img src="{e(figure["file"])}" width="{figure["width"]}" '
+                        f'height="{figure["height"]}" alt="{e(figure["title"])}"></a>'
+                        f"<figcaption><b>{e(figure['title'])}.</b> {e(figure['caption'])} "
+                        f'<a href="{e(figure["file"])}">Full size</a> ({figure["width"]:,} x {figure["height"]:,} '
+                        'pixels)<span class="phone">; on a phone the picture scrolls sideways</span>.'
+                        "</figcaption></figure>"
                     )
         if heading == "The network":
             parts.append(_layers_table(report))
     parts.append(
-        f'<p class="meta">Made by cnnkit {e(report["cnnkit_version"])} in {report["seconds"]:.1f} s. '
-        'The numbers behind every figure are in <a href="report.json">report.json</a>; its accuracy, loss, '
-        "per_class and confusion_matrix are what <code>cnnkit evaluate --json</code> prints.</p>"
+        f'<p class="meta">Made by cnnkit {e(report["cnnkit_version"])} on {e(report["made"])} in '
+        f"{report['seconds']:.1f} s (wall time, from the start of the command to this page). The numbers "
+        'behind every figure are in <a href="report.json">report.json</a>; its accuracy, loss, per_class and '
+        "confusion_matrix are what <code>cnnkit evaluate --json</code> prints.</p>"
     )
     parts.append("</body></html>\n")
     return "\n".join(parts)
@@ -335,6 +385,6 @@ def _layers_table(report: dict) -> str:
         for layer in report["layers"]
     )
     return (
-        "<table><tr><th>layer</th><th>output shape</th><th>parameters</th></tr>"
-        f'{rows}<tr><th>total</th><th></th><th class="n">{report["parameters"]:,}</th></tr></table>'
+        '<div class="table"><table><tr><th>layer</th><th>output shape</th><th class="n">parameters</th></tr>'
+        f'{rows}<tr><th>total</th><th></th><th class="n">{report["parameters"]:,}</th></tr></table></div>'
     )

@@ -16,7 +16,7 @@ SIZES = {
     "confusion_matrix": (1500, 700),
     "per_class_accuracy": (1000, 550),
     "projection": (1000, 800),
-    "network": (1500, 340),
+    "network": (1500, 480),
 }
 
 
@@ -32,10 +32,84 @@ NAME_CHARS = 40
 INK, MUTED, BACKGROUND = (20, 20, 20), (100, 100, 100), (255, 255, 255)
 
 
-WRONG, RIGHT = (180, 30, 30), (20, 110, 40)
+# --- The palette: the report, cnnkit.plots and the web page draw with these (serve/static/colours.js
+# mirrors them by the same names; tests/test_plots.py checks that the two agree). ---
+
+# Values of a layer, on one scale per layer: 0 is black. Values >= 0 (after ReLU, after pooling) run
+# along magma to pale yellow at the scale: a sequential map. Signed values (convolutions before ReLU,
+# filters, the standardized input) add a blue ramp of the same lightness for the negative side: a
+# diverging map whose positive half is that same magma, so a ReLU map is its convolution's map with the
+# blue turned black. Stops are RGB, evenly spaced from 0 to the scale (linear between them).
+POSITIVE_STOPS = ((0, 0, 4), (87, 16, 110), (188, 55, 84), (249, 142, 9), (252, 255, 164))  # magma
+NEGATIVE_STOPS = ((0, 0, 4), (18, 44, 118), (30, 104, 200), (95, 172, 240), (200, 230, 255))
+
+# Lines: the same quantity in the same colour everywhere.
+TRAINING = "#e07b00"  # training loss
+VALIDATION = "#2b6cb0"  # validation loss
+ACCURACY = "#2f855a"  # validation accuracy
+LEARNING_RATE = "#6b46c1"
+
+# Right and wrong answers (text, the confusion matrix's diagonal and its errors).
+RIGHT_HEX, WRONG_HEX = "#146e28", "#b41e1e"
+
+SHARED_WITH_PAGE = {
+    "POSITIVE_STOPS": POSITIVE_STOPS,
+    "NEGATIVE_STOPS": NEGATIVE_STOPS,
+    "TRAINING": TRAINING,
+    "VALIDATION": VALIDATION,
+    "ACCURACY": ACCURACY,
+    "LEARNING_RATE": LEARNING_RATE,
+    "RIGHT": RIGHT_HEX,
+    "WRONG": WRONG_HEX,
+}
 
 
-NEGATIVE, POSITIVE = np.array([33, 102, 172]), np.array([178, 24, 43])  # ColorBrewer RdBu ends
+def rgb(hex_colour: str) -> tuple[int, int, int]:
+    return tuple(int(hex_colour[i : i + 2], 16) for i in (1, 3, 5))
+
+
+WRONG, RIGHT = rgb(WRONG_HEX), rgb(RIGHT_HEX)
+
+
+def ramp(stops) -> np.ndarray:
+    """A (256, 3) uint8 table from `stops`, as colours.js's `ramp` builds it (the same arithmetic)."""
+    stops = np.asarray(stops, dtype=np.float64)
+    t = np.arange(256) / 255 * (len(stops) - 1)
+    k = np.minimum(np.floor(t).astype(int), len(stops) - 2)
+    f = (t - k)[:, None]
+    return np.clip(np.round(stops[k] + (stops[k + 1] - stops[k]) * f), 0, 255).astype(np.uint8)
+
+
+POSITIVE_LUT, NEGATIVE_LUT = ramp(POSITIVE_STOPS), ramp(NEGATIVE_STOPS)
+
+
+def value_colours(values, scale: float) -> np.ndarray:
+    """Values (any shape) as RGB uint8 (shape + (3,)) on the palette's scale: |value| / scale (at most 1)
+    picks the colour, magma for values >= 0 and blue below 0; black is 0. colours.js's `colour` per value."""
+    values = np.nan_to_num(np.asarray(values, dtype=np.float64))
+    t = np.clip(np.abs(values) / scale, 0, 1) if scale > 0 else np.zeros(values.shape)
+    index = np.floor(t * 255 + 0.5).astype(int)  # Math.round
+    return np.where((values < 0)[..., None], NEGATIVE_LUT[index], POSITIVE_LUT[index])
+
+
+def layer_scale(values) -> float:
+    """A layer's colour scale: its largest |value| (the page's rule), 1 where all are 0."""
+    values = np.abs(np.nan_to_num(np.asarray(values, dtype=np.float64)))
+    top = float(values.max()) if values.size else 0.0
+    return top if top > 0 else 1.0
+
+
+def scale_text(value: float) -> str:
+    """A scale's end as a figure states it: 3 significant digits."""
+    return f"{value:.3g}"
+
+
+def colormap(signed: bool):
+    """The palette as a matplotlib colormap: from -scale to +scale (`signed`), or from 0 to the scale."""
+    from matplotlib.colors import ListedColormap
+
+    table = np.concatenate([NEGATIVE_LUT[::-1], POSITIVE_LUT[1:]]) if signed else POSITIVE_LUT
+    return ListedColormap(table / 255.0)
 
 
 def save_figure(fig, path) -> Path:

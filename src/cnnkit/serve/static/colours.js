@@ -1,4 +1,22 @@
-// Colours: black is zero; warm colours positive, blue negative.
+// Colours: cnnkit's one palette, mirrored from src/cnnkit/viz/style.py (the report and cnnkit.plots draw
+// with the same values; tests/test_plots.py checks that this file and style.py agree).
+//
+// A layer's values on one scale per layer: black is 0; values >= 0 (after ReLU, after pooling) run along
+// magma to pale yellow at the scale (sequential); negative values (convolutions before ReLU, filters) along
+// a blue ramp of the same lightness (so signed maps read as a diverging map whose positive half is magma).
+
+export const POSITIVE_STOPS = [[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]];
+export const NEGATIVE_STOPS = [[0, 0, 4], [18, 44, 118], [30, 104, 200], [95, 172, 240], [200, 230, 255]];
+
+// Lines: the same quantity in the same colour on the page and in the report.
+export const TRAINING = "#e07b00";
+export const VALIDATION = "#2b6cb0";
+export const ACCURACY = "#2f855a";
+export const LEARNING_RATE = "#6b46c1";
+
+// Right and wrong answers.
+export const RIGHT = "#146e28";
+export const WRONG = "#b41e1e";
 
 export function ramp(stops) {
   const lut = new Uint8ClampedArray(256 * 3);
@@ -10,8 +28,8 @@ export function ramp(stops) {
   }
   return lut;
 }
-export const WARM = ramp([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]]);
-export const COLD = ramp([[0, 0, 4], [20, 50, 120], [45, 110, 200], [150, 200, 245]]);
+export const WARM = ramp(POSITIVE_STOPS);
+export const COLD = ramp(NEGATIVE_STOPS);
 
 export function colour(value, scale, out, at) {
   const t = scale > 0 ? Math.min(Math.abs(value) / scale, 1) : 0;
