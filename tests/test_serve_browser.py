@@ -194,17 +194,17 @@ def test_draw_a_seven_and_read_seven_layer_by_layer(browser, trained_run, tmp_pa
         assert len(columns.split()) == 3, columns
         page.set_viewport_size({"width": 1320, "height": 1000})
 
-        page.locator('.panel[data-layer="relu1"] canvas').click(position={"x": 30, "y": 20})
-        page.wait_for_selector("#zoom-body canvas.kernel")
-        assert page.text_content("#zoom-title") == "Convolution 1, map 1 of 32"
-        assert page.locator("#zoom-body canvas.big").count() == 3
-        scales = page.eval_on_selector_all(
-            "#zoom-body canvas.big", "canvases => canvases.map((c) => c.dataset.scale)"
-        )
-        assert len(set(scales)) == 1 and float(scales[0]) > 0, scales  # one colour scale for the three maps
-        page.screenshot(path=tmp_path / "serve-zoom.png")
+        # A pixel of relu1 explained: a dialog whose title and close button do not overlap.
+        page.locator('.panel[data-layer="relu1"] canvas').click(position={"x": 10, "y": 12})
+        page.wait_for_function("window.cnnkit.explained > 0")
+        assert page.text_content("#explain-title").startswith("relu1 map 0, row ")
+        assert (
+            page.locator("#explain-body .calc.conv table.grid").count() == 4
+        )  # pixels, window, weights, products
+        assert "cross-correlates" in page.text_content("#explain-body")
+        page.screenshot(path=tmp_path / "serve-explain.png")
         page.keyboard.press("Escape")
-        assert page.locator("#zoom").is_hidden()
+        assert page.locator("#explain").is_hidden()
 
         docs = browser.new_page()
         docs.goto(server.url + "docs")
@@ -235,5 +235,188 @@ def test_draw_a_seven_and_read_seven_layer_by_layer(browser, trained_run, tmp_pa
         around = [t["request_and_render"] for t in timings]
         print(f"\nrequest + drawing, p50 {statistics.median(around):.1f} ms over {len(around)} answers")
         assert timings and all(t["request"] > 0 for t in timings)
+    finally:
+        server.stop()
+
+
+LAPTOP = {"width": 1280, "height": 800}
+PHONE = {"width": 390, "height": 844}
+MAPS = ("conv1", "relu1", "pool1", "conv2", "relu2", "pool2", "dense3")
+
+# Bounding boxes in the viewport of the pad, the answer and every layer panel's canvas or bars.
+BOXES = """() => {
+    const box = (e) => { const b = e.getBoundingClientRect(); return {left: b.left, top: b.top, right: b.right, bottom: b.bottom}; };
+    const out = {pad: box(document.getElementById('pad')), answer: box(document.getElementById('answer'))};
+    for (const p of document.querySelectorAll('.panel[data-layer]')) out[p.dataset.layer] = box(p.querySelector('canvas, .bars'));
+    return out;
+}"""
+
+# The viewport position of the largest value of a layer's maps (decoded as the page decodes them).
+BRIGHTEST = """(name) => {
+    const layer = window.cnnkit.last.layers.find((l) => l.name === name);
+    const q = Uint8Array.from(atob(layer.data), (c) => c.charCodeAt(0));
+    const [count, h, w] = layer.shape;
+    let best = 0, at = [0, 0, 0];
+    for (let m = 0; m < count; m++) for (let i = 0; i < h * w; i++) {
+        const v = layer.min[m] + q[m * h * w + i] / 255 * (layer.max[m] - layer.min[m]);
+        if (v > best) { best = v; at = [m, Math.floor(i / w), i % w]; }
+    }
+    const canvas = document.querySelector(`.panel[data-layer="${name}"] canvas`);
+    const r = canvas.getBoundingClientRect();
+    const cols = Number(canvas.dataset.cols), sx = r.width / canvas.width, sy = r.height / canvas.height;
+    const x = ((at[0] % cols) * (w + 1) + at[2] + 0.5) * sx + r.left;
+    const y = (Math.floor(at[0] / cols) * (h + 1) + at[1] + 0.5) * sy + r.top;
+    return {channel: at[0], y: at[1], x: at[2], clientX: x, clientY: y};
+}"""
+
+
+def inside(box, viewport) -> bool:
+    return (
+        box["left"] >= 0
+        and box["top"] >= 0
+        and box["right"] <= viewport["width"]
+        and box["bottom"] <= viewport["height"]
+    )
+
+
+def apart(a, b) -> bool:
+    """Whether two bounding boxes (Playwright's x, y, width, height) do not overlap."""
+    return (
+        a["x"] + a["width"] <= b["x"]
+        or b["x"] + b["width"] <= a["x"]
+        or a["y"] + a["height"] <= b["y"]
+        or b["y"] + b["height"] <= a["y"]
+    )
+
+
+def open_sized(browser, url, viewport):
+    page = browser.new_page(viewport=viewport)
+    page.problems = []
+    page.on("console", lambda m: m.type == "error" and page.problems.append(m.text))
+    page.on("pageerror", lambda e: page.problems.append(str(e)))
+    page.goto(url)
+    page.wait_for_selector("#model-picker option", state="attached")
+    return page
+
+
+def first_mistake(run) -> int:
+    """The index of the first test image the run's newest checkpoint gets wrong, as `cnnkit report` numbers them."""
+    from cnnkit.checkpoint import load_network
+    from cnnkit.evaluation import evaluation_split
+    from cnnkit.inference import predict_proba
+
+    network, ckpt = load_network(run, "3")
+    _, _, split = evaluation_split(ckpt.record, ckpt.path)
+    predicted = predict_proba(network, ckpt.record.standardization.apply(split.images)).argmax(axis=1)
+    return int(next(i for i, (p, t) in enumerate(zip(predicted, split.labels, strict=True)) if p != t))
+
+
+def test_one_screen_every_number_on_demand_and_every_epoch(browser, trained_run, tmp_path):
+    """At 1280 x 800 the pad, the answer and every layer fit one screen; a click on a pixel shows the
+    network's own arithmetic for it (as /api/explain gives it); the epoch slider shows the same drawing
+    through an earlier checkpoint; on a 390 x 844 phone the answer sits under the pad and the dialog's
+    close button beside its title; a report's test image opens from the address. Saves screenshots."""
+    server = Server(trained_run)
+    try:
+        page = open_sized(browser, server.url, LAPTOP)
+        draw(page, SEVEN)
+        assert page.text_content("#answer-label") == "7"
+        page.wait_for_selector('.panel[data-filters][data-rendered="1"]')
+        layout = page.evaluate(BOXES)
+        for name in ("pad", "answer", *MAPS, "logits", "probabilities"):
+            assert inside(layout[name], LAPTOP), (name, layout[name])
+        assert page.evaluate("window.scrollY") == 0
+        page.screenshot(path=tmp_path / "laptop.png")
+
+        # every number on demand: the brightest value of pool1, clicked with the mouse
+        target = page.evaluate(BRIGHTEST, "pool1")
+        page.mouse.click(target["clientX"], target["clientY"])
+        page.wait_for_function("window.cnnkit.explained > 0")
+        shown = page.evaluate("window.cnnkit.explanation")
+        assert (shown["layer"], shown["channel"], shown["y"], shown["x"]) == (
+            "pool1",
+            target["channel"],
+            target["y"],
+            target["x"],
+        )
+        last = page.evaluate("window.cnnkit.last")
+        request = {
+            "pixels": last["pixels"],
+            "checkpoint": 6,
+            "layer": "pool1",
+            "channel": target["channel"],
+            "y": target["y"],
+            "x": target["x"],
+        }
+        api = httpx.post(server.url + "api/explain", json=request).json()
+        assert shown["steps"] == api["steps"] and [s["kind"] for s in api["steps"]] == [
+            "maxpool",
+            "relu",
+            "conv",
+        ]
+        conv = api["steps"][2]
+        text = page.text_content("#explain-body")
+        assert "cross-correlates" in text and f"{conv['value']:.4f}" in text and f"{conv['bias']:.4f}" in text
+        products = page.eval_on_selector_all(
+            "#explain-body .calc.conv table.grid",
+            "ts => ts.map((t) => [...t.querySelectorAll('td')].map((d) => d.textContent))",
+        )[-1]
+        assert products == [f"{v:.3f}" for row in conv["channels"][0]["products"] for v in row]
+        assert page.locator('.panel[data-layer="pool1"] .marker').is_visible()
+        assert apart(
+            page.locator("#explain-close").bounding_box(), page.locator("#explain-title").bounding_box()
+        )
+        page.screenshot(path=tmp_path / "laptop-explain.png")
+
+        # every epoch: the dialog's slider dragged to epoch 1 with the mouse
+        slider = page.locator("#explain-epoch").bounding_box()
+        page.mouse.click(slider["x"] + 3, slider["y"] + slider["height"] / 2)
+        page.wait_for_function("window.cnnkit.explanation.epoch === 1 && window.cnnkit.last.epoch === 1")
+        early = page.evaluate("window.cnnkit.explanation")
+        assert (
+            early["steps"][2]["channels"][0]["weights"] != conv["channels"][0]["weights"]
+        )  # training changed the filter
+        assert page.evaluate("window.cnnkit.last.probabilities") != last["probabilities"]
+        assert page.get_attribute("#epoch-chart", "data-marker") == "1" and "epoch=1" in page.url
+        page.wait_for_selector('.panel[data-filters][data-epoch="1"]')
+        page.screenshot(path=tmp_path / "laptop-epoch-1-explain.png")
+        page.keyboard.press("Escape")
+        page.screenshot(path=tmp_path / "laptop-epoch-1.png")
+        assert page.problems == []
+        page.close()
+
+        phone = open_sized(browser, server.url, PHONE)
+        draw(phone, SEVEN)
+        layout = phone.evaluate(BOXES)
+        assert inside(layout["pad"], PHONE) and inside(layout["answer"], PHONE), layout
+        assert 0 <= layout["answer"]["top"] - layout["pad"]["bottom"] < 40  # right under the pad
+        phone.screenshot(path=tmp_path / "phone.png")
+        phone.locator('.panel[data-layer="conv1"] canvas').scroll_into_view_if_needed()
+        target = phone.evaluate(BRIGHTEST, "conv1")
+        phone.mouse.click(target["clientX"], target["clientY"])
+        phone.wait_for_function("window.cnnkit.explained > 0")
+        assert phone.evaluate("window.cnnkit.explanation.layer") == "conv1"
+        assert apart(
+            phone.locator("#explain-close").bounding_box(), phone.locator("#explain-title").bounding_box()
+        )
+        phone.screenshot(path=tmp_path / "phone-explain.png")
+        assert phone.problems == []
+        phone.close()
+
+        # a report's mistake opens in the page: ?test=INDEX&epoch=N
+        index = first_mistake(trained_run)
+        page = open_sized(browser, server.url, LAPTOP)
+        page.goto(f"{server.url}?test={index}&epoch=3")
+        page.wait_for_function(
+            "window.cnnkit.renders > 0 && !window.cnnkit.busy() && window.cnnkit.last.epoch === 3"
+        )
+        last = page.evaluate("window.cnnkit.last")
+        assert last["dataset"]["index"] == index and last["dataset"]["split"] == "test"
+        assert last["dataset"]["class_name"] != last["class_name"] and "a mistake" in page.text_content(
+            "#truth"
+        )
+        assert page.input_value("#epoch") == "2" and painted(page, "#pad")
+        page.screenshot(path=tmp_path / "mistake.png")
+        assert page.problems == []
     finally:
         server.stop()

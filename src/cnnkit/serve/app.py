@@ -4,16 +4,24 @@ The routes call the library as the command line does: models come from `checkpoi
 their one `ModelRecord`; an image is prepared by `images.prepare_for_model` with the record's
 preprocessing and standardized with its statistics, as `cnnkit predict` does (decoded within a memory
 bound first, see `prepare`); predictions
-come from `inference.predict_proba` and every layer's output from `inspect.activations`. The page
-(static files in `static/`, no build step) only draws what the API returns.
+come from `inference.predict_proba`, every layer's output from `layer_outputs.activations` and the
+arithmetic behind any one value from `cnnkit.arithmetic`. The page (static files in `static/`, no
+build step) only draws what the API returns: it computes nothing about the network.
 
-    GET  /                              the page
-    GET  /api/models                    the models served: dataset, epoch, classes, accuracy
+    GET  /                              the page (docs/serve-page.md; ?model=ID&test=INDEX&epoch=N)
+    GET  /api/models                    the models served: dataset, epoch, classes, accuracy, stages
     POST /api/predict?model=ID          multipart field `file`: label, class name, probabilities
     POST /api/activations?model=ID      the same, plus the prepared input and every layer's output
-    GET  /api/models/{id}/filters       the convolution kernels (float32, base64)
+         &checkpoint=N                  ... computed by the run's checkpoint of epoch N
+    POST /api/layers                    JSON {image | pixels | dataset, model?, checkpoint?}: the same
+    POST /api/explain                   JSON {..., layer, channel, y, x}: how that one value was made
+    GET  /api/models/{id}/checkpoints   the epochs whose checkpoints the run keeps
+    GET  /api/models/{id}/filters       the convolution kernels (float32, base64); ?checkpoint=N
     GET  /api/models/{id}/history       the run's learning curves, re-read on every request
     GET  /docs, /openapi.json           the API's documentation
+
+A run's other checkpoints and a model's dataset split are loaded at first use and kept within a bound
+(`serve.loaded`).
 
 Limits, so that no request and no burst of them can take unbounded memory, time or sockets:
 - request bodies over MAX_BODY_BYTES get 413 (checked from Content-Length and while the body streams
@@ -33,6 +41,7 @@ connections themselves (deadlines, how many are open) are limited in `connection
 
 import asyncio
 import base64
+import binascii
 import errno
 import io
 import ipaddress
@@ -48,6 +57,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Literal
 
 import numpy as np
 from fastapi import APIRouter, FastAPI, File, Query, Request, UploadFile
@@ -55,18 +65,28 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from cnnkit import __version__
+from cnnkit.arithmetic import ExplainError, explain
 from cnnkit.checkpoint import Checkpoint, load_network
 from cnnkit.errors import ArgumentError, CnnkitError, FileError, one_line
 from cnnkit.images import ImageBytes, image_shape, prepare_for_model, read_image
 from cnnkit.inference import predict_proba
 from cnnkit.kernels.cpu import give_back_large_blocks
-from cnnkit.layer_outputs import DESCRIPTIONS, activations, filters
+from cnnkit.layer_outputs import activations, filters, layers_of, stages_of
 from cnnkit.metrics import strict_json
 from cnnkit.runs import HISTORY_FILE
 from cnnkit.serve.connections import BACKLOG, REQUEST_TIMEOUT, connection_limit, guarded_protocol
+from cnnkit.serve.loaded import (
+    Loaded,
+    LoadedCheckpoints,
+    LoadedSplits,
+    checkpoint_of,
+    kept_epochs,
+    same_network,
+)
 
 STATIC = Path(__file__).parent / "static"
 MAX_BODY_BYTES = 5 * 2**20
@@ -82,6 +102,7 @@ UPLOAD_DETAIL_PIXELS = 1_000_000
 MAX_HISTORY_BYTES = 32 * 2**20
 MAX_HISTORY_LINE = 64 * 2**10  # a longer line is not one epoch's entry: skipped
 MAX_HISTORY_POINTS = 1000  # a longer history is answered evenly thinned, with its first and last entry
+MAX_PIXEL_VALUE = 1e6  # `pixels` sent back to /api/layers and /api/explain: any finite value up to this
 HISTORY_FIELDS = (
     "epoch",
     "train_loss",
@@ -144,7 +165,18 @@ class ServedModel:
                 {"name": name, "shape": list(shape), "parameters": count}
                 for name, shape, count in record.architecture.layers()
             ],
+            "stages": self.stages(),
         }
+
+    def stages(self) -> list[dict]:
+        """How the page groups the layers `activations` names: [{"title", "layers": [name, ...]}]
+        (`layer_outputs.stages_of`); the layers no stage names are the page's "Output"."""
+        return [{"title": title, "layers": list(names)} for title, names in stages_of(self.model)]
+
+    def epochs(self) -> list[int]:
+        """The epochs whose checkpoints the run keeps now, oldest first (this checkpoint's alone outside
+        a run folder)."""
+        return sorted(kept_epochs(self.checkpoint.path)) or [self.record.epoch]
 
     def description(self) -> dict:
         """`describe()`, or where the record cannot be described (a field of the wrong kind), the model's
@@ -234,6 +266,16 @@ def _image_format(data: bytes) -> str | None:
             return img.format
 
 
+def network_at(served: ServedModel, checkpoints: LoadedCheckpoints, epoch: int | None) -> Loaded:
+    """The network of the served run's checkpoint of `epoch` (None: the one served), loaded or held.
+    Raises CnnkitError (422) for an epoch the run does not keep or a checkpoint that cannot be read."""
+    path = checkpoint_of(served.checkpoint.path, served.record, epoch)
+    loaded = checkpoints.get(path)
+    if path != served.checkpoint.path:
+        same_network(served.record, loaded.record, path)
+    return loaded
+
+
 def predict_image(served: ServedModel, data: bytes, name: str) -> dict:
     """Label, class name, confidence and probabilities of one image, as `cnnkit predict --json --proba`."""
     record = served.record
@@ -241,32 +283,202 @@ def predict_image(served: ServedModel, data: bytes, name: str) -> dict:
     return _prediction(served, proba)
 
 
-def image_activations(served: ServedModel, data: bytes, name: str) -> dict:
-    """`predict_image`'s answer plus the prepared input and every layer's output.
-
-    Feature maps (layers "input" to "pool2", shape C x H x W) come as uint8 with each map's own min and
-    max (value = min + byte / 255 * (max - min)); the vectors ("dense3", "logits", "probabilities")
-    as numbers.
-    """
+def image_activations(served: ServedModel, data: bytes, name: str, loaded: Loaded | None = None) -> dict:
+    """`predict_image`'s answer plus the prepared input and every layer's output (see `layer_answer`),
+    computed by checkpoint `loaded` (default: the one served)."""
     started = time.perf_counter()
-    record = served.record
-    raw = prepare(served, data, name)
-    layers = activations(served.model, record.standardization.apply(raw))
+    return layer_answer(served, loaded, prepare(served, data, name), started)
+
+
+def layer_answer(served: ServedModel, loaded: Loaded | None, raw: np.ndarray, started: float) -> dict:
+    """The prediction for `raw` (float32 (1, C, H, W), the image as the network takes it before
+    standardization) by checkpoint `loaded` (None: the one served), with `epoch`, `input` (uint8 C x H x W,
+    for showing), `pixels` (`raw` itself as little-endian float32, to send back to /api/explain) and
+    `layers`: every layer `activations` names, in its order. Maps (C x H x W) come as uint8 with each
+    map's own min and max (value = min + byte / 255 * (max - min)), vectors as numbers."""
+    network, record = (served.model, served.record) if loaded is None else (loaded.network, loaded.record)
+    layers = activations(network, record.standardization.apply(raw))
     answer = _prediction(served, layers["probabilities"][0])
+    answer["epoch"] = record.epoch
     answer["input"] = {
         "shape": list(raw.shape[1:]),
         "data": _b64(np.clip(np.round(raw[0]), 0, 255).astype(np.uint8)),
     }
-    answer["layers"] = [_encode_layer(name, values[0]) for name, values in layers.items()]
+    answer["pixels"] = {"shape": list(raw.shape[1:]), "data": _b64(raw[0].astype("<f4"))}
+    descriptions = layers_of(network)
+    answer["layers"] = [
+        _encode_layer(name, values[0], descriptions.get(name, "")) for name, values in layers.items()
+    ]
     answer["server_ms"] = round(1000 * (time.perf_counter() - started), 2)
     return answer
 
 
-def model_filters(served: ServedModel) -> dict:
-    """The convolution kernels {"conv1": (F, C, k, k), "conv2": ...}: shape and little-endian float32 bytes."""
+# --- the JSON requests: an image by value, by its prepared pixels, or by its place in the dataset ---
+
+
+class Pixels(BaseModel):
+    """The image as the network takes it before standardization: `shape` [C, H, W] (the model's input)
+    and `data`, its C*H*W values as little-endian float32 in base64 (what /api/layers answers as `pixels`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    shape: list[Annotated[int, Field(strict=True, ge=1, le=4096)]] = Field(min_length=3, max_length=3)
+    data: str = Field(max_length=8 * 2**20)
+
+
+class DatasetImage(BaseModel):
+    """Image `index` (from 0) of a split of the dataset the model was trained on, as `cnnkit evaluate` and
+    `cnnkit report` number them."""
+
+    model_config = ConfigDict(extra="forbid")
+    split: Literal["test", "valid", "train"] = "test"
+    index: Annotated[int, Field(strict=True, ge=0)]
+
+
+class ImageRequest(BaseModel):
+    """One image, given exactly one way, for one model (default: the first) at one checkpoint (an epoch
+    the run keeps; default: the one served)."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = Field(None, max_length=200, description="a model id from /api/models")
+    checkpoint: Annotated[int, Field(strict=True, ge=0)] | None = Field(
+        None, description="an epoch from /api/models/{id}/checkpoints (default: the checkpoint served)"
+    )
+    image: str | None = Field(
+        None,
+        max_length=8 * 2**20,
+        description="an image file (PNG, JPEG...) in base64, prepared as /api/predict does",
+    )
+    pixels: Pixels | None = Field(
+        None, description="the image as the network takes it: an earlier answer's `pixels` ({shape, data})"
+    )
+    dataset: DatasetImage | None = Field(
+        None,
+        description='an image of the model\'s dataset: {"split": "test", "index": N}, as cnnkit report numbers them',
+    )
+
+
+class ExplainRequest(ImageRequest):
+    """An image (as for /api/layers) and one value of one layer: map `channel` at row `y`, column `x`
+    (from 0), or unit `channel` of a vector layer (y and x then 0)."""
+
+    layer: str = Field(max_length=100, description="a layer's name, as /api/layers names them")
+    channel: Annotated[int, Field(strict=True, ge=0)]
+    y: Annotated[int, Field(strict=True, ge=0)] = 0
+    x: Annotated[int, Field(strict=True, ge=0)] = 0
+
+
+def request_pixels(
+    served: ServedModel, splits: LoadedSplits, query: ImageRequest
+) -> tuple[np.ndarray, dict | None]:
+    """The image `query` gives, as float32 (1, C, H, W) before standardization, and for a dataset image
+    what it is ({"split", "index", "count", "label", "class_name", "dataset"}). Raises RequestError (400,
+    422) or CnnkitError (422) saying what is wrong with it."""
+    given = [name for name in ("image", "pixels", "dataset") if getattr(query, name) is not None]
+    if len(given) != 1:
+        raise RequestError(
+            400,
+            "give the image exactly one way: `image` (an image file in base64), `pixels` (as /api/layers "
+            f'answers them) or `dataset` ({{"split": "test", "index": N}}); got {", ".join(given) or "none"}',
+        )
+    record = served.record
+    if query.image is not None:
+        try:
+            data = base64.b64decode(query.image, validate=True)
+        except (binascii.Error, ValueError):
+            raise RequestError(400, "image: not base64; send the image file's bytes in base64") from None
+        if not data:
+            raise RequestError(400, "image: empty; send an image file (PNG, JPEG, ...) in base64")
+        return prepare(served, data, "image"), None
+    if query.pixels is not None:
+        return _decode_pixels(query.pixels, tuple(record.architecture.input_shape)), None
+    wanted = query.dataset
+    split = splits.get(record, served.checkpoint.path, wanted.split)
+    count = len(split.images)
+    if wanted.index >= count:
+        raise RequestError(
+            422,
+            f"dataset.index {wanted.index} is past the end: the {wanted.split} split of {split.source} "
+            f"has {count:,} images (0 to {count - 1:,})",
+        )
+    label = int(split.labels[wanted.index])
+    about = {
+        "dataset": split.source,
+        "split": wanted.split,
+        "index": wanted.index,
+        "count": count,
+        "label": label,
+        "class_name": record.class_names[label] if 0 <= label < len(record.class_names) else None,
+    }
+    return split.images[wanted.index][None].astype(np.float32), about
+
+
+def _decode_pixels(pixels: Pixels, shape: tuple) -> np.ndarray:
+    if tuple(pixels.shape) != shape:
+        raise RequestError(422, f"pixels.shape {pixels.shape} is not the model's input shape {list(shape)}")
+    try:
+        data = base64.b64decode(pixels.data, validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError(400, "pixels.data: not base64") from None
+    if len(data) != 4 * math.prod(shape):
+        raise RequestError(
+            422,
+            f"pixels.data holds {len(data):,} bytes; shape {list(shape)} needs {4 * math.prod(shape):,} "
+            "(one little-endian float32 per value)",
+        )
+    values = np.frombuffer(data, "<f4").reshape(1, *shape).astype(np.float32)
+    if not np.isfinite(values).all() or np.abs(values).max() > MAX_PIXEL_VALUE:
+        raise RequestError(
+            422, f"pixels.data: every value must be a finite number within ±{MAX_PIXEL_VALUE:g}"
+        )
+    return values
+
+
+def json_layers(
+    served: ServedModel, checkpoints: LoadedCheckpoints, splits: LoadedSplits, query: ImageRequest
+) -> dict:
+    """/api/layers: `layer_answer` for the image `query` gives, with `dataset` for a dataset image."""
+    started = time.perf_counter()
+    loaded = network_at(served, checkpoints, query.checkpoint)
+    raw, about = request_pixels(served, splits, query)
+    answer = layer_answer(served, loaded, raw, started)
+    if about is not None:
+        answer["dataset"] = about
+    return answer
+
+
+def json_explain(
+    served: ServedModel, checkpoints: LoadedCheckpoints, splits: LoadedSplits, query: ExplainRequest
+) -> dict:
+    """/api/explain: `arithmetic.explain` of one value for the image `query` gives, by the checkpoint it
+    names, with `model`, `epoch` and `server_ms`."""
+    started = time.perf_counter()
+    loaded = network_at(served, checkpoints, query.checkpoint)
+    raw, _ = request_pixels(served, splits, query)
+    record, network = loaded.record, loaded.reference()
+    try:
+        with loaded.tracing:
+            answer = explain(
+                network, raw, record.standardization, query.layer, query.channel, query.y, query.x
+            )
+    except ExplainError as exc:
+        raise RequestError(422, str(exc)) from None
+    answer["model"], answer["epoch"] = served.id, loaded.epoch
+    answer["server_ms"] = round(1000 * (time.perf_counter() - started), 2)
+    return answer
+
+
+def list_checkpoints_of(served: ServedModel) -> dict:
+    """/api/models/{id}/checkpoints: the epochs the run keeps now (read afresh: a run may be training)."""
+    return {"model": served.id, "served_epoch": served.record.epoch, "epochs": served.epochs()}
+
+
+def model_filters(served: ServedModel, loaded: Loaded | None = None) -> dict:
+    """The convolution kernels {"conv1": (F, C, k, k), "conv2": ...} of checkpoint `loaded` (default: the
+    one served): shape and little-endian float32 bytes."""
+    network = served.model if loaded is None else loaded.network
     return {
         name: {"shape": list(kernels.shape), "data": _b64(kernels.astype("<f4"))}
-        for name, kernels in filters(served.model).items()
+        for name, kernels in filters(network).items()
     }
 
 
@@ -379,8 +591,8 @@ def _prediction(served: ServedModel, proba: np.ndarray) -> dict:
     }
 
 
-def _encode_layer(name: str, values: np.ndarray) -> dict:
-    layer = {"name": name, "description": DESCRIPTIONS[name], "shape": list(values.shape)}
+def _encode_layer(name: str, values: np.ndarray, description: str) -> dict:
+    layer = {"name": name, "description": description, "shape": list(values.shape)}
     if values.ndim == 1:
         layer["values"] = [_number(v) for v in values]
         return layer
@@ -610,6 +822,9 @@ def create_app(
         raise ValueError("serve at least one model")
     descriptions = {served.id: served.description() for served in models}  # records do not change
     pool = WorkerPool(workers, max_waiting, max_images)
+    checkpoints = LoadedCheckpoints()
+    for served in models:
+        checkpoints.pin(served.model, served.record, served.checkpoint.path)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -633,7 +848,7 @@ def create_app(
         app.add_middleware(HostCheck, allowed=allowed_hosts)  # added last: it runs first
 
     app.include_router(page_routes())
-    app.include_router(api_routes(models, descriptions, pool))
+    app.include_router(api_routes(models, descriptions, pool, checkpoints, LoadedSplits()))
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     add_error_handlers(app)
@@ -655,9 +870,21 @@ def page_routes() -> APIRouter:
     return router
 
 
-def api_routes(models: list[ServedModel], descriptions: dict, pool: "WorkerPool") -> APIRouter:
+def api_routes(
+    models: list[ServedModel],
+    descriptions: dict,
+    pool: "WorkerPool",
+    checkpoints: LoadedCheckpoints | None = None,
+    splits: LoadedSplits | None = None,
+) -> APIRouter:
     """The JSON API over `models` (the first is the default), their `descriptions` (made once: records do
-    not change) and the inference `pool`."""
+    not change), the inference `pool`, the run's `checkpoints` loaded on demand (the served ones pinned)
+    and the dataset `splits` loaded on demand."""
+    if checkpoints is None:
+        checkpoints = LoadedCheckpoints()
+        for served in models:
+            checkpoints.pin(served.model, served.record, served.checkpoint.path)
+    splits = splits or LoadedSplits()
     router = APIRouter()
     by_id = {served.id: served for served in models}
 
@@ -676,6 +903,9 @@ def api_routes(models: list[ServedModel], descriptions: dict, pool: "WorkerPool"
         return data, Path(file.filename or "").name[:100] or "upload"  # named so in error messages
 
     model_query = Query(None, description="a model id from /api/models (default: the first)")
+    checkpoint_query = Query(
+        None, ge=0, description="an epoch from /api/models/{id}/checkpoints (default: the checkpoint served)"
+    )
     image_field = File(..., description="an image file: PNG, JPEG, BMP, GIF, TIFF...")
 
     @router.get("/api/models", summary="The models served", tags=["models"])
@@ -693,18 +923,58 @@ def api_routes(models: list[ServedModel], descriptions: dict, pool: "WorkerPool"
         return await pool.run(predict_image, served, *await upload(file), image=True)
 
     @router.post("/api/activations", summary="Every layer's output for an image", tags=["predict"])
-    async def layer_outputs(file: UploadFile = image_field, model: str | None = model_query):
-        """The prediction, `input` (the prepared image, uint8 C x H x W in base64) and `layers`: each with
-        name, description, shape, and for maps `min`, `max` per map and `data` (uint8 base64, value =
-        min + byte / 255 * (max - min)), for vectors `values`."""
+    async def layer_outputs(
+        file: UploadFile = image_field,
+        model: str | None = model_query,
+        checkpoint: int | None = checkpoint_query,
+    ):
+        """The prediction, `epoch`, `input` (the prepared image, uint8 C x H x W in base64), `pixels` (the
+        same as float32, to send to /api/explain) and `layers`: each with name, description, shape, and
+        for maps `min`, `max` per map and `data` (uint8 base64, value = min + byte / 255 * (max - min)),
+        for vectors `values`. `checkpoint=N`: computed by the run's checkpoint of epoch N."""
         served = pick(model)
-        return await pool.run(image_activations, served, *await upload(file), image=True)
+        data, name = await upload(file)
+
+        def run():
+            return image_activations(served, data, name, network_at(served, checkpoints, checkpoint))
+
+        return await pool.run(run, image=True)
+
+    @router.post("/api/layers", summary="Every layer's output for an image given as JSON", tags=["predict"])
+    async def json_layer_outputs(query: ImageRequest):
+        """/api/activations's answer for an image given one of three ways: `image` (an image file in
+        base64, prepared as /api/predict does), `pixels` (the `pixels` of an earlier answer: no preparation)
+        or `dataset` (`{"split": "test", "index": 17}`: that image of the dataset the model was trained
+        on, as `cnnkit evaluate` and `cnnkit report` number them, with its true class under `dataset`).
+        `checkpoint`: an epoch the run keeps (the page's epoch slider)."""
+        served = pick(query.model)
+        return await pool.run(json_layers, served, checkpoints, splits, query, image=query.image is not None)
+
+    @router.post("/api/explain", summary="How one value of one layer was computed", tags=["predict"])
+    async def explain_value(query: ExplainRequest):
+        """For an image given as for /api/layers, the arithmetic behind value (`channel`, `y`, `x`) of
+        `layer` (unit `channel` of a vector layer), by the trained network's own weights: `value`, and
+        `steps` from that value back to the nearest convolution or dense layer, each with a `kind`:
+        `conv` (the input window, the filter's weights and their products per input channel, their `sum`,
+        the `bias`, `value`; a CNN layer cross-correlates: the filter is not flipped), `relu`, `maxpool`
+        (the pooling window and its `winner`), `batchnorm`, `dense` (the `top` contributions input x
+        weight, the rest summed, the bias), `softmax`, `average`, `add` (a residual block), `standardize`
+        (the input's pixel, mean and std) or `other`. See cnnkit.arithmetic."""
+        served = pick(query.model)
+        return await pool.run(json_explain, served, checkpoints, splits, query, image=query.image is not None)
+
+    @router.get("/api/models/{model_id}/checkpoints", summary="The epochs a run keeps", tags=["models"])
+    async def kept(model_id: str):
+        """`{"model", "served_epoch", "epochs": [...]}`: the epochs whose checkpoints the run folder keeps
+        now (read afresh), each a valid `checkpoint` for /api/activations, /api/layers and /api/explain."""
+        return await pool.run(list_checkpoints_of, pick(model_id))
 
     @router.get("/api/models/{model_id}/filters", summary="Convolution kernels", tags=["models"])
-    async def kernels(model_id: str):
+    async def kernels(model_id: str, checkpoint: int | None = checkpoint_query):
         """`{"conv1": {"shape": [F, C, k, k], "data": base64 float32}, "conv2": ...}`: map j of a
-        convolution layer is made by its kernel j."""
-        return await pool.run(model_filters, pick(model_id))
+        convolution layer is made by its kernel j. `checkpoint=N`: the kernels at epoch N."""
+        served = pick(model_id)
+        return await pool.run(lambda: model_filters(served, network_at(served, checkpoints, checkpoint)))
 
     @router.get("/api/models/{model_id}/history", summary="Learning curves", tags=["models"])
     async def history(model_id: str):
@@ -730,6 +1000,10 @@ def add_error_handlers(app: FastAPI):
     async def invalid(request: Request, exc: RequestValidationError):
         problems, about_file = [], False
         for error in exc.errors():
+            if error.get("type") == "json_invalid":
+                reason = (error.get("ctx") or {}).get("error", "")
+                problems.append(f"the body is not JSON ({reason}); send a JSON object".replace(" ()", ""))
+                continue
             where = [str(part) for part in error.get("loc", ()) if part != "body"]
             about_file = about_file or where[-1:] == ["file"]
             problems.append(

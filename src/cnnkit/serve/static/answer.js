@@ -1,9 +1,11 @@
 // One answer on the page, and sending the image: debounced, one request in flight.
 
-import { postImage } from "./api.js";
+import { postImage, postLayers } from "./api.js";
 import { drawBars, percent } from "./bars.js";
+import { showEpoch } from "./epochs.js";
+import { refreshExplain } from "./explain.js";
 import { drawInput } from "./maps.js";
-import { padBlob } from "./pad.js";
+import { padBlob, showOnPad } from "./pad.js";
 import { drawPanels } from "./panels.js";
 import { $, DEBOUNCE_MS, state } from "./state.js";
 
@@ -18,18 +20,32 @@ export function render(result) {
   state.result = result;
   const [c, h, w] = result.input.shape;
   drawInput($("input-view"), result.input);
+  const how = result.dataset
+    ? `image ${result.dataset.index} of ${result.dataset.dataset}'s ${result.dataset.split} split, as the dataset stores it (nothing prepared)`
+    : `your image ${PREPARATION[state.model.preprocessing] || "prepared"}`;
   $("input-caption").textContent =
-    `${h}×${w} pixels${c === 3 ? " in colour" : ""}: your image ${PREPARATION[state.model.preprocessing] || "prepared"}. ` +
-    "The network reads these numbers (standardized with its training images' mean and spread).";
+    `${h}×${w} pixels${c === 3 ? " in colour" : ""}: ${how}. ` +
+    "The network reads these numbers standardized with its training images' mean and spread: click a pixel of the small picture to see the arithmetic.";
   $("answer-label").textContent = result.class_name;
   $("answer-confidence").textContent = `${percent(result.confidence)} sure`;
   drawBars($("bars"), result.probabilities, result.class_name);
-  $("status").textContent = `answered in ${result.server_ms} ms on the server`;
+  const truth = $("truth");
+  truth.hidden = !result.dataset;
+  if (result.dataset) {
+    const d = result.dataset;
+    const right = d.class_name === result.class_name;
+    truth.textContent = `${d.split} image ${d.index} of ${d.dataset} (${d.count} images): truly ${d.class_name}` + (right ? ", read correctly." : `; the network reads ${result.class_name}: a mistake.`);
+    truth.classList.toggle("error", !right);
+    showOnPad(result.input);
+  }
+  $("status").textContent = `epoch ${result.epoch} · ${Math.round(result.server_ms)} ms on the server`;
   $("status").classList.remove("error");
   drawPanels(result);
+  showEpoch();
   document.body.classList.add("has-result");
   window.cnnkit.last = result;
   window.cnnkit.renders += 1;
+  refreshExplain();
 }
 
 export function showError(message) {
@@ -47,21 +63,48 @@ export function clearResult() {
   $("answer-confidence").textContent = "";
   $("bars").replaceChildren();
   $("status").textContent = "";
+  $("truth").hidden = true;
   const view = $("input-view");
   view.getContext("2d").clearRect(0, 0, view.width, view.height);
   $("input-caption").textContent = "Draw or drop an image to see it as the network receives it.";
   $("layers").replaceChildren(Object.assign(document.createElement("p"), {
     className: "muted placeholder",
-    textContent: "Draw something above: every layer's answer appears here.",
+    textContent: "Draw something: every layer's answer appears here.",
   }));
   state.layout = "";
 }
 
 // --- sending: debounced, one request in flight ---
 
+// The drawing or the file changed: send it (prepared again on the server).
 export function changed() {
+  state.dirty = true;
+  schedule();
+}
+
+// Only the epoch (or the model) changed: send the same image again.
+export function resend() {
+  if (state.source) schedule();
+}
+
+function schedule() {
   state.pendingSince ??= performance.now();
   if (!state.inFlight && !state.timer) state.timer = setTimeout(send, DEBOUNCE_MS);
+}
+
+// The request for the current image: the file or the drawing when it changed (or nothing was answered
+// yet), else the last answer's `pixels` (the epoch slider; nothing to prepare again), or a dataset image.
+async function request(source) {
+  const model = state.model;
+  if (source.kind === "dataset") {
+    return postLayers({ model: model.id, checkpoint: state.epoch, dataset: { split: source.split, index: source.index } });
+  }
+  if (!state.dirty && state.result && state.result.model === model.id) {
+    return postLayers({ model: model.id, checkpoint: state.epoch, pixels: state.result.pixels });
+  }
+  state.dirty = false;
+  const blob = source.kind === "file" ? source.file : await padBlob();
+  return postImage(model.id, blob, source.kind === "file" ? source.file.name : "drawing.png", state.epoch);
 }
 
 export async function send() {
@@ -73,9 +116,8 @@ export async function send() {
   state.pendingSince = null;
   state.inFlight = true;
   try {
-    const blob = source.kind === "file" ? source.file : await padBlob();
     const sent = performance.now();
-    const response = await postImage(state.model.id, blob, source.kind === "file" ? source.file.name : "drawing.png");
+    const response = await request(source);
     const body = await response.json();
     const received = performance.now();
     if (generation !== state.generation) return;

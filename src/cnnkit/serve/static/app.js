@@ -1,13 +1,33 @@
 // cnnkit serve: the page. It draws what the JSON API returns and computes nothing about the network:
 // the server prepares the image (as `cnnkit predict` does) and runs every layer (cnnkit.layer_outputs).
-// ES modules, no build step: state, api, colours, arrays, maps, bars, charts, panels, answer, pad, and
-// this one, which picks the model, shows the training view and starts the page.
+// ES modules, no build step: state, api, colours, arrays, maps, bars, charts, panels, explain, epochs,
+// answer, pad, and this one, which picks the model, reads the address, shows the training view and
+// starts the page.
+//
+// The address may name what to show (docs/serve-page.md): ?model=ID picks a model, &test=INDEX (or
+// valid=, train=) shows that image of the model's dataset as `cnnkit report` numbers them, and
+// &epoch=N the run's checkpoint of epoch N.
 
-import { changed, clearResult, showError } from "./answer.js";
+import { changed, clearResult, resend, showError } from "./answer.js";
 import { historyOf, listModels } from "./api.js";
 import { lineChart } from "./charts.js";
+import { ACCURACY, TRAINING, VALIDATION } from "./colours.js";
+import { loadEpochs } from "./epochs.js";
 import { blankPad } from "./pad.js";
 import { $, HISTORY_POLL_MS, state } from "./state.js";
+
+const ADDRESS = new URLSearchParams(location.search);
+
+// What the address asks for: {model, dataset: {split, index} | null, epoch: number | null}.
+function fromAddress() {
+  const whole = (text) => (text !== null && /^\d+$/.test(text) ? Number(text) : null);
+  let dataset = null;
+  for (const split of ["test", "valid", "train"]) {
+    const index = whole(ADDRESS.get(split));
+    if (index !== null) dataset = { split, index };
+  }
+  return { model: ADDRESS.get("model"), dataset, epoch: whole(ADDRESS.get("epoch")) };
+}
 
 // --- models ---
 
@@ -19,8 +39,9 @@ function describeModel(model) {
     `${model.input_shape[0] === 3 ? " colour" : ""}.`;
 }
 
-function chooseModel(model) {
+function chooseModel(model, wanted = {}) {
   state.model = model;
+  state.epoch = wanted.epoch ?? null;
   $("model-info").textContent = describeModel(model);
   const digits = model.preprocessing === "digit";
   $("tagline").textContent = `${digits ? "Draw a digit" : "Draw or drop an image"} and watch a trained convolutional network answer, layer by layer.`;
@@ -29,8 +50,15 @@ function chooseModel(model) {
   state.layout = "";
   state.historyText = "";
   state.result = null; // its maps belong to the previous model
-  if (state.source && state.hasInk) changed();
+  if (wanted.dataset) {
+    state.source = { kind: "dataset", ...wanted.dataset };
+    state.hasInk = true;
+    clearResult();
+    resend();
+  } else if (state.source?.kind === "dataset") resend();
+  else if (state.source && state.hasInk) changed();
   else clearResult();
+  loadEpochs(model);
   if (!$("view-training").hidden) pollHistory();
 }
 
@@ -53,13 +81,22 @@ async function loadModels() {
       return option;
     }),
   );
-  picker.addEventListener("change", () => chooseModel(state.models.find((m) => m.id === picker.value)));
+  picker.addEventListener("change", () => {
+    const url = new URL(location.href);
+    url.searchParams.set("model", picker.value);
+    url.searchParams.delete("epoch");
+    history.replaceState(null, "", url);
+    chooseModel(state.models.find((m) => m.id === picker.value));
+  });
   if (!state.models.length) {
     showError("none of the models served can be used: see the list above and the server's log");
     return;
   }
-  picker.value = state.models[0].id;
-  chooseModel(state.models[0]);
+  const wanted = fromAddress();
+  const first = state.models.find((m) => m.id === wanted.model) ?? state.models[0];
+  if (wanted.model && first.id !== wanted.model) showError(`no model ${wanted.model} is served here; showing ${first.id}`);
+  picker.value = first.id;
+  chooseModel(first, wanted);
 }
 
 // --- tabs and the training view ---
@@ -113,11 +150,11 @@ function drawHistory(body) {
   const pick = (key) => h.filter((e) => e[key] !== null).map((e) => [e.epoch, e[key]]);
   const xMax = Math.max(body.epochs, h.length ? h[h.length - 1].epoch : 1);
   lineChart($("chart-loss"), [
-    { name: "training loss", colour: "#e07b00", points: pick("train_loss") },
-    { name: "validation loss", colour: "#2b6cb0", points: pick("valid_loss") },
+    { name: "training loss", colour: TRAINING, points: pick("train_loss") },
+    { name: "validation loss", colour: VALIDATION, points: pick("valid_loss") },
   ], { xMax, marker: body.served_epoch });
   lineChart($("chart-accuracy"), [
-    { name: "validation accuracy", colour: "#2f855a", points: pick("valid_accuracy") },
+    { name: "validation accuracy", colour: ACCURACY, points: pick("valid_accuracy") },
   ], { xMax, marker: body.served_epoch, percent: true });
   const table = $("history-table");
   const head = "<tr><th>epoch</th><th>training loss</th><th>validation loss</th><th>validation accuracy</th><th>learning rate</th><th>seconds</th></tr>";

@@ -44,6 +44,7 @@ export function drawScores(container, names, values) {
     ...order.map((i) => {
       const row = document.createElement("div");
       row.className = "bar signed";
+      row.dataset.class = names[i];
       const label = document.createElement("span");
       label.className = "bar-label";
       label.textContent = names[i];

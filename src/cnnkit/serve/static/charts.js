@@ -11,11 +11,14 @@ export function niceTicks(lo, hi, count) {
   return ticks;
 }
 
-export function lineChart(canvas, series, { xMax, marker, percent: asPercent }) {
+// `compact`: a small chart (the epoch slider's): small type, no axis title, the legend on one line.
+// `marks`: epochs to tick on the axis (the checkpoints kept); `marker`: the epoch shown, a dashed line.
+export function lineChart(canvas, series, { xMax, marker, percent: asPercent, compact = false, marks = [] }) {
   const context = canvas.getContext("2d");
   const W = canvas.width;
   const H = canvas.height;
-  const pad = { left: 56, right: 16, top: 28, bottom: 36 };
+  const pad = compact ? { left: 34, right: 8, top: 14, bottom: 14 } : { left: 56, right: 16, top: 28, bottom: 36 };
+  const font = compact ? "10px sans-serif" : "12px sans-serif";
   context.clearRect(0, 0, W, H);
   const ys = series.flatMap((s) => s.points.map((p) => p[1]));
   if (!ys.length) {
@@ -31,7 +34,7 @@ export function lineChart(canvas, series, { xMax, marker, percent: asPercent }) 
   if (hi - lo < 1e-9) hi = lo + 1;
   const x = (v) => pad.left + ((v - 0) / Math.max(xMax, 1)) * (W - pad.left - pad.right);
   // The lowest tick at or below the lowest value, so that the axis's bottom is labelled.
-  const ticks = niceTicks(lo, hi, 5);
+  const ticks = niceTicks(lo, hi, compact ? 2 : 5);
   if (ticks.length > 1 && ticks[0] > lo + 1e-12) {
     lo = ticks[0] - (ticks[1] - ticks[0]);
     ticks.unshift(lo);
@@ -39,7 +42,7 @@ export function lineChart(canvas, series, { xMax, marker, percent: asPercent }) 
   canvas.dataset.lowestTick = String(ticks[0]); // for tests: the bottom of the axis is labelled
   canvas.dataset.lowestValue = String(Math.min(...ys));
   const y = (v) => H - pad.bottom - ((v - lo) / (hi - lo)) * (H - pad.top - pad.bottom);
-  context.font = "12px sans-serif";
+  context.font = font;
   context.strokeStyle = "#ddd";
   context.fillStyle = "#555";
   context.textAlign = "right";
@@ -54,10 +57,18 @@ export function lineChart(canvas, series, { xMax, marker, percent: asPercent }) 
   }
   context.textAlign = "center";
   context.textBaseline = "top";
-  for (const t of niceTicks(0, xMax, 10).filter((v) => Number.isInteger(v))) context.fillText(String(t), x(t), H - pad.bottom + 6);
-  context.fillText("epoch", (pad.left + W - pad.right) / 2, H - 16);
+  if (compact) {
+    context.fillStyle = "#98a2b3";
+    for (const m of marks) context.fillRect(x(m) - 1, H - pad.bottom + 2, 3, 5);
+    context.fillStyle = "#555";
+    context.textAlign = "right";
+    context.fillText(`epoch ${xMax}`, W - pad.right, H - pad.bottom + 2);
+  } else {
+    for (const t of niceTicks(0, xMax, 10).filter((v) => Number.isInteger(v))) context.fillText(String(t), x(t), H - pad.bottom + 6);
+    context.fillText("epoch", (pad.left + W - pad.right) / 2, H - 16);
+  }
   if (marker) {
-    context.strokeStyle = "#999";
+    context.strokeStyle = compact ? "#d9480f" : "#999";
     context.setLineDash([4, 4]);
     context.beginPath();
     context.moveTo(x(marker), pad.top);
@@ -75,15 +86,16 @@ export function lineChart(canvas, series, { xMax, marker, percent: asPercent }) 
     context.stroke();
     for (const [px, py] of s.points) {
       context.beginPath();
-      context.arc(x(px), y(py), 3, 0, 2 * Math.PI);
+      context.arc(x(px), y(py), compact ? 1.5 : 3, 0, 2 * Math.PI);
       context.fill();
     }
     context.lineWidth = 1;
     context.textAlign = "left";
     context.textBaseline = "middle";
-    context.fillRect(legendX, 10, 14, 3);
+    const legendY = compact ? 6 : 12;
+    context.fillRect(legendX, legendY - 2, 14, 3);
     context.fillStyle = "#333";
-    context.fillText(s.name, legendX + 20, 12);
-    legendX += context.measureText(s.name).width + 44;
+    context.fillText(s.name, legendX + 20, legendY);
+    legendX += context.measureText(s.name).width + (compact ? 30 : 44);
   }
 }

@@ -6,13 +6,17 @@ import { colour } from "./colours.js";
 const GAP = 1;
 
 export function gridColumns(count) {
-  return count <= 8 ? count : count <= 32 ? 8 : 16;
+  return count <= 8 ? count : count <= 64 ? 8 : 16;
 }
 
 // Draw maps (C, H, W) as a grid on `canvas`, one pixel per value, gaps between maps left transparent.
 export function drawMapGrid(canvas, layer) {
   const [count, h, w] = layer.shape;
-  const values = mapValues(layer);
+  drawGrid(canvas, mapValues(layer), count, h, w);
+}
+
+// `count` maps (h, w) of `values` as a grid of gridColumns(count) columns, one scale for all.
+export function drawGrid(canvas, values, count, h, w) {
   const cols = gridColumns(count);
   const rows = Math.ceil(count / cols);
   const width = cols * (w + GAP) - GAP;
@@ -35,16 +39,36 @@ export function drawMapGrid(canvas, layer) {
   canvas.getContext("2d").putImageData(image, 0, 0);
   canvas.dataset.cols = cols;
   canvas.dataset.cell = JSON.stringify([w + GAP, h + GAP]);
+  canvas.dataset.map = JSON.stringify([h, w]);
 }
 
-// Which map of a grid canvas a click at (clientX, clientY) falls on, or -1.
+// Which value of a grid canvas a pointer event falls on: {index (the map), y, x}, or null (a gap).
 export function mapAt(canvas, event, count) {
   const box = canvas.getBoundingClientRect();
   const [cw, ch] = JSON.parse(canvas.dataset.cell || "[1,1]");
-  const x = ((event.clientX - box.left) / box.width) * canvas.width;
-  const y = ((event.clientY - box.top) / box.height) * canvas.height;
-  const index = Math.floor(y / ch) * Number(canvas.dataset.cols) + Math.floor(x / cw);
-  return index >= 0 && index < count ? index : -1;
+  const [h, w] = JSON.parse(canvas.dataset.map || "[1,1]");
+  const px = ((event.clientX - box.left) / box.width) * canvas.width;
+  const py = ((event.clientY - box.top) / box.height) * canvas.height;
+  const col = Math.floor(px / cw);
+  const row = Math.floor(py / ch);
+  const index = row * Number(canvas.dataset.cols || 1) + col;
+  const x = Math.floor(px - col * cw);
+  const y = Math.floor(py - row * ch);
+  if (index < 0 || index >= count || x < 0 || y < 0 || x >= w || y >= h) return null;
+  return { index, y, x };
+}
+
+// The box (in CSS pixels, relative to the canvas) of value (index, y, x) of a grid canvas; `size`
+// values wide and high (the default 1: one value).
+export function cellBox(canvas, index, y, x, size = [1, 1]) {
+  const box = canvas.getBoundingClientRect();
+  const [cw, ch] = JSON.parse(canvas.dataset.cell || "[1,1]");
+  const cols = Number(canvas.dataset.cols || 1);
+  const sx = box.width / canvas.width;
+  const sy = box.height / canvas.height;
+  const left = ((index % cols) * cw + x) * sx;
+  const top = (Math.floor(index / cols) * ch + y) * sy;
+  return { left, top, width: size[1] * sx, height: size[0] * sy };
 }
 
 // One map (H, W) of `values` starting at `offset`, on its own canvas; `scale` (default: its own largest
@@ -71,6 +95,9 @@ export function drawStrip(canvas, values) {
     if (i < values.length) colour(values[i] ?? 0, scale, image.data, i * 4);
   }
   canvas.getContext("2d").putImageData(image, 0, 0);
+  canvas.dataset.cols = cols;
+  canvas.dataset.cell = "[1,1]";
+  canvas.dataset.map = "[1,1]";
 }
 
 // The prepared input (C, H, W) uint8: gray, or RGB for three channels.
@@ -85,43 +112,38 @@ export function drawInput(canvas, input) {
     image.data[i * 4 + 3] = 255;
   }
   canvas.getContext("2d").putImageData(image, 0, 0);
+  canvas.dataset.cols = 1;
+  canvas.dataset.cell = JSON.stringify([w + 1, h + 1]);
+  canvas.dataset.map = JSON.stringify([h, w]);
 }
 
-// Filter `index`: its C kernels (k x k) side by side; a single kernel with its weights written in.
-export function drawKernels(kernels, index) {
-  const [, c, kh, kw] = kernels.shape;
-  const size = c * kh * kw;
-  const weights = kernels.values.subarray(index * size, (index + 1) * size);
-  const scale = maxAbs(weights);
-  const numbers = c === 1; // one kernel: its weights written in
-  const cols = c <= 3 ? c : 8;
-  const rows = Math.ceil(c / cols);
-  const cell = numbers ? 44 : c <= 3 ? 16 : 8;
-  const gap = c <= 3 ? 10 : 3;
-  const canvas = document.createElement("canvas");
-  canvas.width = cols * (kw * cell + gap) - gap;
-  canvas.height = rows * (kh * cell + gap) - gap;
-  canvas.className = "kernel";
+// A first convolution's filters (F, C, kh, kw) as a grid: for one input channel each kernel in the
+// colours of the maps; for three, each kernel as a colour patch (grey is 0, each channel's weight adds
+// or takes away its colour).
+export function drawFilterGrid(canvas, kernels) {
+  const [count, c, kh, kw] = kernels.shape;
+  if (c === 1) {
+    drawGrid(canvas, kernels.values, count, kh, kw);
+    return;
+  }
+  drawGrid(canvas, new Float32Array(count * kh * kw), count, kh, kw); // the layout, then the colours
   const context = canvas.getContext("2d");
-  const pixel = new Uint8ClampedArray(4);
-  for (let ch = 0; ch < c; ch++) {
-    const x0 = (ch % cols) * (kw * cell + gap);
-    const y0 = Math.floor(ch / cols) * (kh * cell + gap);
+  const image = context.getImageData(0, 0, canvas.width, canvas.height);
+  const cols = Number(canvas.dataset.cols);
+  const scale = maxAbs(kernels.values) || 1;
+  for (let f = 0; f < count; f++) {
+    const x0 = (f % cols) * (kw + GAP);
+    const y0 = Math.floor(f / cols) * (kh + GAP);
     for (let y = 0; y < kh; y++) {
       for (let x = 0; x < kw; x++) {
-        const w = weights[ch * kh * kw + y * kw + x];
-        colour(w, scale, pixel, 0);
-        context.fillStyle = `rgb(${pixel[0]},${pixel[1]},${pixel[2]})`;
-        context.fillRect(x0 + x * cell, y0 + y * cell, cell, cell);
-        if (numbers) {
-          context.fillStyle = Math.abs(w) / (scale || 1) > 0.55 && w > 0 ? "#000" : "#fff";
-          context.font = "12px sans-serif";
-          context.textAlign = "center";
-          context.textBaseline = "middle";
-          context.fillText(w.toFixed(2), x0 + (x + 0.5) * cell, y0 + (y + 0.5) * cell);
+        const at = ((y0 + y) * canvas.width + x0 + x) * 4;
+        for (let k = 0; k < 3; k++) {
+          const v = kernels.values[((f * c + Math.min(k, c - 1)) * kh + y) * kw + x];
+          image.data[at + k] = 128 + 127 * (v / scale);
         }
+        image.data[at + 3] = 255;
       }
     }
   }
-  return canvas;
+  context.putImageData(image, 0, 0);
 }

@@ -2,6 +2,7 @@
 // sent, as `cnnkit predict` would read it.
 
 import { changed, clearResult } from "./answer.js";
+import { bytes } from "./arrays.js";
 import { $, state } from "./state.js";
 
 const pad = $("pad");
@@ -37,6 +38,11 @@ function stroke(from, to) {
 }
 
 function startedDrawing() {
+  if (state.source?.kind === "dataset") {
+    blankPad(); // a dataset image is shown on the pad, but a drawing starts afresh
+    state.generation += 1;
+    history.replaceState(null, "", location.pathname + (state.model ? `?model=${encodeURIComponent(state.model.id)}` : ""));
+  }
   state.source = { kind: "pad" };
   state.hasInk = true;
   $("pad-hint").hidden = true;
@@ -125,6 +131,25 @@ dropZone.addEventListener("drop", (event) => {
 // A file dropped beside the box should not replace the page.
 window.addEventListener("dragover", (event) => event.preventDefault());
 window.addEventListener("drop", (event) => event.preventDefault());
+
+// A dataset image (its uint8 C x H x W `input`) shown on the pad, light on dark as the network sees it.
+export function showOnPad(input) {
+  const [c, h, w] = input.shape;
+  const q = bytes(input.data);
+  const picture = new ImageData(w, h);
+  for (let i = 0; i < h * w; i++) {
+    for (let k = 0; k < 3; k++) picture.data[i * 4 + k] = q[(c === 3 ? k : 0) * h * w + i];
+    picture.data[i * 4 + 3] = 255;
+  }
+  const small = document.createElement("canvas");
+  small.width = w;
+  small.height = h;
+  small.getContext("2d").putImageData(picture, 0, 0);
+  ink.imageSmoothingEnabled = false;
+  ink.drawImage(small, 0, 0, pad.width, pad.height);
+  ink.imageSmoothingEnabled = true;
+  $("pad-hint").hidden = true;
+}
 
 export function padBlob() {
   return new Promise((done) => pad.toBlob(done, "image/png"));

@@ -1,178 +1,281 @@
-// The layer panels, stage by stage, and the enlarged map with the filter that made it.
+// The layer panels: every layer the API returns, grouped by the network's stages (/api/models), in rows
+// sized so that all of them fit the window beside the pad; a click on any value explains it.
 
 import { getFilters } from "./api.js";
-import { mapValues, maxAbs } from "./arrays.js";
+import { mapValues } from "./arrays.js";
 import { drawBars, drawScores } from "./bars.js";
-import { drawKernels, drawMapGrid, drawOneMap, drawStrip, mapAt } from "./maps.js";
+import { openExplain } from "./explain.js";
+import { cellBox, drawFilterGrid, drawMapGrid, drawStrip, mapAt } from "./maps.js";
 import { $, state } from "./state.js";
 
-export const STAGES = [
-  {
-    title: "Stage 1: convolution, ReLU, max-pooling",
-    note: "Each of the first convolution's filters looks for one small pattern (an edge, a stroke end) everywhere in the image.",
-    layers: [["conv1", "Convolution 1"], ["relu1", "ReLU"], ["pool1", "Max-pooling"]],
-    stage: 1,
-  },
-  {
-    title: "Stage 2: convolution, ReLU, max-pooling",
-    note: "The second convolution combines stage 1's maps into larger patterns (loops, corners, crossings).",
-    layers: [["conv2", "Convolution 2"], ["relu2", "ReLU"], ["pool2", "Max-pooling"]],
-    stage: 2,
-  },
-  {
-    title: "Dense layer",
-    note: "Every value of stage 2's maps feeds each of these units: the features the classifier reads.",
-    layers: [["dense3", "Dense layer 3"]],
-  },
-  {
-    title: "Output",
-    note: "One score per class; softmax turns the scores into probabilities that add up to 1.",
-    layers: [["logits", "Scores (dense layer 4)"], ["probabilities", "Probabilities (softmax)"]],
-  },
-];
+const PHONE = window.matchMedia("(max-width: 699px)");
+const WIDE = window.matchMedia("(min-width: 1000px)");
 
 export function shapeText(shape) {
   if (shape.length === 3) return `${shape[0]} maps of ${shape[1]}×${shape[2]}`;
   return `${shape[0]} numbers`;
 }
 
-export function buildPanels(layers) {
-  const byName = Object.fromEntries(layers.map((l) => [l.name, l]));
+// The rows of panels: the network's stages in order (each stage's convolution filters first when they
+// look at the image itself), then the layers no stage names; stages that fit share a row.
+export function panelRows(layers, stages, filters) {
+  const shown = layers.filter((l) => l.name !== "input");
+  const byName = new Set(shown.map((l) => l.name));
+  const groups = [];
+  const grouped = new Set();
+  for (const stage of stages || []) {
+    const names = stage.layers.filter((n) => byName.has(n));
+    if (!names.length) continue;
+    const items = [];
+    for (const n of names) {
+      if (filters.includes(n)) items.push({ kind: "filters", name: n });
+      items.push({ kind: "layer", name: n });
+    }
+    groups.push({ title: stage.title, items });
+    names.forEach((n) => grouped.add(n));
+  }
+  const rest = shown.filter((l) => !grouped.has(l.name)).map((l) => ({ kind: "layer", name: l.name }));
+  for (let i = 0; i < rest.length; i += 3) groups.push({ title: i ? "" : "Output", items: rest.slice(i, i + 3) });
+  const columns = Math.max(3, ...groups.map((g) => g.items.length));
+  const rows = [];
+  for (const group of groups) {
+    const last = rows[rows.length - 1];
+    if (last && last.items.length + group.items.length <= columns) {
+      last.titles.push(group.title);
+      last.items.push(...group.items);
+    } else rows.push({ titles: [group.title], items: [...group.items] });
+  }
+  return { rows, columns };
+}
+
+function isScores(layer, names) {
+  return layer.shape.length === 1 && layer.shape[0] === names.length;
+}
+
+export function buildPanels(result) {
+  const byName = Object.fromEntries(result.layers.map((l) => [l.name, l]));
+  const names = state.model.class_names;
+  const first = result.layers.find((l) => l.shape.length === 3 && l.name !== "input");
+  // Filters are shown for the convolutions that look at the image itself (3 channels or fewer).
+  const filterNames = result.input.shape[0] <= 3 && first ? [first.name] : [];
+  const { rows, columns } = panelRows(result.layers, state.model.stages, filterNames);
   const root = $("layers");
   root.replaceChildren();
-  for (const stage of STAGES) {
-    const present = stage.layers.filter(([name]) => byName[name]);
-    if (!present.length) continue;
+  root.style.setProperty("--columns", columns);
+  for (const row of rows) {
     const box = document.createElement("div");
-    box.className = "stage";
-    const title = document.createElement("h3");
-    title.textContent = stage.title;
-    const note = document.createElement("p");
-    note.className = "small muted";
-    note.textContent = stage.note;
-    const row = document.createElement("div");
-    row.className = "stage-panels";
-    for (const [name, label] of present) {
-      const layer = byName[name];
+    box.className = "layer-row";
+    for (const item of row.items) {
+      const layer = byName[item.name];
       const panel = document.createElement("figure");
       panel.className = "panel";
-      panel.dataset.layer = name;
       const head = document.createElement("figcaption");
-      head.innerHTML = `<b></b> <span class="shape"></span><span class="desc"></span>`;
-      head.querySelector("b").textContent = label;
-      head.querySelector(".shape").textContent = shapeText(layer.shape);
-      head.querySelector(".desc").textContent = layer.description;
-      panel.append(head);
-      if (name === "logits" || name === "probabilities") {
-        const bars = document.createElement("div");
-        bars.className = "bars";
-        panel.append(bars);
-      } else {
+      head.innerHTML = `<b></b> <span class="shape"></span>`;
+      if (item.kind === "filters") {
+        panel.dataset.filters = item.name;
+        head.querySelector("b").textContent = `${item.name} filters`;
+        head.querySelector(".shape").textContent = `${layer.shape[0]}`;
+        head.title = `The ${layer.shape[0]} filters (learned weights) that make ${item.name}'s maps: click one to see it at work`;
         const canvas = document.createElement("canvas");
-        canvas.className = "pixels" + (layer.shape.length === 3 ? " maps" : " strip");
-        if (layer.shape.length === 3 && stage.stage) {
-          canvas.addEventListener("click", (event) => {
-            const index = mapAt(canvas, event, layer.shape[0]);
-            if (index >= 0) openZoom(stage.stage, index);
+        canvas.className = "pixels maps";
+        canvas.addEventListener("click", (event) => clickFilter(canvas, event, item.name));
+        panel.append(head, canvas);
+      } else {
+        panel.dataset.layer = item.name;
+        head.querySelector("b").textContent = item.name;
+        head.querySelector(".shape").textContent = shapeText(layer.shape);
+        head.title = layer.description;
+        panel.append(head);
+        if (isScores(layer, names)) {
+          const bars = document.createElement("div");
+          bars.className = "bars compact";
+          bars.addEventListener("click", (event) => {
+            const row = event.target.closest(".bar");
+            if (row) openExplain({ layer: item.name, channel: names.indexOf(row.dataset.class), y: 0, x: 0 });
           });
-          canvas.addEventListener("mousemove", (event) => {
-            const index = mapAt(canvas, event, layer.shape[0]);
-            canvas.title = index >= 0 ? `map ${index + 1}: click to enlarge` : "";
-          });
+          panel.append(bars);
+        } else {
+          const wrap = document.createElement("div");
+          wrap.className = "canvas-box";
+          const canvas = document.createElement("canvas");
+          canvas.className = "pixels " + (layer.shape.length === 3 ? "maps" : "strip");
+          const marker = document.createElement("span");
+          marker.className = "marker";
+          marker.hidden = true;
+          wrap.append(canvas, marker);
+          canvas.addEventListener("click", (event) => clickValue(canvas, event, item.name));
+          canvas.addEventListener("mousemove", (event) => hover(canvas, event, item.name));
+          panel.append(wrap);
         }
-        panel.append(canvas);
       }
-      row.append(panel);
+      box.append(panel);
     }
-    box.append(title, note, row);
     root.append(box);
   }
 }
 
+function valueAt(layer, index, y, x) {
+  if (layer.shape.length === 3) {
+    const [, h, w] = layer.shape;
+    return mapValues(layer)[index * h * w + y * w + x];
+  }
+  return layer.values[index];
+}
+
+function targetAt(canvas, event, name) {
+  const layer = state.result?.layers.find((l) => l.name === name);
+  if (!layer) return null;
+  const at = mapAt(canvas, event, layer.shape[0]);
+  if (!at) return null;
+  return layer.shape.length === 3 ? { layer: name, channel: at.index, y: at.y, x: at.x } : { layer: name, channel: at.index, y: 0, x: 0 };
+}
+
+export function describeTarget(target, shape) {
+  if (target.layer === "input") return `input pixel (row ${target.y}, column ${target.x})`;
+  if (shape && shape.length === 1) return `${target.layer} unit ${target.channel}`;
+  return `${target.layer} map ${target.channel}, row ${target.y}, column ${target.x}`;
+}
+
+function hover(canvas, event, name) {
+  const target = targetAt(canvas, event, name);
+  if (!target) {
+    canvas.title = "";
+    return;
+  }
+  const layer = state.result.layers.find((l) => l.name === name);
+  const value = valueAt(layer, target.channel, target.y, target.x);
+  canvas.title = `${describeTarget(target, layer.shape)}: ${value?.toFixed(3)}. Click to see how it was computed.`;
+}
+
+function clickValue(canvas, event, name) {
+  const target = targetAt(canvas, event, name);
+  if (target) openExplain(target);
+}
+
+// A filter: its map's strongest answer (the largest |value|), explained.
+function clickFilter(canvas, event, name) {
+  const layer = state.result?.layers.find((l) => l.name === name);
+  if (!layer) return;
+  const at = mapAt(canvas, event, layer.shape[0]);
+  if (!at) return;
+  const [, h, w] = layer.shape;
+  const values = mapValues(layer);
+  let best = 0;
+  for (let i = 1; i < h * w; i++) if (Math.abs(values[at.index * h * w + i]) > Math.abs(values[at.index * h * w + best])) best = i;
+  openExplain({ layer: name, channel: at.index, y: Math.floor(best / w), x: best % w });
+}
+
 export function drawPanels(result) {
-  const layout = result.layers.map((l) => `${l.name}:${l.shape}`).join(" ");
+  const layout = result.layers.map((l) => `${l.name}:${l.shape}`).join(" ") + JSON.stringify(state.model.stages);
   if (layout !== state.layout) {
-    buildPanels(result.layers);
+    buildPanels(result);
     state.layout = layout;
   }
   const names = state.model.class_names;
   for (const layer of result.layers) {
     const panel = document.querySelector(`.panel[data-layer="${layer.name}"]`);
     if (!panel) continue;
-    if (layer.name === "logits") drawScores(panel.querySelector(".bars"), names, layer.values);
-    else if (layer.name === "probabilities") {
-      drawBars(panel.querySelector(".bars"), Object.fromEntries(names.map((n, i) => [n, layer.values[i]])), result.class_name);
+    if (isScores(layer, names)) {
+      const probabilities = layer.values.every((v) => v >= 0) && Math.abs(layer.values.reduce((a, b) => a + b, 0) - 1) < 1e-3;
+      if (probabilities) drawBars(panel.querySelector(".bars"), Object.fromEntries(names.map((n, i) => [n, layer.values[i]])), result.class_name);
+      else drawScores(panel.querySelector(".bars"), names, layer.values);
     } else if (layer.shape.length === 3) drawMapGrid(panel.querySelector("canvas"), layer);
     else drawStrip(panel.querySelector("canvas"), layer.values);
     panel.dataset.rendered = "1";
   }
+  drawFilterPanels();
+  fitPanels();
+  markTarget();
 }
 
-function figure(caption, canvas, extra) {
-  const box = document.createElement("figure");
-  const text = document.createElement("figcaption");
-  text.textContent = caption;
-  box.append(canvas);
-  if (extra) box.append(extra);
-  box.append(text);
-  return box;
-}
-
-export async function openZoom(stage, index) {
-  const result = state.result;
-  if (!result) return;
-  const byName = Object.fromEntries(result.layers.map((l) => [l.name, l]));
-  const names = stage === 1 ? ["conv1", "relu1", "pool1"] : ["conv2", "relu2", "pool2"];
-  const conv = byName[names[0]];
-  $("zoom-title").textContent = `Convolution ${stage}, map ${index + 1} of ${conv.shape[0]}`;
-  $("zoom-caption").textContent =
-    stage === 1
-      ? `Filter ${index + 1} is a grid of weights the network learned. It slides over the input; at each position the pixels under it are multiplied by its weights and added up, plus a bias. The map is bright (orange) where the image looks like the filter's positive weights, blue where it looks like the opposite.`
-      : `Filter ${index + 1} holds one small grid of weights for each of stage 1's ${byName.pool1?.shape[0] ?? ""} pooled maps. Each grid slides over its map and all the answers are added up, so this map lights up where stage 1's patterns occur together in the right places.`;
-  const body = $("zoom-body");
-  body.replaceChildren(Object.assign(document.createElement("p"), { className: "muted", textContent: "loading the filter…" }));
-  $("zoom").hidden = false;
-  $("zoom-close").focus();
-  const parts = [];
+async function drawFilterPanels() {
+  const panels = document.querySelectorAll(".panel[data-filters]");
+  if (!panels.length) return;
+  const model = state.model;
+  const epoch = state.epoch;
   try {
-    const kernels = (await getFilters(state.model))[names[0]];
-    const [, c, kh, kw] = kernels.shape;
-    const what = c === 1 ? `${kh}×${kw} weights` : c === 3 ? `${kh}×${kw} weights for each of red, green and blue` : `${c} grids of ${kh}×${kw} weights, one per input map`;
-    parts.push(figure(`The filter: ${what}`, drawKernels(kernels, index)));
-  } catch (error) {
-    parts.push(Object.assign(document.createElement("p"), { className: "error", textContent: `could not load the filter (${error.message})` }));
+    const kernels = await getFilters(model, epoch);
+    if (model !== state.model || epoch !== state.epoch) return;
+    for (const panel of panels) {
+      const found = kernels[panel.dataset.filters];
+      if (!found) continue;
+      drawFilterGrid(panel.querySelector("canvas"), found);
+      panel.dataset.rendered = "1";
+      panel.dataset.epoch = String(epoch ?? "");
+    }
+    fitPanels();
+  } catch {
+    for (const panel of panels) panel.querySelector("figcaption").title = "could not load the filters";
   }
-  const captions = ["Its map (before ReLU)", "After ReLU: negatives become 0", "After max-pooling: the largest of each 2×2 block"];
-  // One colour scale for the three maps, so that a value ReLU and pooling keep keeps its colour.
-  const present = names.map((name) => byName[name]).filter(Boolean);
-  const scale = Math.max(...present.map((layer) => {
-    const [, h, w] = layer.shape;
-    return maxAbs(mapValues(layer).subarray(index * h * w, (index + 1) * h * w));
-  }));
-  names.forEach((name, k) => {
-    const layer = byName[name];
-    if (!layer) return;
-    const [, h, w] = layer.shape;
-    const canvas = document.createElement("canvas");
-    canvas.className = "pixels big";
-    canvas.dataset.scale = String(scale);
-    drawOneMap(canvas, mapValues(layer), index * h * w, h, w, scale);
-    parts.push(figure(`${captions[k]}, ${h}×${w}`, canvas));
-  });
-  parts.push(Object.assign(document.createElement("p"), {
-    className: "small muted",
-    textContent: `The three maps share one colour scale: black is 0, the brightest orange ${scale.toFixed(2)}, the brightest blue −${scale.toFixed(2)}.`,
-  }));
-  body.replaceChildren(...parts);
 }
 
-export function closeZoom() {
-  $("zoom").hidden = true;
+// Size every panel's canvas so that, on a wide screen, all rows fit the window below the layers' top:
+// each canvas as wide as its column, or less where the rows would not fit, keeping its proportions.
+export function fitPanels() {
+  const root = $("layers");
+  const canvases = [...root.querySelectorAll(".panel canvas")];
+  if (!canvases.length) return;
+  const rows = [...root.querySelectorAll(".layer-row")];
+  const columns = Number(getComputedStyle(root).getPropertyValue("--columns")) || 3;
+  const gap = 10;
+  const rowWidth = root.clientWidth;
+  const perRow = PHONE.matches ? Math.min(2, columns) : columns;
+  const columnWidth = (rowWidth - gap * (perRow - 1)) / perRow;
+  const natural = (canvas) => [canvas.width || 1, canvas.height || 1];
+  let cap = PHONE.matches ? 220 : 400;
+  if (WIDE.matches) {
+    const top = root.getBoundingClientRect().top + window.scrollY;
+    const available = window.innerHeight - top - 12;
+    const fixed = rows.map((row) => {
+      const captions = Math.max(...[...row.querySelectorAll("figcaption")].map((c) => c.offsetHeight), 0);
+      const bars = Math.max(...[...row.querySelectorAll(".bars")].map((b) => b.offsetHeight), 0);
+      return { captions, bars, row };
+    });
+    const total = (limit) =>
+      fixed.reduce((sum, { captions, bars, row }) => {
+        const heights = [...row.querySelectorAll("canvas")].map((c) => {
+          const [w, h] = natural(c);
+          return Math.min(limit, (columnWidth * h) / w);
+        });
+        return sum + captions + Math.max(bars, ...heights, 0) + gap;
+      }, 0);
+    let lo = 24;
+    let hi = cap;
+    if (total(hi) > available) {
+      for (let i = 0; i < 20; i++) {
+        const mid = (lo + hi) / 2;
+        if (total(mid) > available) hi = mid;
+        else lo = mid;
+      }
+      cap = lo;
+    }
+  }
+  for (const canvas of canvases) {
+    const [w, h] = natural(canvas);
+    const width = Math.min(columnWidth, (cap * w) / h);
+    canvas.style.width = `${Math.floor(width)}px`;
+    canvas.style.height = `${Math.floor((width * h) / w)}px`;
+  }
+  markTarget();
 }
-$("zoom-close").addEventListener("click", closeZoom);
-$("zoom").addEventListener("click", (event) => {
-  if (event.target === $("zoom")) closeZoom();
-});
-document.addEventListener("keydown", (event) => {
-  if (event.key === "Escape") closeZoom();
-});
+
+// Outline the value being explained on its panel.
+export function markTarget() {
+  for (const marker of document.querySelectorAll("#layers .marker")) marker.hidden = true;
+  const target = state.target;
+  if (!target || $("explain").hidden) return;
+  const panel = document.querySelector(`.panel[data-layer="${target.layer}"]`);
+  const canvas = panel?.querySelector("canvas");
+  if (!canvas) return;
+  const box = cellBox(canvas, target.channel, target.y, target.x);
+  const marker = panel.querySelector(".marker");
+  Object.assign(marker.style, {
+    left: `${box.left - 2}px`,
+    top: `${box.top - 2}px`,
+    width: `${Math.max(box.width, 2) + 4}px`,
+    height: `${Math.max(box.height, 2) + 4}px`,
+  });
+  marker.hidden = false;
+}
+
+window.addEventListener("resize", () => fitPanels());
