@@ -368,10 +368,9 @@ def test_export_command_writes_one_file_and_reports_parity(capsys, tmp_path, tin
     assert [p.name for p in out.parent.iterdir()] == ["tiny.onnx"]  # no temporary or external-data file
 
 
-def test_the_readmes_snippet_classifies_with_numpy_pillow_and_onnxruntime_only(tiny_exports):
+def test_the_docs_snippet_classifies_with_numpy_pillow_and_onnxruntime_only(tiny_exports):
     root = Path(__file__).resolve().parent.parent
-    section = (root / "README.md").read_text().split("\n## Export\n", 1)[1].split("\n## ", 1)[0]
-    [snippet] = re.findall(r"```python\n(.*?)```", section, re.S)
+    [snippet] = re.findall(r"```python\n(.*?)```", (root / "docs" / "onnx.md").read_text(), re.S)
     code = [line for line in snippet.splitlines() if line and not line.startswith(("import", "from"))]
     assert code[0].startswith("session = ") and len(code) == 4  # opening the file, then three lines
     blocker = (
