@@ -157,9 +157,19 @@ def test_the_first_line_says_which_network_and_why(cli, tmp_path, photo_folder):
     )
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_resume_2_plus_1_epochs_is_bit_identical_to_3_straight(tmp_path, photo_folder, precision):
-    config = TrainConfig(arch="resnet", epochs=3, seed=5, precision=precision, augment="crop", flip=True)
+@pytest.mark.parametrize(("precision", "optimizer"), [("fp32", "sgd"), ("bf16", "sgd"), ("fp32", "adam")])
+def test_resume_2_plus_1_epochs_is_bit_identical_to_3_straight(tmp_path, photo_folder, precision, optimizer):
+    config = TrainConfig(
+        arch="resnet",
+        epochs=3,
+        seed=5,
+        precision=precision,
+        augment="crop",
+        flip=True,
+        optimizer=optimizer,
+        weight_decay=5e-4,
+        learning_rate=0.1 if optimizer == "sgd" else 1e-3,
+    )
     kwargs = {"architecture": SMALL, "valid_size": 9, **quiet}
     start_run(photo_folder, config, tmp_path / "straight", **kwargs)
     start_run(photo_folder, TrainConfig(**{**config.to_dict(), "epochs": 2}), tmp_path / "resumed", **kwargs)
@@ -168,6 +178,9 @@ def test_resume_2_plus_1_epochs_is_bit_identical_to_3_straight(tmp_path, photo_f
     resumed = load_checkpoint(tmp_path / "resumed").model_state
     assert straight.keys() == resumed.keys()
     assert any(name.endswith("running_mean") for name in straight)  # batch norm's statistics travel too
+    assert not torch.equal(
+        straight["head.3.weight"], load_checkpoint(tmp_path / "resumed", "1").model_state["head.3.weight"]
+    )
     for name in straight:
         assert torch.equal(straight[name], resumed[name]), name
 

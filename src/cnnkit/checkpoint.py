@@ -39,7 +39,11 @@ from cnnkit.record import FORMAT, FORMAT_VERSION, ModelRecord
 MAX_HEADER_BYTES = 16 * 2**20
 logger = logging.getLogger("cnnkit")
 _NAME = re.compile(r"^epoch-(\d+)\.safetensors$")
-_ADAM_KEYS = {"step", "exp_avg", "exp_avg_sq"}
+# The state each optimizer keeps per parameter: a tensor of the parameter's shape, or a scalar ([]).
+_OPTIMIZER_STATE = {
+    "adam": {"exp_avg": "shape", "exp_avg_sq": "shape", "step": []},
+    "sgd": {"momentum_buffer": "shape"},
+}
 
 
 @dataclass
@@ -162,14 +166,18 @@ def load_network(path, which: str | None = None, device="cpu"):
     return model.to(device, memory_format=memory_format(torch.device(device))).eval(), ckpt
 
 
-def load_optimizer_state(weights_path, model: torch.nn.Module, required: bool = True) -> dict | None:
-    """The Adam state saved beside a checkpoint, validated against `model`'s parameters.
+def load_optimizer_state(
+    weights_path, model: torch.nn.Module, required: bool = True, kind: str = "adam"
+) -> dict | None:
+    """The optimizer state (`kind` "adam" or "sgd") saved beside a checkpoint, validated against `model`'s
+    parameters.
 
-    Every parameter needs `step` (a finite count), `exp_avg` and `exp_avg_sq` (float32, the parameter's
-    shape, finite): PyTorch's fused Adam trusts these sizes, so nothing else may reach it. The saved
-    hyperparameters are not used (the recipe sets them). Returns None if the file is absent and not
-    `required`.
+    For Adam every parameter needs `step` (a finite count), `exp_avg` and `exp_avg_sq`; for SGD its
+    `momentum_buffer`: float32, the parameter's shape, finite. PyTorch's fused Adam trusts these sizes,
+    so nothing else may reach it. The saved hyperparameters are not used (the recipe sets them).
+    Returns None if the file is absent and not `required`.
     """
+    keys = _OPTIMIZER_STATE[kind]
     opt_path = optimizer_path(weights_path)
     if not opt_path.exists():
         if not required:
@@ -188,9 +196,8 @@ def load_optimizer_state(weights_path, model: torch.nn.Module, required: bool = 
     params = list(model.parameters())
     expected = {}
     for i, param in enumerate(params):
-        expected[f"state.{i}.exp_avg"] = ("F32", list(param.shape))
-        expected[f"state.{i}.exp_avg_sq"] = ("F32", list(param.shape))
-        expected[f"state.{i}.step"] = ("F32", [])
+        for key, shape in keys.items():
+            expected[f"state.{i}.{key}"] = ("F32", list(param.shape) if shape == "shape" else shape)
     if not saved and all(name.startswith("__") for name in header):
         return None  # saved before the first step: nothing to restore
     if set(saved) != {str(i) for i in range(len(params))}:
@@ -201,11 +208,11 @@ def load_optimizer_state(weights_path, model: torch.nn.Module, required: bool = 
     tensors = _read_tensors(opt_path, header, _format_version(_read_header(Path(weights_path))))
     state = {}
     for i in range(len(params)):
-        entries = {key: tensors[f"state.{i}.{key}"] for key in _ADAM_KEYS}
-        step = float(entries["step"])
+        entries = {key: tensors[f"state.{i}.{key}"] for key in keys}
+        step = float(entries.get("step", 0))
         if not (step >= 0 and step == int(step) and step < 2**53):
             raise CheckpointError(f"{opt_path}: optimizer step count {step} of parameter {i} is not a count")
-        if not all(torch.isfinite(entries[k]).all() for k in ("exp_avg", "exp_avg_sq")):
+        if not all(torch.isfinite(entries[k]).all() for k, shape in keys.items() if shape == "shape"):
             raise CheckpointError(f"{opt_path}: optimizer moments of parameter {i} are not finite (corrupt?)")
         state[i] = entries
     return {"state": state}

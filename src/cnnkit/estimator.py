@@ -28,6 +28,8 @@ _DEPRECATED = "deprecated"  # random_seed's default: the old name was not given
 # precision also takes "auto").
 CONFIG_PARAMS = (
     "arch",
+    "optimizer",
+    "weight_decay",
     "batch_size",
     "learning_rate",
     "dropout_rate",
@@ -60,7 +62,8 @@ class ConvNN(ClassifierMixin, BaseEstimator):
     which the fitted model keeps (`standardization_`).
 
     All parameters are keyword-only, as scikit-learn's. Training: batch_size, epochs, learning_rate (the
-    peak of a "one-cycle" lr_schedule), dropout_rate, shuffle, label_smoothing, and patience (stop after
+    peak of a "one-cycle" lr_schedule), optimizer ("adam" or "sgd") and weight_decay, dropout_rate, shuffle,
+    label_smoothing, and patience (stop after
     that many epochs without a lower loss on `validation_data`, or on the last `validation_fraction` of
     the training images when fit gets no validation_data; 0 never stops early; patience with neither is
     a UserWarning) - the chapter's values by default, `cnnkit train`'s
@@ -108,6 +111,8 @@ class ConvNN(ClassifierMixin, BaseEstimator):
         flip=False,
         pad=4,
         arch="auto",
+        optimizer="adam",
+        weight_decay=0.0,
         conv_channels=(32, 64),
         kernel_size=5,
         hidden_units=1024,
@@ -137,6 +142,8 @@ class ConvNN(ClassifierMixin, BaseEstimator):
         self.flip = flip
         self.pad = pad
         self.arch = arch
+        self.optimizer = optimizer
+        self.weight_decay = weight_decay
         self.conv_channels = conv_channels
         self.kernel_size = kernel_size
         self.hidden_units = hidden_units
@@ -262,8 +269,10 @@ class ConvNN(ClassifierMixin, BaseEstimator):
         dev = resolve_device(device)
         est.model_ = build_model(arch, record.build).to(dev, memory_format=memory_format(dev))
         est.model_.load_state_dict(ckpt.model_state)
-        est.optimizer_ = make_optimizer(est.model_, est.learning_rate)
-        restore_optimizer(est.optimizer_, load_optimizer_state(ckpt.path, est.model_, required=False))
+        est.optimizer_ = make_optimizer(est.model_, est.learning_rate, est.optimizer, est.weight_decay)
+        restore_optimizer(
+            est.optimizer_, load_optimizer_state(ckpt.path, est.model_, required=False, kind=est.optimizer)
+        )
         est.classes_ = np.asarray(record.classes if record.classes is not None else record.class_names)
         est.input_shape_ = arch.input_shape
         est.n_features_in_ = math.prod(est.input_shape_)
@@ -377,7 +386,7 @@ class ConvNN(ClassifierMixin, BaseEstimator):
         self.model_ = build_model(arch, self.build, seed=self.seed_).to(
             device, memory_format=memory_format(device)
         )
-        self.optimizer_ = make_optimizer(self.model_, self.learning_rate)
+        self.optimizer_ = make_optimizer(self.model_, self.learning_rate, self.optimizer, self.weight_decay)
         self.history_ = []
 
     def _labels(self, y) -> np.ndarray:

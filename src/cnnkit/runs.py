@@ -211,7 +211,7 @@ def start_run(
         note = distributed.batch_norm_note(model, device)
         if note:
             log(note)
-        optimizer = make_optimizer(model, config.learning_rate)
+        optimizer = make_optimizer(model, config.learning_rate, config.optimizer, config.weight_decay)
         return _run(model, optimizer, record, run_dir, dataset, log, show_progress)
 
 
@@ -282,8 +282,8 @@ def resume_run(
         model = build_model(record.architecture, record.build)
         model.load_state_dict(ckpt.model_state)
         model = model.to(device, memory_format=memory_format(device))
-        optimizer = make_optimizer(model, config.learning_rate)
-        restore_optimizer(optimizer, load_optimizer_state(ckpt.path, model))
+        optimizer = make_optimizer(model, config.learning_rate, config.optimizer, config.weight_decay)
+        restore_optimizer(optimizer, load_optimizer_state(ckpt.path, model, kind=record.config.optimizer))
         record = record.replace(
             config=config, dataset=source, test_files=record.test_files if same else data.test_files
         )

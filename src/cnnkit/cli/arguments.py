@@ -131,6 +131,8 @@ TRAIN_SETTINGS = (
     "epochs",
     "batch_size",
     "learning_rate",
+    "optimizer",
+    "weight_decay",
     "dropout_rate",
     "augment",
     "rotate",

@@ -48,8 +48,8 @@ def add_train(commands):
         default=None,
         help="chapter (default for grayscale images): the chapter's schedule (the defaults below); photos "
         "(default for color images, with --arch resnet): random crops padded by 4 px and left-right flips, "
-        "batch 128, one-cycle lr 2e-3, label smoothing 0.1, no dropout, about 1,200,000 training images in "
-        "all (24 to 120 epochs); fast: batch 256, one-cycle lr "
+        "batch 128, SGD with Nesterov momentum and weight decay 5e-4, one-cycle lr 0.4, label smoothing 0.1, "
+        "no dropout, about 1,200,000 training images in all (24 to 120 epochs); fast: batch 256, one-cycle lr "
         "4e-3, dropout 0.3, label smoothing 0.1, 7 epochs, min(2,000, 10%%) validation images; accurate: "
         "one-cycle lr 1e-3, label smoothing 0.1, --augment affine for digits (--flip instead for objects and photos), "
         "about 240,000 training images in all (30 to 60 epochs), min(2,000, 10%%) validation images "
@@ -60,6 +60,8 @@ def add_train(commands):
         "epochs",
         "batch_size",
         "learning_rate",
+        "optimizer",
+        "weight_decay",
         "dropout_rate",
         "augment",
         "rotate",
