@@ -501,8 +501,14 @@ def runnable(path) -> list[Block]:
 RUNNABLE = [path for path in DOCS if runnable(path)]
 
 
+# The README's examples run in CI (the slow suite); each docs page's take minutes more (`pytest -m docs`),
+# and CI checks their commands against the parser instead (above).
 @pytest.mark.slow
-@pytest.mark.parametrize("path", RUNNABLE, ids=[str(path.relative_to(ROOT)) for path in RUNNABLE])
+@pytest.mark.parametrize(
+    "path",
+    [pytest.param(path, marks=[] if path.name == "README.md" else [pytest.mark.docs]) for path in RUNNABLE],
+    ids=[str(path.relative_to(ROOT)) for path in RUNNABLE],
+)
 def test_every_block_runs_in_order(path, tmp_path, quickstart_run):
     folder = make_sandbox(tmp_path / "sandbox")
     shutil.copytree(quickstart_run, folder / "runs" / "quickstart", ignore=shutil.ignore_patterns(".lock"))
