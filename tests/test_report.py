@@ -283,3 +283,11 @@ def test_the_page_fits_a_phone_and_shows_figures_at_a_readable_size(report):
     assert phone["page"] <= 390 and phone["numbers"] <= 390 and phone["table"] <= 390
     assert max(phone["boxes"]) <= 390 and phone["images"] == pytest.approx(widths, abs=3)
     assert desktop["page"] <= 1280 and max(desktop["images"]) <= 1260 and desktop["scrolling"] == 0
+
+
+def test_each_mistake_links_to_the_page_at_the_reports_epoch(report):
+    _, folder, numbers = report
+    page = (folder / "index.html").read_text()
+    for m in numbers["mistakes"]:  # the page's URL format: ?test=INDEX&epoch=N (docs/serve-page.md)
+        assert f'href="http://127.0.0.1:8000/?test={m["index"]}&amp;epoch={numbers["epoch"]}"' in page
+    assert ("cnnkit serve" in page) == bool(numbers["mistakes"])

@@ -366,6 +366,8 @@ def _page(run, report: dict, split: str) -> str:
                         'pixels)<span class="phone">; on a phone the picture scrolls sideways</span>.'
                         "</figcaption></figure>"
                     )
+            if prefix == "mistakes":
+                parts.append(_mistake_links(run, report, split))
         if heading == "The network":
             parts.append(_layers_table(report))
     parts.append(
@@ -376,6 +378,27 @@ def _page(run, report: dict, split: str) -> str:
     )
     parts.append("</body></html>\n")
     return "\n".join(parts)
+
+
+# Where `cnnkit serve RUN` answers by default; its page opens an image of the run's data from the URL
+# (?test=INDEX, ?valid=INDEX or ?train=INDEX, and &epoch=N; see docs/serve-page.md).
+SERVE_ADDRESS = "http://127.0.0.1:8000"
+
+
+def _mistake_links(run, report: dict, split: str) -> str:
+    """Each mistake as a link into the web page, which shows it layer by layer at this epoch."""
+    if split not in ("test", "valid", "train") or not report["mistakes"]:
+        return ""
+    e = html.escape
+    links = ", ".join(
+        f'<a href="{SERVE_ADDRESS}/?{split}={m["index"]}&amp;epoch={report["epoch"]}">{split} image '
+        f"{m['index']:,}</a> ({e(m['true'])} read as {e(m['predicted'])})"
+        for m in report["mistakes"]
+    )
+    return (
+        f'<p class="meta">Layer by layer in the web page, with <code>cnnkit serve {e(str(run))}</code> '
+        f"running at its default address: {links}.</p>"
+    )
 
 
 def _layers_table(report: dict) -> str:

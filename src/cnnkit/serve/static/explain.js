@@ -6,7 +6,7 @@
 import { postExplain } from "./api.js";
 import { mapValues, maxAbs } from "./arrays.js";
 import { colour } from "./colours.js";
-import { cellBox, drawOneMap } from "./maps.js";
+import { cellBox, drawInput, drawOneMap } from "./maps.js";
 import { describeTarget, markTarget } from "./panels.js";
 import { $, state } from "./state.js";
 
@@ -92,16 +92,7 @@ function mapFigure(layerName, channel, caption, outline, onPick) {
   const box = el("div", "canvas-box");
   const canvas = el("canvas", "pixels big");
   if (layerName === "input") {
-    const [c, h, w] = state.result.input.shape;
-    const q = Uint8Array.from(atob(state.result.input.data), (ch) => ch.charCodeAt(0));
-    canvas.width = w;
-    canvas.height = h;
-    const image = new ImageData(w, h);
-    for (let i = 0; i < h * w; i++) {
-      for (let k = 0; k < 3; k++) image.data[i * 4 + k] = q[(c === 3 ? k : 0) * h * w + i];
-      image.data[i * 4 + 3] = 255;
-    }
-    canvas.getContext("2d").putImageData(image, 0, 0);
+    drawInput(canvas, state.result.input);
   } else if (layer?.shape.length === 3) {
     const [, h, w] = layer.shape;
     drawOneMap(canvas, mapValues(layer), channel * h * w, h, w);
