@@ -93,7 +93,10 @@ def test_report_json_holds_the_numbers_behind_the_figures(report):
 
 def test_page_opens_from_disk_with_no_network(report):
     _, folder, numbers = report
-    page = (folder / "index.html").read_text()
+    # the one address named: the links that open a mistake in `cnnkit serve`'s page (nothing is fetched)
+    page = re.sub(
+        r'href="http://127\.0\.0\.1:8000/\?test=\d+&amp;epoch=\d+"', "", (folder / "index.html").read_text()
+    )
     assert "http://" not in page and "https://" not in page and "//" not in page.replace("<!--", "")
     linked = re.findall(r'(?:src|href)="([^"]+)"', page)
     assert set(linked) == {f["file"] for f in numbers["figures"]} | {"report.json"}

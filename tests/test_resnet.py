@@ -261,3 +261,37 @@ def test_convnn_takes_the_resnet(tmp_path):
         X[:, :1], y
     )
     assert not isinstance(gray.model_, ResNet)  # auto: the chapter's network for gray images
+
+
+@pytest.mark.slow
+def test_two_processes_train_the_resnet_and_say_how_batch_norm_works(cli, tmp_path, photo_folder):
+    run = tmp_path / "run"
+    result = cli(
+        "train",
+        "--dataset",
+        photo_folder,
+        "--arch",
+        "resnet",
+        "--epochs",
+        1,
+        "--batch-size",
+        16,
+        "--out",
+        run,
+        "--nproc-per-node",
+        2,
+    )
+    assert result.code == 0, result.err[-3000:]
+    assert "batch norm: each of the 2 ranks normalizes by its own share of the batch" in result.out
+    state = load_checkpoint(run).model_state
+    assert state["prep.1.num_batches_tracked"].item() > 0  # rank 0's running statistics were saved
+    assert cli("evaluate", str(run)).code == 0
+
+
+def test_the_report_draws_every_stage_of_the_resnet(resnet_run, tmp_path):
+    from cnnkit.viz.report import write_report
+
+    folder = write_report(resnet_run, tmp_path / "report", precision="fp32")
+    numbers = json.loads((folder / "report.json").read_text())
+    assert any("residual block" in layer["layer"] for layer in numbers["layers"])
+    assert {"feature_maps_1.png", "filters.png", "network.png"} <= {f["file"] for f in numbers["figures"]}

@@ -40,7 +40,15 @@ MAX_ONNX_BYTES = 2**31  # protobuf's own limit for one file
 OPERATORS = frozenset(
     {
         *("Sub", "Div"),  # the standardization
-        *("Conv", "Relu", "MaxPool", "Transpose", "Reshape", "Gemm", "Softmax"),  # the network, either build
+        *(
+            "Conv",
+            "Relu",
+            "MaxPool",
+            "Reshape",
+            "Gemm",
+            "Softmax",
+        ),  # the network (exported as the layer build)
+        "Transpose",  # written by exports of the low-level build before export took the layer build of it
         *(
             "Add",
             "ReduceMean",
