@@ -118,6 +118,23 @@ def test_int8_is_static_qdq_per_channel_calibrated_on_training_images(tiny_expor
     assert 0.9 <= result.agreement <= 1.0 and result.agreement_images == 200
 
 
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_each_pooling_reads_its_convolution_and_relu_follows_it(tiny_exports, precision):
+    # The same values either way; pooled first, onnxruntime's int8 graph stays int8 through the pooling.
+    graph = onnx.load(str(tiny_exports[precision].path)).graph
+    producer = {out: node for node in graph.node for out in node.output}
+
+    def source(name):  # the float op behind a tensor, through any quantize/dequantize pair
+        node = producer[name]
+        return source(node.input[0]) if node.op_type in ("QuantizeLinear", "DequantizeLinear") else node
+
+    pools = [node for node in graph.node if node.op_type == "MaxPool"]
+    assert len(pools) == 2
+    assert [source(pool.input[0]).op_type for pool in pools] == ["Conv", "Conv"]
+    relus = [node for node in graph.node if node.op_type == "Relu"]
+    assert sorted(source(relu.input[0]).op_type for relu in relus) == ["Gemm", "MaxPool", "MaxPool"]
+
+
 def test_metadata_is_derived_from_the_record_and_round_trips(tiny_run, tiny_exports):
     result = tiny_exports["fp32"]
     _, ckpt = load_network(tiny_run)

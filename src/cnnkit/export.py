@@ -11,6 +11,7 @@ dataset, the images that `cnnkit evaluate --precision int8` calibrates on too.
 """
 
 import contextlib
+import copy
 import logging
 import tempfile
 import warnings
@@ -113,7 +114,7 @@ def export_onnx(
     model, ckpt = load_network(checkpoint, which)
     _check_finite(model, ckpt.path)
     record = ckpt.record
-    graph = Deployable(reference_network(model), record.standardization).eval()
+    graph = Deployable(_pool_before_relu(reference_network(model)), record.standardization).eval()
     if precision == "int8":
         source = resolve_source(dataset) if dataset else record.dataset
         if source is None:
@@ -205,6 +206,21 @@ def _torch_export(graph: nn.Module, input_shape, path: Path):
             dynamic_shapes=({0: torch.export.Dim("batch")},),
         )
         program.save(str(path), external_data=False)
+
+
+def _pool_before_relu(network: nn.Module) -> nn.Module:
+    """A copy of `network` in which each ReLU followed by a max-pool in an nn.Sequential runs after it: the
+    same values (max and ReLU commute), and it lets onnxruntime keep int8 from a quantized convolution
+    through the pooling. With ReLU first, its int8 graph converted the first convolution's whole output
+    back to float: 1,000 images on 2 cores of a Xeon with AMX, 16,500 images/s int8 against 24,300
+    fp32; pooled first, 26,800 against 23,600 (fp32 unchanged within noise)."""
+    network = copy.deepcopy(network)
+    for sequential in network.modules():
+        if isinstance(sequential, nn.Sequential):
+            for i in range(len(sequential) - 1):
+                if type(sequential[i]) is nn.ReLU and type(sequential[i + 1]) is nn.MaxPool2d:
+                    sequential[i], sequential[i + 1] = sequential[i + 1], sequential[i]
+    return network
 
 
 def _quantize_int8(fp32_path: Path, int8_path: Path, images: np.ndarray, tmp: Path):
