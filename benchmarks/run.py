@@ -21,6 +21,11 @@ Measurements (on Fashion-MNIST, Debian's dataset-fashion-mnist):
               Repeat r uses seed 123 + r on both sides (the peer through a copy of its script with
               its seed replaced)
 
+It first prints the CPU model, its instruction sets and the path the defaults take (precision and
+kernels, and why). To emulate a CPU without AVX512-BF16 on one that has it, cap oneDNN and cnnkit's
+kernels for both sides: `CNNKIT_MAX_ISA=avx512 ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI python3
+benchmarks/run.py ...`; the caps in force are printed and recorded with the figures.
+
 Prints one JSON object per measurement (also appended to --out if given), then a summary table.
 """
 
@@ -41,7 +46,7 @@ import torch
 
 from cnnkit.checkpoint import load_network, save_checkpoint
 from cnnkit.data import Standardization, load_dataset, minibatch_indices
-from cnnkit.device import describe_machine, machine_line, memory_format, resolve_precision
+from cnnkit.device import describe_machine, describe_path, machine_line, memory_format, resolve_precision
 from cnnkit.errors import CnnkitError
 from cnnkit.inference import predict_logits
 from cnnkit.kernels import pooling
@@ -54,7 +59,12 @@ from cnnkit.training import make_optimizer, train_epoch
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_PEER = HERE.parent.parent / "shared" / "peers" / "seed_tf1.py"
-WARMUP_STEPS = 20  # as the peer's --throughput mode
+WARMUP_STEPS = 20
+ISA_CAPS = (
+    "CNNKIT_MAX_ISA",
+    "ONEDNN_MAX_CPU_ISA",
+    "MKL_ENABLE_INSTRUCTIONS",
+)  # as the peer's --throughput mode
 
 
 def main(argv=None):
@@ -74,7 +84,15 @@ def main(argv=None):
         sys.exit(f"benchmarks/run.py: --peer-script {args.peer_script} does not exist")
 
     report = Reporter(args.out)
-    report.emit(machine())
+    about = machine()
+    report.emit(about)
+    caps = " ".join(f"{name}={value}" for name, value in about["isa_caps"].items())
+    print(
+        f"# machine: {report.machine}\n# default path: {about['default_path']}"
+        + (f"\n# emulating a lesser CPU: {caps} (the peer runs under the same caps)" if caps else ""),
+        file=sys.stderr,
+        flush=True,
+    )
     dataset = load_dataset("fashion-mnist").split_validation()
     standardization = Standardization.fit(dataset.train.images)
     if "train" in only:
@@ -295,9 +313,13 @@ def seeded_peer_script(peer_script, seed: int, folder: Path) -> str:
 
 
 def machine() -> dict:
+    cpu = torch.device("cpu")
     return {
         "measure": "machine",
         **describe_machine(),
+        "default_path": describe_path("auto", resolve_precision("auto", cpu), cpu),
+        # set to emulate a lesser CPU (oneDNN's, MKL's and cnnkit's own caps), so its figures say so
+        "isa_caps": {name: os.environ[name] for name in ISA_CAPS if os.environ.get(name)},
         "torch_threads": torch.get_num_threads(),
         "pooling_kernels": pooling.kernel_name(),
         "python": platform.python_version(),
@@ -354,7 +376,8 @@ class Reporter:
             self.emit(record)
 
     def summary(self):
-        print(f"\nmachine: {machine_line()}", file=sys.stderr)
+        print(f"\nmachine: {self.machine}", file=sys.stderr)
+        print(f"default path: {self.rows[0]['default_path']}", file=sys.stderr)
         print("measure                     who                          median     vs peer", file=sys.stderr)
         for row in self.rows:
             if "median" in row and not isinstance(row["median"], dict):
