@@ -4,7 +4,8 @@
 
 The step is the production one (cnnkit.training.train_epoch: the chapter's network, batch 64, Adam,
 dropout 0.5, channels_last, random 28x28 images). "before" puts back what the fast path replaced:
-oneDNN's first convolution and PyTorch's max_pool2d followed by ReLU, Adam through Optimizer.step on float32 weights that autocast
+oneDNN's first convolution (and in fp32 its second, which the fast path runs as a Winograd convolution),
+PyTorch's max_pool2d followed by ReLU, Adam through Optimizer.step on float32 weights that autocast
 casts to bf16 at every step (no bf16 copies with master weights), fp32 products in MKL, and glibc's
 default allocator thresholds; "after" is cnnkit as it is. For each, the step is timed without the
 profiler (the median of --repeats processes timing --steps steps), then profiled, and the profiled
@@ -26,13 +27,14 @@ import torch
 
 from cnnkit import device as cnnkit_device
 from cnnkit.device import machine_line, memory_format
-from cnnkit.kernels import conv_pool, master_weights, pooling
+from cnnkit.kernels import conv_pool, master_weights, pooling, winograd
 from cnnkit.model import Architecture, build_model
 from cnnkit.training import make_optimizer, train_epoch
 
 BATCH = 64
 CONVOLUTIONS = {"aten::mkldnn_convolution", "aten::convolution_backward"}
 PRODUCTS = {"aten::mm", "aten::addmm"}
+WINOGRAD = {"_Winograd", "_WinogradBackward", "aten::bmm"}  # its transforms (C++) and its products
 PARTS = {  # the rest, named: self time of these ops (and the fused pooling's own record)
     "pooling and ReLU": {
         "aten::max_pool2d_with_indices",
@@ -113,8 +115,10 @@ class Setup:
             training.FusedAdam,
             training.keep_freed_memory,
             master_weights._kernels_for,
+            winograd.fuses,
         )
         conv_pool.fuses = lambda *args: False  # oneDNN's first convolution, then the fused pooling
+        winograd.fuses = lambda *args: False  # oneDNN's second convolution in fp32 too
         cnnkit_device.cpu_has_amx = lambda: True  # keeps fp32 products in MKL
         training.FusedAdam = lambda params, lr: torch.optim.Adam(params, lr=lr, fused=True)
         training.keep_freed_memory = lambda: None
@@ -128,6 +132,7 @@ class Setup:
                 training.FusedAdam,
                 training.keep_freed_memory,
                 master_weights._kernels_for,
+                winograd.fuses,
             ) = saved
 
     def timed(self, steps: int) -> float:
@@ -182,11 +187,13 @@ class Setup:
         total = sum(own.values())
         convolutions = sum(own.get(name, 0.0) for name in CONVOLUTIONS)
         products = sum(own.get(name, 0.0) for name in PRODUCTS)
+        second = sum(own.get(name, 0.0) for name in WINOGRAD)
         row = {
             "step (profiled)": total,
             "convolutions, oneDNN": convolutions,
+            "second convolution, Winograd (fp32 after)": second,
             "dense products, oneDNN (fp32 before: MKL)": products,
-            "everything else": total - convolutions - products,
+            "everything else": total - convolutions - second - products,
         }
         for part, names in PARTS.items():
             row[f"... of which {part}"] = sum(own.get(name, 0.0) for name in names)

@@ -1,6 +1,6 @@
 """cnnkit's fast CPU path, optional as a whole: C++ kernels built at first use (`extension`), the layers
-made of them (`pooling.MaxPoolReLU`, `conv_pool.Conv2dReLUPool`), and bf16 training with float32 master
-weights (`master_weights`).
+made of them (`pooling.MaxPoolReLU`, `conv_pool.Conv2dReLUPool`, `winograd.WinogradConv2d`: the second
+convolution in float32), and bf16 training with float32 master weights (`master_weights`).
 
 `fuse(model)` is the one switch: it swaps the fused layers into a network built of PyTorch's modules,
 sharing its parameters, so that printing the model shows what runs and its state_dict does not change.
@@ -12,15 +12,18 @@ from torch import nn
 
 from cnnkit.kernels.conv_pool import Conv2dReLUPool
 from cnnkit.kernels.pooling import MaxPoolReLU
+from cnnkit.kernels.winograd import WinogradConv2d
 
-__all__ = ["Conv2dReLUPool", "MaxPoolReLU", "fuse"]
+__all__ = ["Conv2dReLUPool", "MaxPoolReLU", "WinogradConv2d", "fuse"]
 
 
 def fuse(model: nn.Module) -> nn.Module:
     """Replace, in place, in every nn.Sequential of `model`, each (Conv2d, ReLU, 2x2 max-pool) run whose
     convolution the fused layer can compute (one input channel, stride 1, no padding, a bias, a square
     kernel) with one Conv2dReLUPool, and each remaining (ReLU, 2x2
-    max-pool) pair with MaxPoolReLU; the replaced positions become nn.Identity, so the parameters and
+    max-pool) pair with MaxPoolReLU, and each other convolution Winograd's can compute (5x5, stride 1, no
+    padding, a bias, channels and filters in multiples of 16) with WinogradConv2d, which runs only in
+    float32 outside autocast; the replaced positions become nn.Identity, so the parameters and
     their names stay as they were. Returns `model`."""
     for module in list(model.modules()):
         if isinstance(module, nn.Sequential):
@@ -39,8 +42,26 @@ def _fuse_sequence(sequential: nn.Sequential):
             sequential[i] = Conv2dReLUPool.from_conv(modules[i])
             sequential[i + 1], sequential[i + 2] = nn.Identity(), nn.Identity()
             i += 3
+        elif _is_winograd_conv(modules[i]):
+            sequential[i] = WinogradConv2d.from_conv(modules[i])
+            i += 1
         else:
             i += 1
+
+
+def _is_winograd_conv(conv) -> bool:
+    return (
+        type(conv) is nn.Conv2d
+        and conv.kernel_size == (5, 5)
+        and conv.in_channels % 16 == 0
+        and conv.out_channels % 16 == 0
+        and conv.bias is not None
+        and conv.stride == (1, 1)
+        and conv.padding == (0, 0)
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+        and conv.padding_mode == "zeros"
+    )
 
 
 def _is_relu(modules, i) -> bool:

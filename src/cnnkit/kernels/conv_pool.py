@@ -23,7 +23,8 @@ weight's dtype at the end: deterministic.
 
 Under CPU autocast the inputs are cast as autocast casts them for conv2d (float32 to the autocast dtype;
 autograd brings the gradients back to float32 through the casts). Float32 and bfloat16 CPU tensors take
-the C++ path; everything else is computed by PyTorch's convolution and cnnkit.pooling's pooling, which
+the C++ path; everything else is computed by PyTorch's convolution (cnnkit.kernels.winograd's for float32
+5x5 filters on 16, 32, ... channels: the chapter's second layer) and cnnkit.pooling's pooling, which
 gives the composition's bits: the kernels not built (see
 cnnkit.extension) or built for their portable code (slower than oneDNN: FASTER_THAN_ONEDNN), images that
 require a gradient, more than one input channel, a non-square filter, no bias, dtypes that differ,
@@ -32,10 +33,10 @@ subclasses. Double backward is not supported.
 """
 
 import torch
-import torch.nn.functional as F
 
 from cnnkit.kernels import extension
-from cnnkit.kernels.pooling import _fusable, max_pool_relu
+from cnnkit.kernels.pooling import _fusable, _plain_vector, max_pool_relu
+from cnnkit.kernels.winograd import winograd_conv2d
 
 __all__ = ["Conv2dReLUPool", "conv_pool_relu", "fuses"]
 
@@ -95,8 +96,9 @@ class _ConvPoolReLU(torch.autograd.Function):
 
 
 def _composition(x, weight, bias):
-    """PyTorch's convolution, then cnnkit.pooling's fused pooling and ReLU (the bits of PyTorch's own)."""
-    return max_pool_relu(F.conv2d(x, weight, bias))
+    """The convolution (PyTorch's, or for float32 5x5 filters on many channels cnnkit.kernels.winograd's),
+    then cnnkit.pooling's fused pooling and ReLU (the bits of PyTorch's own)."""
+    return max_pool_relu(winograd_conv2d(x, weight, bias))
 
 
 def fuses(x, weight, bias) -> bool:
@@ -114,16 +116,6 @@ def fuses(x, weight, bias) -> bool:
         and bias.shape[0] == channels
         and min(x.shape[2:]) >= k
         and not (torch.is_grad_enabled() and x.requires_grad)  # no gradient for the images
-    )
-
-
-def _plain_vector(bias) -> bool:
-    return (
-        type(bias) in (torch.Tensor, torch.nn.Parameter)
-        and bias.dim() == 1
-        and bias.dtype in _DTYPES
-        and bias.device.type == "cpu"
-        and bias.layout == torch.strided
     )
 
 

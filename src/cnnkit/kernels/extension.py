@@ -2,7 +2,8 @@
 
 `load()` returns the compiled module, whose submodules are the kernels (`pool_relu`: fused max pooling
 and ReLU, used by cnnkit.pooling; `conv_pool`: the first layer, convolution to ReLU, for one-channel
-images, used by cnnkit.conv_pool; `adam`: Adam on float32 master weights with bfloat16 weights, used by
+images, used by cnnkit.conv_pool; `winograd`: the transforms of the second convolution's Winograd form,
+used by cnnkit.kernels.winograd; `adam`: Adam on float32 master weights with bfloat16 weights, used by
 cnnkit.master_weights), or None where they cannot be built or CNNKIT_MAX_ISA=pytorch asks for none. Then
 each user falls back on PyTorch's own ops, which compute the same bits (the first layer: the same
 sums in another order), more slowly, and one warning line on the "cnnkit" logger says so.

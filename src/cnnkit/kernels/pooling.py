@@ -95,6 +95,16 @@ def _fusable(x: torch.Tensor) -> bool:
     )
 
 
+def _plain_vector(bias) -> bool:
+    return (
+        type(bias) in (torch.Tensor, torch.nn.Parameter)
+        and bias.dim() == 1
+        and bias.dtype in (torch.float32, torch.bfloat16)
+        and bias.device.type == "cpu"
+        and bias.layout == torch.strided
+    )
+
+
 def _transform_active() -> bool:
     """Whether a functorch transform (torch.func.grad, vmap) or forward-mode AD is running: then PyTorch's
     own ops compute, since an autograd.Function of C++ kernels has no rules for them. PyTorch has no

@@ -1,0 +1,179 @@
+"""The chapter's second convolution (5x5 filters, stride 1, no padding) in float32 on the CPU as a Winograd
+convolution F(4x4, 5x5): about a sixth of the multiplications of the direct convolution.
+
+Each 8x8 tile of the input (tiles 4 apart, so they overlap by 4) is transformed, V = B^T d B; each filter
+too, U = G g G^T (8x8); the transformed tiles and filters are multiplied position by position and summed
+over the input channels, M = sum_c U * V (for each of the 64 positions, one matrix product over tiles x
+channels x filters: torch.bmm); and each tile's 4x4 block of output comes back as A^T M A, plus the bias.
+For the chapter's (64, 32, 12, 12) batch and 64 filters that is 34 million multiply-adds in the products
+against 210 million for the direct convolution; the backward pass is the transpose of each step (two
+more products, for the weights and the images). The transforms (csrc/winograd.cpp) move and combine the
+numbers; the matrices are built here, exactly, from the interpolation points 0, 1, -1, 2, -2, 1/2,
+-1/2 and infinity.
+
+The arithmetic is fixed for a given number of threads, as oneDNN's is, but not the direct convolution's:
+the transforms add and subtract multiples of the inputs before they are multiplied, so the rounding
+errors are larger. Measured against float64 on random activations and filters of the chapter's scale:
+outputs within 6e-6 of the largest output (oneDNN's convolution: 9e-7), gradients within 5e-6 for the
+images and 1.1e-5 for the filters (oneDNN: 5e-7 and 1.1e-6), well below what bfloat16 training rounds
+away (4e-3). The 20-epoch Fashion-MNIST accuracy is in docs/performance.md.
+
+`winograd_conv2d(x, weight, bias)` computes `F.conv2d(x, weight, bias)` this way where `fuses` says it
+can: float32 CPU tensors outside autocast (bf16 goes to oneDNN, whose bf16 kernels are faster), C++
+kernels built at a level listed in FASTER_THAN_ONEDNN, 5x5 filters, a bias; not under tracing,
+torch.compile, export and the like (cnnkit.kernels.pooling._fusable). Elsewhere the module's own
+convolution runs, so exports and int8 see a plain convolution.
+"""
+
+from fractions import Fraction
+
+import torch
+import torch.nn.functional as F
+
+from cnnkit.kernels import extension
+from cnnkit.kernels.pooling import _fusable, _plain_vector
+
+__all__ = ["WinogradConv2d", "fuses", "winograd_conv2d"]
+
+TILE, OUT, KERNEL = 8, 4, 5
+LANES = 16  # channels and filters in multiples of 16 (the kernels work in whole vectors)
+POINTS = (0, 1, -1, 2, -2, Fraction(1, 2), Fraction(-1, 2))  # and infinity
+
+
+def matrices() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(A^T 4x8, G 8x5, B^T 8x8) of F(4, 5), exact in rationals and rounded once to float32 (Toom-Cook:
+    A^T and G from the points; B^T the one matrix for which A^T [(G g) * (B^T d)] is the correlation of
+    d with g, found by solving that identity's linear equations)."""
+    n = OUT + KERNEL - 1
+    a_t = [[Fraction(p) ** i for p in POINTS] + [Fraction(int(i == OUT - 1))] for i in range(OUT)]
+    g = []
+    for j, p in enumerate(POINTS):
+        norm = Fraction(1)
+        for q in POINTS[:j] + POINTS[j + 1 :]:
+            norm *= Fraction(p) - Fraction(q)
+        g.append([Fraction(p) ** k / norm for k in range(KERNEL)])
+    g.append([Fraction(int(k == KERNEL - 1)) for k in range(KERNEL)])
+    # B^T column by column: for each column c, sum_j A^T[i][j] G[j][k] B^T[j][c] = [c == i + k] for all (i, k).
+    equations = [[a_t[i][j] * g[j][k] for j in range(n)] for i in range(OUT) for k in range(KERNEL)]
+    columns = [
+        _solve(equations, [Fraction(int(c == i + k)) for i in range(OUT) for k in range(KERNEL)])
+        for c in range(n)
+    ]
+    b_t = [[columns[c][j] for c in range(n)] for j in range(n)]
+    return _float32(a_t), _float32(g), _float32(b_t)
+
+
+def _float32(matrix) -> torch.Tensor:
+    return torch.tensor([[float(v) for v in row] for row in matrix], dtype=torch.float32)
+
+
+def _solve(equations, values):
+    """The exact solution of a consistent linear system (more equations than unknowns), through its
+    normal equations, by Gauss-Jordan elimination in rationals."""
+    n = len(equations[0])
+    a = [[sum(e[i] * e[j] for e in equations) for j in range(n)] for i in range(n)]
+    b = [sum(e[i] * v for e, v in zip(equations, values, strict=True)) for i in range(n)]
+    for col in range(n):
+        pivot = next(r for r in range(col, n) if a[r][col] != 0)
+        a[col], a[pivot], b[col], b[pivot] = a[pivot], a[col], b[pivot], b[col]
+        for r in range(n):
+            if r != col and a[r][col] != 0:
+                f = a[r][col] / a[col][col]
+                a[r] = [x - f * y for x, y in zip(a[r], a[col], strict=True)]
+                b[r] -= f * b[col]
+    solution = [b[j] / a[j][j] for j in range(n)]
+    assert all(
+        sum(c * x for c, x in zip(e, solution, strict=True)) == v
+        for e, v in zip(equations, values, strict=True)
+    )
+    return solution
+
+
+_A_T, _G, _B_T = matrices()
+_G_KRON = torch.kron(_G, _G)  # (64, 25): vec(G g G^T) = (G kron G) vec(g)
+
+
+def winograd_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """`F.conv2d(x, weight, bias)` (5x5 filters, stride 1, no padding) as a Winograd convolution where
+    `fuses` holds and the kernels are built; otherwise F.conv2d itself. The output is channels_last."""
+    kernels = _kernels() if fuses(x, weight, bias) else None
+    if kernels is None:
+        return F.conv2d(x, weight, bias)
+    return _Winograd.apply(x, weight, bias, kernels)
+
+
+class WinogradConv2d(torch.nn.Conv2d):
+    """An nn.Conv2d (5x5, stride 1, no padding, a bias) that runs as `winograd_conv2d` where that applies.
+    `from_conv` makes one sharing a convolution's parameters (cnnkit.kernels.fuse)."""
+
+    @classmethod
+    def from_conv(cls, conv: torch.nn.Conv2d) -> "WinogradConv2d":
+        fused = cls(conv.in_channels, conv.out_channels, conv.kernel_size, device="meta")
+        fused.weight, fused.bias = conv.weight, conv.bias
+        return fused
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fuses(x, self.weight, self.bias) and _kernels() is not None:
+            return _Winograd.apply(x, self.weight, self.bias, _kernels())
+        return super().forward(x)
+
+
+class _Winograd(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, kernels):
+        n, c, h, w = x.shape
+        o = weight.shape[0]
+        oh, ow = h - KERNEL + 1, w - KERNEL + 1
+        th, tw = -(-oh // OUT), -(-ow // OUT)
+        v = kernels.input_transform(x.contiguous(memory_format=torch.channels_last), th, tw)
+        u = (_G_KRON @ weight.permute(2, 3, 1, 0).reshape(KERNEL * KERNEL, c * o)).view(TILE * TILE, c, o)
+        m = torch.bmm(v, u)
+        ctx.save_for_backward(v, u)
+        ctx.shape, ctx.kernels = (n, c, h, w, o, th, tw), kernels
+        return kernels.output_transform(m, bias.contiguous(), n, th, tw, oh, ow)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        v, u = ctx.saved_tensors
+        n, c, h, w, o, th, tw = ctx.shape
+        kernels = ctx.kernels
+        grad_output = grad_output.contiguous(memory_format=torch.channels_last)
+        dm = kernels.output_transform_backward(grad_output, th, tw)
+        x_needed, weight_needed, bias_needed, _ = ctx.needs_input_grad
+        grad_x = grad_weight = grad_bias = None
+        if x_needed:
+            grad_x = kernels.input_transform_backward(torch.bmm(dm, u.transpose(1, 2)), n, h, w, th, tw)
+        if weight_needed:
+            du = torch.bmm(v.transpose(1, 2), dm).view(TILE * TILE, c * o)
+            grad_weight = (_G_KRON.T @ du).view(KERNEL, KERNEL, c, o).permute(3, 2, 0, 1)
+        if bias_needed:
+            grad_bias = grad_output.sum((0, 2, 3))
+        return grad_x, grad_weight, grad_bias, None
+
+
+def fuses(x, weight, bias) -> bool:
+    """Whether `winograd_conv2d` computes this call (see the module's docstring)."""
+    if not (_fusable(x) and _fusable(weight) and bias is not None and _plain_vector(bias)):
+        return False
+    return (
+        x.dtype == weight.dtype == bias.dtype == torch.float32
+        and not torch.is_autocast_enabled("cpu")
+        and x.dim() == 4
+        and weight.shape[2:] == (KERNEL, KERNEL)
+        and x.shape[1] == weight.shape[1]
+        and x.shape[1] % LANES == 0
+        and weight.shape[0] % LANES == 0
+        and bias.shape == (weight.shape[0],)
+        and min(x.shape[2:]) >= KERNEL
+        and x.shape[0] > 0
+    )
+
+
+# The instruction-set levels at which this beats oneDNN's fp32 convolution (benchmarks/bench_winograd.py).
+FASTER_THAN_ONEDNN = ("avx512_bf16", "avx512")
+
+
+def _kernels():
+    compiled = extension.load()
+    return compiled.winograd if compiled is not None and compiled.isa in FASTER_THAN_ONEDNN else None
