@@ -4,7 +4,8 @@ The other kernel tests (test_conv_pool, test_pooling, test_master_weights) run t
 this CPU, or for the level CNNKIT_MAX_ISA caps them to (CI runs the quick suite once more capped to
 `portable`). Here each level below this CPU's best is built (a build of 20-30 s each, so these tests are
 slow) and checked against the same references: the compiler was held to the level, the fused first
-layer and the fused pooling give the reference's bits, and the C++ Adam gives torch's fused Adam's.
+layer and the fused pooling give the reference's bits, the C++ Adam gives torch's fused Adam's, and the
+Winograd transforms give the bits of this CPU's own build.
 """
 
 import pytest
@@ -114,3 +115,28 @@ def test_the_cpp_adam_is_torchs_fused_adam_bit_for_bit(capped, shape):
         for name, a, b in zip(("param", "exp_avg", "exp_avg_sq"), ours, torchs, strict=True):
             assert torch.equal(a, b), (name, step)
         assert torch.equal(copy, ours[0].to(torch.bfloat16))
+
+
+def test_the_winograd_transforms_give_this_cpus_bits(capped, cpp_extension):
+    """Each transform is products and sums in a fixed order, compiled without fused multiply-adds: every
+    level computes the bits of the best one."""
+    best, ours = cpp_extension.winograd, capped.winograd
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 32, 13, 10, generator=generator).contiguous(memory_format=torch.channels_last)
+    th, tw = 3, 2  # outputs 9 x 6 in 4x4 blocks
+    products = torch.randn(64, 3 * th * tw, 16, generator=generator)
+    bias = torch.randn(16, generator=generator)
+    grad = torch.randn(3, 16, 9, 6, generator=generator).contiguous(memory_format=torch.channels_last)
+    v = torch.randn(64, 3 * th * tw, 32, generator=generator)
+    assert torch.equal(ours.input_transform(x, th, tw), best.input_transform(x, th, tw))
+    assert torch.equal(
+        ours.output_transform(products, bias, 3, th, tw, 9, 6),
+        best.output_transform(products, bias, 3, th, tw, 9, 6),
+    )
+    assert torch.equal(
+        ours.output_transform_backward(grad, th, tw), best.output_transform_backward(grad, th, tw)
+    )
+    assert torch.equal(
+        ours.input_transform_backward(v, 3, 13, 10, th, tw),
+        best.input_transform_backward(v, 3, 13, 10, th, tw),
+    )

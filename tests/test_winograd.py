@@ -145,3 +145,23 @@ def test_fuse_swaps_in_the_module_and_keeps_the_parameters():
     assert [type(m) for m in model] == [torch.nn.Conv2d, WinogradConv2d, torch.nn.Conv2d]
     assert model[1].weight is conv.weight and model[1].bias is conv.bias
     assert list(model.state_dict()) == ["0.weight", "0.bias", "1.weight", "1.bias", "2.weight", "2.bias"]
+
+
+def test_large_batches_go_in_chunks_of_bounded_memory(counted, monkeypatch):
+    monkeypatch.setattr(winograd, "MAX_DOMAIN_BYTES", 64 * 4 * 32 * 4 * 3)  # 3 images of 4 tiles
+    torch.manual_seed(4)
+    x = torch.randn(8, 32, 12, 12).to(memory_format=torch.channels_last)
+    w, b = torch.randn(16, 32, 5, 5), torch.randn(16)
+    whole = [winograd._Winograd.apply(x[i : i + 1], w, b, winograd._kernels()) for i in range(8)]
+    counted.clear()
+    with torch.no_grad():
+        y = winograd_conv2d(x, w, b)
+    assert counted == [(3, 32, 12, 12), (3, 32, 12, 12), (2, 32, 12, 12)]
+    assert torch.equal(y, torch.cat(whole)) and y.is_contiguous(memory_format=torch.channels_last)
+    counted.clear()
+    x.requires_grad_()
+    assert (
+        torch.equal(winograd_conv2d(x, w, b), F.conv2d(x, w, b)) and counted == []
+    )  # training: whole or not
+    monkeypatch.setattr(winograd, "MAX_DOMAIN_BYTES", 64 * 4 * 32 * 4 - 1)  # not one image
+    assert not winograd.fuses(x, w, b)

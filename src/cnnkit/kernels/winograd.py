@@ -99,7 +99,7 @@ def winograd_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -
     kernels = _kernels() if fuses(x, weight, bias) else None
     if kernels is None:
         return F.conv2d(x, weight, bias)
-    return _Winograd.apply(x, weight, bias, kernels)
+    return _in_chunks(x, weight, bias, kernels)
 
 
 class WinogradConv2d(torch.nn.Conv2d):
@@ -113,9 +113,36 @@ class WinogradConv2d(torch.nn.Conv2d):
         return fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if fuses(x, self.weight, self.bias) and _kernels() is not None:
-            return _Winograd.apply(x, self.weight, self.bias, _kernels())
-        return super().forward(x)
+        kernels = _kernels() if fuses(x, self.weight, self.bias) else None
+        if kernels is None:
+            return super().forward(x)
+        return _in_chunks(x, self.weight, self.bias, kernels)
+
+
+# The most memory the Winograd domain of one call may take: 64 positions x tiles x the larger of the
+# channels and the filters, in float32 (for the chapter's batch of 64 images, 4 MB; its inference chunks
+# of 256, 16 MB). It is about 6x the output's size.
+MAX_DOMAIN_BYTES = 64 * 2**20
+
+
+def _in_chunks(x, weight, bias, kernels):
+    """The Winograd convolution of as many images at a time as MAX_DOMAIN_BYTES allows (each image's
+    outputs do not depend on the others'); where gradients are wanted the batch goes whole, or to
+    PyTorch's convolution when it does not fit (`fuses` has made sure one image fits)."""
+    per_image = _domain_bytes(x[:1], weight)
+    chunk = max(1, MAX_DOMAIN_BYTES // per_image)
+    if len(x) <= chunk:
+        return _Winograd.apply(x, weight, bias, kernels)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad):
+        return F.conv2d(x, weight, bias)
+    return torch.cat([_Winograd.apply(part, weight, bias, kernels) for part in x.split(chunk)]).contiguous(
+        memory_format=torch.channels_last
+    )
+
+
+def _domain_bytes(x, weight) -> int:
+    tiles = len(x) * -(-(x.shape[2] - KERNEL + 1) // OUT) * -(-(x.shape[3] - KERNEL + 1) // OUT)
+    return TILE * TILE * tiles * max(x.shape[1], weight.shape[0]) * 4
 
 
 class _Winograd(torch.autograd.Function):
@@ -167,6 +194,7 @@ def fuses(x, weight, bias) -> bool:
         and bias.shape == (weight.shape[0],)
         and min(x.shape[2:]) >= KERNEL
         and x.shape[0] > 0
+        and _domain_bytes(x[:1], weight) <= MAX_DOMAIN_BYTES
     )
 
 
