@@ -35,7 +35,7 @@ subclasses. Double backward is not supported.
 import torch
 
 from cnnkit.kernels import extension
-from cnnkit.kernels.pooling import _fusable, _plain_vector, max_pool_relu
+from cnnkit.kernels.pooling import ConvSharingParameters, _fusable, _plain_vector, max_pool_relu
 from cnnkit.kernels.winograd import winograd_conv2d
 
 __all__ = ["Conv2dReLUPool", "conv_pool_relu", "fuses"]
@@ -61,16 +61,10 @@ def conv_pool_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) ->
     return kernels.forward(x, weight, bias, False)[0]
 
 
-class Conv2dReLUPool(torch.nn.Conv2d):
+class Conv2dReLUPool(ConvSharingParameters):
     """An nn.Conv2d (stride 1, no padding, a bias) followed by ReLU and a 2x2 max-pool (ceil mode), as one
     layer: `conv_pool_relu` where it fuses the call, else the convolution module and the fused pooling.
     `from_conv` makes one that shares a convolution's parameters (cnnkit.kernels.fuse)."""
-
-    @classmethod
-    def from_conv(cls, conv: torch.nn.Conv2d) -> "Conv2dReLUPool":
-        fused = cls(conv.in_channels, conv.out_channels, conv.kernel_size, device="meta")
-        fused.weight, fused.bias = conv.weight, conv.bias
-        return fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if fuses(x, self.weight, self.bias):

@@ -105,6 +105,17 @@ def _plain_vector(bias) -> bool:
     )
 
 
+class ConvSharingParameters(nn.Conv2d):
+    """The base of the layers that replace an nn.Conv2d (cnnkit.kernels.fuse): `from_conv` makes one
+    holding that convolution's own parameters, so the state_dict and the optimizer see no change."""
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d):
+        fused = cls(conv.in_channels, conv.out_channels, conv.kernel_size, device="meta")
+        fused.weight, fused.bias = conv.weight, conv.bias
+        return fused
+
+
 def _transform_active() -> bool:
     """Whether a functorch transform (torch.func.grad, vmap) or forward-mode AD is running: then PyTorch's
     own ops compute, since an autograd.Function of C++ kernels has no rules for them. PyTorch has no

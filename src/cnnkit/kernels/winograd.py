@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from cnnkit.kernels import extension
-from cnnkit.kernels.pooling import _fusable, _plain_vector
+from cnnkit.kernels.pooling import ConvSharingParameters, _fusable, _plain_vector
 
 __all__ = ["WinogradConv2d", "fuses", "winograd_conv2d"]
 
@@ -102,15 +102,9 @@ def winograd_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -
     return _in_chunks(x, weight, bias, kernels)
 
 
-class WinogradConv2d(torch.nn.Conv2d):
+class WinogradConv2d(ConvSharingParameters):
     """An nn.Conv2d (5x5, stride 1, no padding, a bias) that runs as `winograd_conv2d` where that applies.
     `from_conv` makes one sharing a convolution's parameters (cnnkit.kernels.fuse)."""
-
-    @classmethod
-    def from_conv(cls, conv: torch.nn.Conv2d) -> "WinogradConv2d":
-        fused = cls(conv.in_channels, conv.out_channels, conv.kernel_size, device="meta")
-        fused.weight, fused.bias = conv.weight, conv.bias
-        return fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernels = _kernels() if fuses(x, self.weight, self.bias) else None
