@@ -2,7 +2,7 @@
 
 The other kernel tests (test_conv_pool, test_pooling, test_master_weights) run the kernels built for
 this CPU, or for the level CNNKIT_MAX_ISA caps them to (CI runs the quick suite once more capped to
-`portable`). Here each level below this CPU's best is built (a build of 20-30 s each, so these tests are
+`portable`). Here each level below this CPU's best is built (a build of about 20 s each, so these tests are
 slow) and checked against the same references: the compiler was held to the level, the fused first
 layer and the fused pooling give the reference's bits, the C++ Adam gives torch's fused Adam's, and the
 Winograd transforms give the bits of this CPU's own build.

@@ -339,7 +339,7 @@ def train(
     show_progress = sys.stderr.isatty() if show_progress is None else show_progress
     show_progress = show_progress and distributed.is_main()  # one bar: rank 0's
     network = distributed.wrap(model)  # DDP in a distributed run, else `model` itself
-    extension.load()  # a first build of the C++ kernels (20-30 s) is not counted in epoch 1's time
+    extension.load()  # a first build of the C++ kernels (about 20 s) is not counted in epoch 1's time
     warm_up(model, train_data, config)
     try:
         return _train_epochs(

@@ -109,11 +109,11 @@ def building_message() -> str | None:
     directory = _build_location(_sources(), level)[1]
     if (directory / "built").exists():
         return None
-    return f"building cnnkit's C++ kernels ({level}) once, about 30 s; cached in {directory.parent}"
+    return f"building cnnkit's C++ kernels ({level}) once, about 20 s; cached in {directory.parent}"
 
 
 def load():
-    """The compiled kernels, built the first time (20-30 s), or None: see the module's docstring."""
+    """The compiled kernels, built the first time (about 20 s on 2 cores), or None: see the module's docstring."""
     global _loaded
     if _loaded is _NOT_LOADED:
         with _load_lock:

@@ -17,7 +17,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/ops/_fused_adam.h>
 #include <ATen/ops/from_blob.h>
-#include <torch/csrc/utils/pybind.h>
+#include "kernels.h"
 
 #include <cmath>
 #include <cstdint>
@@ -125,9 +125,11 @@ void step(const std::vector<at::Tensor>& masters, const std::vector<at::Tensor>&
 
 }  // namespace
 
-void define_adam(pybind11::module_ m) {
-  m.def("step", &step, "one Adam step: float32 masters and moments from bfloat16 gradients, bfloat16 copies",
-        pybind11::arg("masters"), pybind11::arg("grads"), pybind11::arg("exp_avgs"), pybind11::arg("exp_avg_sqs"),
-        pybind11::arg("copies"), pybind11::arg("steps"), pybind11::arg("lr"), pybind11::arg("beta1"),
-        pybind11::arg("beta2"), pybind11::arg("eps"));
+namespace cnnkit::adam {
+void step(const std::vector<at::Tensor>& masters, const std::vector<at::Tensor>& grads,
+          const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
+          const std::vector<at::Tensor>& copies, const std::vector<at::Tensor>& steps, double lr, double beta1,
+          double beta2, double eps) {
+  ::step(masters, grads, exp_avgs, exp_avg_sqs, copies, steps, lr, beta1, beta2, eps);
 }
+}  // namespace cnnkit::adam

@@ -50,7 +50,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/util/BFloat16.h>
-#include <torch/csrc/utils/pybind.h>
+#include "kernels.h"
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -1068,18 +1068,20 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& w
 
 }  // namespace
 
-void define_conv_pool(pybind11::module_ m) {
-  // Whether the kernels use AVX-512: compiled for other CPUs (AVX2, NEON), the portable code is correct
-  // but slower than PyTorch's own ops, and cnnkit/conv_pool.py does not use it.
+namespace cnnkit::conv_pool {
+// Whether the kernels use AVX-512: compiled for other CPUs (AVX2, NEON), the portable code is correct
+// but slower than PyTorch's own ops, and cnnkit/conv_pool.py does not use it.
 #if defined(__AVX512F__)
-  m.attr("vectorised") = true;
+const bool kVectorised = true;
 #else
-  m.attr("vectorised") = false;
+const bool kVectorised = false;
 #endif
-  m.def("forward", &forward,
-        "relu(max_pool2d(conv2d(x, weight, bias), 2, 2, ceil_mode=True)) for one input channel, in channels_last, "
-        "and the winner of each window",
-        pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("need_winners"));
-  m.def("backward", &backward, "the gradients with respect to the weight and the bias, from the winners",
-        pybind11::arg("grad_out"), pybind11::arg("winners"), pybind11::arg("x"), pybind11::arg("weight"));
+std::vector<at::Tensor> forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                                bool need_winners) {
+  return ::forward(x, weight, bias, need_winners);
 }
+std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& winners, const at::Tensor& x,
+                                 const at::Tensor& weight) {
+  return ::backward(grad_out, winners, x, weight);
+}
+}  // namespace cnnkit::conv_pool

@@ -14,7 +14,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/Parallel.h>
-#include <torch/csrc/utils/pybind.h>
+#include "kernels.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -459,10 +459,12 @@ at::Tensor backward(const at::Tensor& grad_out, const at::Tensor& winners, int64
 
 }  // namespace
 
-void define_pool_relu(pybind11::module_ m) {
-  m.def("forward", &forward, "relu(max_pool2d(x, 2, 2, ceil_mode=True)) and the winner of each window",
-        pybind11::arg("x"), pybind11::arg("channels_last"), pybind11::arg("need_winners"));
-  m.def("backward", &backward, "the gradient with respect to x, scattered to the winners",
-        pybind11::arg("grad_out"), pybind11::arg("winners"), pybind11::arg("height"), pybind11::arg("width"),
-        pybind11::arg("channels_last"));
+namespace cnnkit::pool_relu {
+std::vector<at::Tensor> forward(const at::Tensor& x, bool channels_last, bool need_winners) {
+  return ::forward(x, channels_last, need_winners);
 }
+at::Tensor backward(const at::Tensor& grad_out, const at::Tensor& winners, int64_t height, int64_t width,
+                    bool channels_last) {
+  return ::backward(grad_out, winners, height, width, channels_last);
+}
+}  // namespace cnnkit::pool_relu

@@ -11,7 +11,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
-#include <torch/csrc/utils/pybind.h>
+#include "kernels.h"
 
 #include <cstdint>
 #include <cstring>
@@ -206,6 +206,18 @@ at::Tensor input_transform_backward(const at::Tensor& dv, int64_t N, int64_t H, 
 
 }  // namespace
 
+namespace cnnkit::winograd {
+at::Tensor input_transform(const at::Tensor& x, int64_t th, int64_t tw) { return ::input_transform(x, th, tw); }
+at::Tensor output_transform(const at::Tensor& m, const at::Tensor& bias, int64_t N, int64_t th, int64_t tw,
+                            int64_t oh, int64_t ow) {
+  return ::output_transform(m, bias, N, th, tw, oh, ow);
+}
+at::Tensor output_transform_backward(const at::Tensor& gy, int64_t th, int64_t tw) {
+  return ::output_transform_backward(gy, th, tw);
+}
+at::Tensor input_transform_backward(const at::Tensor& dv, int64_t N, int64_t H, int64_t W, int64_t th, int64_t tw) {
+  return ::input_transform_backward(dv, N, H, W, th, tw);
+}
 // (B^T, A^T) as this file has them, for the test that compares them with winograd.py's.
 std::vector<std::vector<std::vector<float>>> constants() {
   std::vector<std::vector<float>> bt(kTile, std::vector<float>(kTile)), at(kOut, std::vector<float>(kTile));
@@ -216,11 +228,4 @@ std::vector<std::vector<std::vector<float>>> constants() {
     }
   return {bt, at};
 }
-
-void define_winograd(pybind11::module_ m) {
-  m.def("constants", &constants, "the matrices (B^T, A^T) compiled in");
-  m.def("input_transform", &input_transform, "V (64, T, C) from channels_last images");
-  m.def("output_transform", &output_transform, "channels_last output from products M (64, T, O), plus bias");
-  m.def("output_transform_backward", &output_transform_backward, "dM (64, T, O) from the output's gradient");
-  m.def("input_transform_backward", &input_transform_backward, "the images' gradient from dV (64, T, C)");
-}
+}  // namespace cnnkit::winograd
