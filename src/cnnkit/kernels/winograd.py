@@ -20,11 +20,13 @@ away (4e-3). The 20-epoch Fashion-MNIST accuracy is in docs/performance.md.
 
 `winograd_conv2d(x, weight, bias)` computes `F.conv2d(x, weight, bias)` this way where `fuses` says it
 can: float32 CPU tensors outside autocast (bf16 goes to oneDNN, whose bf16 kernels are faster), C++
-kernels built at a level listed in FASTER_THAN_ONEDNN, 5x5 filters, a bias; not under tracing,
+kernels built at a level listed in FASTER_THAN_ONEDNN, 5x5 filters, a bias, channels and filters in
+multiples of 16, one image's Winograd tensors within MAX_DOMAIN_BYTES; not under tracing,
 torch.compile, export and the like (cnnkit.kernels.pooling._fusable). Elsewhere the module's own
 convolution runs, so exports and int8 see a plain convolution.
 """
 
+import functools
 from fractions import Fraction
 
 import torch
@@ -89,8 +91,12 @@ def _solve(equations, values):
     return solution
 
 
-_A_T, _G, _B_T = matrices()
-_G_KRON = torch.kron(_G, _G)  # (64, 25): vec(G g G^T) = (G kron G) vec(g)
+@functools.cache
+def _g_kron() -> torch.Tensor:
+    """G kron G (64 x 25): vec(G g G^T) = (G kron G) vec(g). (A^T and B^T are compiled into
+    csrc/winograd.cpp; a test compares them with `matrices()`.) Made at first use: 40 ms of rationals."""
+    g = matrices()[1]
+    return torch.kron(g, g)
 
 
 def winograd_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -147,7 +153,7 @@ class _Winograd(torch.autograd.Function):
         oh, ow = h - KERNEL + 1, w - KERNEL + 1
         th, tw = -(-oh // OUT), -(-ow // OUT)
         v = kernels.input_transform(x.contiguous(memory_format=torch.channels_last), th, tw)
-        u = (_G_KRON @ weight.permute(2, 3, 1, 0).reshape(KERNEL * KERNEL, c * o)).view(TILE * TILE, c, o)
+        u = (_g_kron() @ weight.permute(2, 3, 1, 0).reshape(KERNEL * KERNEL, c * o)).view(TILE * TILE, c, o)
         m = torch.bmm(v, u)
         ctx.save_for_backward(v, u)
         ctx.shape, ctx.kernels = (n, c, h, w, o, th, tw), kernels
@@ -167,7 +173,7 @@ class _Winograd(torch.autograd.Function):
             grad_x = kernels.input_transform_backward(torch.bmm(dm, u.transpose(1, 2)), n, h, w, th, tw)
         if weight_needed:
             du = torch.bmm(v.transpose(1, 2), dm).view(TILE * TILE, c * o)
-            grad_weight = (_G_KRON.T @ du).view(KERNEL, KERNEL, c, o).permute(3, 2, 0, 1)
+            grad_weight = (_g_kron().T @ du).view(KERNEL, KERNEL, c, o).permute(3, 2, 0, 1)
         if bias_needed:
             grad_bias = grad_output.sum((0, 2, 3))
         return grad_x, grad_weight, grad_bias, None

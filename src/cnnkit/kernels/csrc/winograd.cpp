@@ -1,7 +1,9 @@
 // The transforms of a Winograd convolution F(4x4, 5x5) for float32 tensors on the CPU: the tiles of the
-// images into the Winograd domain and the products back out, forward and backward. The matrices come
-// of cnnkit/kernels/winograd.py (B^T 8x8, A^T 4x8), compiled in; the products in the Winograd domain are batched
-// matrix products done by torch (bmm), so this file only moves and combines numbers.
+// images into the Winograd domain and the products back out, forward and backward. The matrices are
+// those cnnkit/kernels/winograd.py derives (B^T 8x8, A^T 4x8), compiled in; the products in the Winograd
+// domain are batched matrix products done by torch (bmm), so this file only moves and combines numbers.
+// Each multiplication and addition is rounded on its own (the library is compiled with
+// -ffp-contract=off): every instruction-set level gives the same bits.
 //
 // Layouts: images are channels_last (N, H, W, C in memory); the Winograd domain is (64, T, C), position
 // (a, b) of the 8x8 tile first, then the tile t = (n * th + i) * tw + j of the 4x4 output block (i, j),
