@@ -55,18 +55,7 @@ def add_train(commands):
         "about 240,000 training images in all (30 to 60 epochs), min(2,000, 10%%) validation images "
         "(options below override them)",
     )
-    for name in (
-        "arch",
-        "epochs",
-        "batch_size",
-        "learning_rate",
-        "optimizer",
-        "weight_decay",
-        "dropout_rate",
-        "augment",
-        "rotate",
-        "shift",
-    ):
+    for name in TRAIN_SETTINGS[: TRAIN_SETTINGS.index("shear")]:  # --scale joins the affine ones here
         add_setting(p, name)
     p.add_argument(
         "--scale",
@@ -101,7 +90,7 @@ def add_train(commands):
         help="bring every image to this size (default for folder: sources: the most common size, "
         "capped at 64 pixels on its longer side)",
     )
-    for name in ("build", "patience", "keep"):
+    for name in TRAIN_SETTINGS[TRAIN_SETTINGS.index("build") :]:
         add_setting(p, name)
     add_runtime(p)
     p.add_argument(
