@@ -165,3 +165,11 @@ def test_large_batches_go_in_chunks_of_bounded_memory(counted, monkeypatch):
     )  # training: whole or not
     monkeypatch.setattr(winograd, "MAX_DOMAIN_BYTES", 64 * 4 * 32 * 4 - 1)  # not one image
     assert not winograd.fuses(x, w, b)
+
+
+def test_a_module_made_with_padding_computes_the_padded_convolution(counted):
+    torch.manual_seed(6)
+    conv = WinogradConv2d(16, 16, 5, padding=2)
+    x = torch.randn(2, 16, 9, 9)
+    assert torch.equal(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=2)) and counted == []
+    assert not winograd.computes(conv) and winograd.computes(WinogradConv2d(16, 16, 5))

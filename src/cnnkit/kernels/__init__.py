@@ -10,6 +10,7 @@ fused layer computes with PyTorch's own ops (the same values; see each module).
 
 from torch import nn
 
+from cnnkit.kernels import winograd
 from cnnkit.kernels.conv_pool import Conv2dReLUPool
 from cnnkit.kernels.pooling import MaxPoolReLU
 from cnnkit.kernels.winograd import WinogradConv2d
@@ -42,26 +43,11 @@ def _fuse_sequence(sequential: nn.Sequential):
             sequential[i] = Conv2dReLUPool.from_conv(modules[i])
             sequential[i + 1], sequential[i + 2] = nn.Identity(), nn.Identity()
             i += 3
-        elif _is_winograd_conv(modules[i]):
+        elif type(modules[i]) is nn.Conv2d and winograd.computes(modules[i]):
             sequential[i] = WinogradConv2d.from_conv(modules[i])
             i += 1
         else:
             i += 1
-
-
-def _is_winograd_conv(conv) -> bool:
-    return (
-        type(conv) is nn.Conv2d
-        and conv.kernel_size == (5, 5)
-        and conv.in_channels % 16 == 0
-        and conv.out_channels % 16 == 0
-        and conv.bias is not None
-        and conv.stride == (1, 1)
-        and conv.padding == (0, 0)
-        and conv.dilation == (1, 1)
-        and conv.groups == 1
-        and conv.padding_mode == "zeros"
-    )
 
 
 def _is_relu(modules, i) -> bool:

@@ -113,10 +113,25 @@ class WinogradConv2d(ConvSharingParameters):
     `from_conv` makes one sharing a convolution's parameters (cnnkit.kernels.fuse)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernels = _kernels() if fuses(x, self.weight, self.bias) else None
-        if kernels is None:
+        if not computes(self):  # made with padding, a stride, ...: the convolution it was asked for
             return super().forward(x)
-        return _in_chunks(x, self.weight, self.bias, kernels)
+        return winograd_conv2d(x, self.weight, self.bias)
+
+
+def computes(conv: torch.nn.Conv2d) -> bool:
+    """Whether a convolution module is one `winograd_conv2d` computes: 5x5, stride 1, no padding, a bias,
+    channels and filters in multiples of 16 (cnnkit.kernels.fuse swaps WinogradConv2d in for these)."""
+    return (
+        conv.kernel_size == (KERNEL, KERNEL)
+        and conv.in_channels % LANES == 0
+        and conv.out_channels % LANES == 0
+        and conv.bias is not None
+        and conv.stride == (1, 1)
+        and conv.padding == (0, 0)
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+        and conv.padding_mode == "zeros"
+    )
 
 
 # The most memory the Winograd domain of one call may take: 64 positions x tiles x the larger of the
@@ -141,8 +156,14 @@ def _in_chunks(x, weight, bias, kernels):
 
 
 def _domain_bytes(x, weight) -> int:
-    tiles = len(x) * -(-(x.shape[2] - KERNEL + 1) // OUT) * -(-(x.shape[3] - KERNEL + 1) // OUT)
-    return TILE * TILE * tiles * max(x.shape[1], weight.shape[0]) * 4
+    _, _, th, tw = _tiles(x)
+    return TILE * TILE * len(x) * th * tw * max(x.shape[1], weight.shape[0]) * 4
+
+
+def _tiles(x) -> tuple[int, int, int, int]:
+    """The output's height and width, and its 4x4 blocks down and across."""
+    oh, ow = x.shape[2] - KERNEL + 1, x.shape[3] - KERNEL + 1
+    return oh, ow, -(-oh // OUT), -(-ow // OUT)
 
 
 class _Winograd(torch.autograd.Function):
@@ -150,8 +171,7 @@ class _Winograd(torch.autograd.Function):
     def forward(ctx, x, weight, bias, kernels):
         n, c, h, w = x.shape
         o = weight.shape[0]
-        oh, ow = h - KERNEL + 1, w - KERNEL + 1
-        th, tw = -(-oh // OUT), -(-ow // OUT)
+        oh, ow, th, tw = _tiles(x)
         v = kernels.input_transform(x.contiguous(memory_format=torch.channels_last), th, tw)
         u = (_g_kron() @ weight.permute(2, 3, 1, 0).reshape(KERNEL * KERNEL, c * o)).view(TILE * TILE, c, o)
         m = torch.bmm(v, u)
